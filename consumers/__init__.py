@@ -1,0 +1,1 @@
+"""Consumers: the filter group scores raw groups and routes them to curated or the dead-letter topic."""

@@ -1,0 +1,156 @@
+"""The filter consumer group: raw -> scorers -> curated (accepted) or dlq (rejected, with reason).
+
+Consume-transform-produce is exactly-once: each polled batch is one Kafka transaction holding the
+curated and dlq records *and* the consumer offsets (KIP-447, fenced by group generation). A crash
+mid-batch aborts it; the next owner of the partition re-reads from the last committed offset, and
+readers of curated (read_committed) never see the aborted copy. Instances share the raw partitions
+as one consumer group; each needs its own `instance` id, which is also its transactional id, so a
+restarted instance fences its dead predecessor at once instead of waiting out its transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from kafka import OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError, ProducerFencedError
+
+from consumers.scorers import build_scorers
+from ops import kafka_clients
+from ops.config import TbaConfig
+from ops.errors import DecodeError, TbaError
+from ops.topics import topic_names
+from schemas.codec import SchemaStore
+from schemas.records import DeadLetter, DeadLetterCodec, TrajectoryCodec, TrajectoryGroup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FilterStats:
+    consumed: int = 0
+    accepted: int = 0
+    rejected: Counter = field(default_factory=Counter)  # by scorer name
+    transactions: int = 0
+    aborts: int = 0
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Where one raw record goes: curated with a re-encoded group, or dlq with a dead letter."""
+
+    accepted: bool
+    value: bytes
+    scorer: str = ""
+
+
+class GroupFilter:
+    """The pure part: raw bytes in, routed bytes out. No Kafka here, so it is testable on its own."""
+
+    def __init__(self, cfg: TbaConfig, store: SchemaStore):
+        self.codec = TrajectoryCodec(store)
+        self.letters = DeadLetterCodec(store)
+        self.scorers = build_scorers(cfg.filter)
+        self.source = topic_names(cfg).raw
+
+    def route(self, value: bytes | None, key: bytes | None = None, partition: int = -1, offset: int = -1) -> Routed:
+        try:
+            group = self.codec.decode(value or b"")
+        except DecodeError as exc:
+            return self._reject("decode", exc.reason, value, key, partition, offset)
+        scores = {}
+        for name, scorer in self.scorers:
+            try:
+                verdict = scorer(group)
+            except Exception as exc:  # a scorer bug must not stop the stream: the record goes to dlq
+                return self._reject(name, f"scorer failed: {type(exc).__name__}: {exc}", value, key, partition, offset)
+            if not verdict.accepted:
+                return self._reject(name, verdict.reason, value, key, partition, offset)
+            scores[name] = verdict.score
+        group.scores = {**group.scores, **scores}
+        return Routed(True, self.codec.encode(group))
+
+    def _reject(self, scorer: str, reason: str, value, key, partition: int, offset: int) -> Routed:
+        letter = DeadLetter(reason, scorer, self.source, partition, offset, key, bytes(value or b""))
+        return Routed(False, self.letters.encode(letter), scorer)
+
+
+class FilterConsumer:
+    """One member of the filter group. run() until stop is set (or idle_exit_s passes with no input)."""
+
+    def __init__(self, cfg: TbaConfig, instance: str = "0", store: SchemaStore | None = None):
+        self.cfg = cfg
+        self.topics = topic_names(cfg)
+        self.filter = GroupFilter(cfg, store or SchemaStore(cfg))
+        self.stats = FilterStats()
+        group = f"{cfg.kafka.namespace}.{cfg.filter.group}"
+        self.consumer = kafka_clients.consumer(
+            cfg, self.topics.raw, group_id=group, max_poll_records=cfg.filter.max_poll_records
+        )
+        self.producer = kafka_clients.producer(
+            cfg,
+            transactional_id=f"{group}.{instance}",
+            # An instance that dies and never returns holds back read_committed readers this long.
+            transaction_timeout_ms=15_000,
+        )
+        self.producer.init_transactions()
+
+    def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> FilterStats:
+        stop = stop or threading.Event()
+        last_input = time.monotonic()
+        while not stop.is_set():
+            batch = self.consumer.poll(timeout_ms=100)
+            if batch:
+                self._process(batch)
+                last_input = time.monotonic()
+            elif idle_exit_s is not None and time.monotonic() - last_input > idle_exit_s:
+                break
+        return self.stats
+
+    def _process(self, batch: dict[TopicPartition, list]) -> None:
+        self.producer.begin_transaction()
+        try:
+            routed = 0
+            for tp, records in batch.items():
+                for rec in records:
+                    out = self.filter.route(rec.value, rec.key, tp.partition, rec.offset)
+                    topic = self.topics.curated if out.accepted else self.topics.dlq
+                    self.producer.send(topic, key=rec.key, value=out.value)
+                    if out.accepted:
+                        self.stats.accepted += 1
+                    else:
+                        self.stats.rejected[out.scorer] += 1
+                    routed += 1
+            offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1) for tp, records in batch.items()}
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+            self.producer.commit_transaction()
+            self.stats.consumed += routed
+            self.stats.transactions += 1
+        except ProducerFencedError as exc:
+            raise TbaError(
+                f"filter instance fenced: another filter uses the same instance id ({exc}); give each a distinct --instance"
+            ) from exc
+        except KafkaError as exc:
+            # e.g. a rebalance took the partitions away mid-batch: abort, re-read from committed offsets
+            log.warning("filter transaction aborted, re-reading the batch: %s", exc)
+            self.stats.aborts += 1
+            self.producer.abort_transaction()
+            self._rewind(list(batch))
+
+    def _rewind(self, partitions: list[TopicPartition]) -> None:
+        assigned = self.consumer.assignment()
+        for tp in partitions:
+            if tp in assigned:
+                committed = self.consumer.committed(tp)
+                if committed is None:
+                    self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, committed)
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.producer.close()

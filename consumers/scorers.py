@@ -1,0 +1,191 @@
+"""Quality and safety scorers, applied in the configured order; the first rejection wins.
+
+A scorer is a callable group -> Verdict. Its score is attached to accepted groups (group.scores[name]);
+its reason is what the dead-letter topic records. Add one by writing a function or class and
+registering it in SCORERS.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ops.config import FilterConfig
+from ops.errors import ConfigError
+from schemas.records import TrajectoryGroup
+
+FINISH_REASONS = {"stop", "length"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    score: float
+    reason: str | None = None  # None: accepted
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason is None
+
+
+Scorer = Callable[[TrajectoryGroup], Verdict]
+
+
+def structure(group: TrajectoryGroup) -> Verdict:
+    """Ids present, at least one sample, known finish reasons, no negative token ids."""
+    if not group.group_id or not group.prompt_id:
+        return Verdict(0.0, "missing group_id or prompt_id")
+    if not group.samples:
+        return Verdict(0.0, "group has no samples")
+    for i, s in enumerate(group.samples):
+        if s.finish_reason not in FINISH_REASONS:
+            return Verdict(0.0, f"sample {i}: finish_reason {s.finish_reason!r} is not one of {sorted(FINISH_REASONS)}")
+        if s.token_ids.size and s.token_ids.min() < 0:
+            return Verdict(0.0, f"sample {i}: negative token id")
+    if group.prompt_token_ids.size and group.prompt_token_ids.min() < 0:
+        return Verdict(0.0, "prompt: negative token id")
+    return Verdict(1.0)
+
+
+def finite_rewards(group: TrajectoryGroup) -> Verdict:
+    rewards = group.rewards
+    bad = np.flatnonzero(~np.isfinite(rewards))
+    if bad.size:
+        return Verdict(0.0, f"sample {bad[0]}: reward is {rewards[bad[0]]} (must be finite)")
+    return Verdict(float(rewards.mean()))
+
+
+def lengths(group: TrajectoryGroup) -> Verdict:
+    """One behaviour and one reference log-prob per token, all finite and <= 0."""
+    for i, s in enumerate(group.samples):
+        n, lp, ref = s.token_ids.size, s.logprobs.size, s.ref_logprobs.size
+        if not n == lp == ref:
+            return Verdict(0.0, f"sample {i}: {n} tokens but {lp} logprobs and {ref} ref_logprobs")
+        for name, arr in (("logprobs", s.logprobs), ("ref_logprobs", s.ref_logprobs)):
+            if n and not (np.isfinite(arr).all() and arr.max() <= 1e-4):
+                return Verdict(0.0, f"sample {i}: {name} must be finite and <= 0")
+    return Verdict(1.0)
+
+
+def _distinct_ngram_ratio(tokens: np.ndarray, n: int) -> float:
+    if tokens.size < n:
+        return 1.0
+    grams = np.lib.stride_tricks.sliding_window_view(tokens, n)  # (T-n+1, n)
+    return len(np.unique(grams, axis=0)) / len(grams)
+
+
+class Degenerate:
+    """Empty completions, and completions that mostly repeat themselves."""
+
+    def __init__(self, cfg: FilterConfig):
+        self.n, self.min_ratio, self.min_tokens = cfg.repetition_ngram, cfg.min_distinct_ngram_ratio, cfg.repetition_min_tokens
+
+    def __call__(self, group: TrajectoryGroup) -> Verdict:
+        worst = 1.0
+        for i, s in enumerate(group.samples):
+            if s.token_ids.size == 0 or not s.completion.strip():
+                return Verdict(0.0, f"sample {i}: empty completion")
+            if s.token_ids.size >= self.min_tokens:
+                ratio = _distinct_ngram_ratio(s.token_ids, self.n)
+                if ratio < self.min_ratio:
+                    return Verdict(ratio, f"sample {i}: degenerate repetition ({ratio:.2f} distinct {self.n}-grams)")
+                worst = min(worst, ratio)
+        return Verdict(worst)
+
+
+class LengthLimits:
+    def __init__(self, cfg: FilterConfig):
+        self.cfg = cfg
+
+    def __call__(self, group: TrajectoryGroup) -> Verdict:
+        c, k = self.cfg, len(group.samples)
+        if not c.min_samples <= k <= c.max_samples:
+            return Verdict(0.0, f"{k} samples, outside [{c.min_samples}, {c.max_samples}]")
+        if group.prompt_token_ids.size > c.max_prompt_tokens:
+            return Verdict(0.0, f"prompt has {group.prompt_token_ids.size} tokens (max {c.max_prompt_tokens})")
+        longest = max(s.token_ids.size for s in group.samples)
+        if longest > c.max_completion_tokens:
+            return Verdict(0.0, f"a completion has {longest} tokens (max {c.max_completion_tokens})")
+        return Verdict(float(longest))
+
+
+class Dedupe:
+    """Exact duplicates of a recent group's content (prompt and completions).
+
+    Remembers which group_id a digest came from, so the same group seen again after an aborted
+    transaction or a restart is not mistaken for a duplicate of itself.
+    """
+
+    def __init__(self, cfg: FilterConfig):
+        self.window = cfg.dedupe_window
+        self.seen: OrderedDict[bytes, str] = OrderedDict()
+
+    def __call__(self, group: TrajectoryGroup) -> Verdict:
+        digest = group.digest()
+        first = self.seen.get(digest)
+        if first is not None and first != group.group_id:
+            return Verdict(0.0, f"exact duplicate of group {first}")
+        self.seen[digest] = group.group_id
+        self.seen.move_to_end(digest)
+        if len(self.seen) > self.window:
+            self.seen.popitem(last=False)
+        return Verdict(1.0)
+
+
+class Safety:
+    """Blocklisted words, regular expressions, and optionally a classifier ("module:function")."""
+
+    def __init__(self, cfg: FilterConfig):
+        words = [re.escape(w) for w in cfg.blocklist]
+        patterns = [rf"\b{w}\b" for w in words] + list(cfg.block_patterns)
+        try:
+            self.pattern = re.compile("|".join(patterns), re.IGNORECASE) if patterns else None
+        except re.error as exc:
+            raise ConfigError(f"filter.block_patterns: invalid regular expression: {exc}") from exc
+        self.classifier = _import(cfg.safety_classifier) if cfg.safety_classifier else None
+        self.threshold = cfg.safety_threshold
+
+    def __call__(self, group: TrajectoryGroup) -> Verdict:
+        texts = [s.completion for s in group.samples]
+        if self.pattern is not None:
+            for i, text in enumerate(texts):
+                hit = self.pattern.search(text)
+                if hit:
+                    return Verdict(1.0, f"sample {i}: blocked term {hit.group(0)!r}")
+        if self.classifier is None:
+            return Verdict(0.0)
+        probs = [float(p) for p in self.classifier(texts)]
+        worst = max(probs, default=0.0)
+        if not math.isfinite(worst) or worst >= self.threshold:
+            i = probs.index(worst)
+            return Verdict(worst, f"sample {i}: safety classifier scored {worst:.3f} (threshold {self.threshold})")
+        return Verdict(worst)
+
+
+def _import(path: str) -> Callable:
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"filter.safety_classifier: cannot import {path!r} (expected 'module:function'): {exc}") from exc
+
+
+SCORERS: dict[str, Callable[[FilterConfig], Scorer]] = {
+    "structure": lambda cfg: structure,
+    "finite_rewards": lambda cfg: finite_rewards,
+    "lengths": lambda cfg: lengths,
+    "degenerate": Degenerate,
+    "length_limits": LengthLimits,
+    "dedupe": Dedupe,
+    "safety": Safety,
+}
+
+
+def build_scorers(cfg: FilterConfig) -> list[tuple[str, Scorer]]:
+    """The configured scorers, in order, as (name, scorer)."""
+    return [(name, SCORERS[name](cfg)) for name in cfg.scorers]

@@ -1,0 +1,1 @@
+"""Operations: the local broker, topics, configuration, Kafka clients and the `tba` CLI."""

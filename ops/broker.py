@@ -1,0 +1,289 @@
+"""A real Apache Kafka broker (KRaft, broker+controller) run as a local process, and N of them as a cluster.
+
+The classpath is resolved once from Maven Central with ops/kafka/pom.xml into a git-ignored cache.
+Each node keeps everything in its data dir: server.properties, the log segments, broker.log and
+node.json (pid and ports), so `start` twice is one broker and a restart reuses the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ops.errors import BrokerError
+
+KAFKA_VERSION = "4.3.1"
+ROOT = Path(__file__).resolve().parents[1]
+POM = Path(__file__).with_name("kafka") / "pom.xml"
+LOG4J = Path(__file__).with_name("kafka") / "log4j2.properties"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TBA_CACHE", ROOT / ".cache"))
+
+
+def classpath() -> str:
+    """The broker's jars (resolved with Maven on first use), as a java -cp argument."""
+    libs = cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
+    done = libs / ".resolved"
+    if not done.exists():
+        if shutil.which("mvn") is None:
+            raise BrokerError("Maven (mvn) is needed once to resolve the Kafka jars; install it (apt-get install maven)")
+        print(f"resolving Apache Kafka {KAFKA_VERSION} jars from Maven Central into {libs} (once)", flush=True)
+        cmd = ["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", f"-DoutputDirectory={libs}", "-DincludeScope=runtime"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BrokerError(f"resolving Kafka jars failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        done.write_text(KAFKA_VERSION)
+    return str(libs / "*")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    return b"kafka.Kafka" in cmdline and state != "Z"
+
+
+@dataclass(frozen=True)
+class BrokerStatus:
+    node_id: int
+    pid: int
+    port: int
+    controller_port: int
+    data_dir: Path
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class LocalBroker:
+    """One KRaft node (broker + controller) listening on 127.0.0.1:port."""
+
+    def __init__(self, data_dir: str | Path, port: int = 9092, node_id: int = 1, heap: str = "1g"):
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.node_id = node_id
+        self.heap = heap
+        self._state = self.data_dir / "node.json"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "broker.log"
+
+    def status(self) -> BrokerStatus | None:
+        """The running node of this data dir, or None."""
+        if not self._state.exists():
+            return None
+        state = json.loads(self._state.read_text())
+        if not _alive(state["pid"]):
+            return None
+        return BrokerStatus(state["node_id"], state["pid"], state["port"], state["controller_port"], self.data_dir)
+
+    def configure(self, voters: dict[int, int], cluster_id: str, cluster_size: int = 1) -> None:
+        """Write server.properties and format storage, once per data dir. voters: node_id -> controller port."""
+        props = self.data_dir / "server.properties"
+        if props.exists():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        replicas = min(3, cluster_size)
+        lines = {
+            "process.roles": "broker,controller",
+            "node.id": self.node_id,
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{voters[self.node_id]}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "controller.quorum.voters": ",".join(f"{n}@127.0.0.1:{p}" for n, p in sorted(voters.items())),
+            "log.dirs": self.data_dir / "data",
+            "num.partitions": 4,
+            "offsets.topic.replication.factor": replicas,
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": min(2, replicas),
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": min(2, replicas),
+            "group.initial.rebalance.delay.ms": 0,
+            "message.max.bytes": 16 * 1024 * 1024,
+            "replica.fetch.max.bytes": 16 * 1024 * 1024,
+            "auto.create.topics.enable": "false",
+            # Small segments for the many test topics: keep the disk footprint small.
+            "log.segment.bytes": 64 * 1024 * 1024,
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms": 10_000,
+        }
+        tmp = props.with_suffix(".tmp")
+        tmp.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+        proc = subprocess.run(
+            self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(tmp), "--ignore-formatted"),
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise BrokerError(f"formatting KRaft storage in {self.data_dir} failed: {proc.stdout}{proc.stderr}")
+        tmp.rename(props)
+
+    def _java(self, main: str, *args: str) -> list[str]:
+        return [
+            "java",
+            "-Xms256m",
+            f"-Xmx{self.heap}",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={LOG4J}",
+            "-cp",
+            classpath(),
+            main,
+            *args,
+        ]
+
+    def launch(self) -> int:
+        """Start the node process (server.properties must exist); returns its pid. Does not wait."""
+        running = self.status()
+        if running:
+            return running.pid
+        props = self.data_dir / "server.properties"
+        controller_port = int(
+            next(line for line in props.read_text().splitlines() if line.startswith("listeners=")).rsplit(":", 1)[1]
+        )
+        with open(self.log_file, "ab") as log:
+            proc = subprocess.Popen(
+                self._java("kafka.Kafka", str(props)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.data_dir,
+            )
+        self._state.write_text(
+            json.dumps({"pid": proc.pid, "port": self.port, "controller_port": controller_port, "node_id": self.node_id})
+        )
+        return proc.pid
+
+    def start(self, timeout_s: float = 90) -> BrokerStatus:
+        """Format (first time), start and wait until metadata answers. Idempotent."""
+        running = self.status()
+        if running:
+            return running
+        if not (self.data_dir / "server.properties").exists():
+            self.configure({self.node_id: free_port()}, _cluster_id())
+        self.launch()
+        wait_ready([self], timeout_s)
+        return self.status()
+
+    def stop(self, timeout_s: float = 30) -> bool:
+        """SIGTERM (controlled shutdown), SIGKILL after timeout_s. True if a node was stopped."""
+        running = self.status()
+        if not running:
+            return False
+        os.kill(running.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _alive(running.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(running.pid):
+            os.kill(running.pid, signal.SIGKILL)
+        _reap(running.pid)
+        return True
+
+    def kill(self) -> None:
+        """kill -9, as a crash would."""
+        running = self.status()
+        if running:
+            os.kill(running.pid, signal.SIGKILL)
+            _reap(running.pid)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        while _alive(pid):
+            time.sleep(0.05)
+
+
+def _cluster_id() -> str:
+    proc = subprocess.run(
+        ["java", "-cp", classpath(), "kafka.tools.StorageTool", "random-uuid"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        # Any 16 random bytes, base64url without padding, is a valid cluster id.
+        import base64
+
+        return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    return proc.stdout.strip()
+
+
+def wait_ready(nodes: list[LocalBroker], timeout_s: float) -> None:
+    """Poll cluster metadata until every node is registered; fail early if a process dies."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    bootstrap = [n.bootstrap for n in nodes]
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        for node in nodes:
+            if node.status() is None:
+                tail = node.log_file.read_text(errors="replace")[-3000:] if node.log_file.exists() else ""
+                raise BrokerError(f"Kafka node {node.node_id} exited during start; see {node.log_file}:\n{tail}")
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+            try:
+                brokers = admin.describe_cluster()["brokers"]
+            finally:
+                admin.close()
+            if len(brokers) >= len(nodes):
+                return
+        except (KafkaError, OSError, ValueError) as exc:
+            last = exc
+        time.sleep(0.2)
+    raise BrokerError(f"Kafka at {','.join(bootstrap)} did not answer metadata within {timeout_s:.0f}s ({last})")
+
+
+class LocalCluster:
+    """N KRaft nodes on consecutive ports, each in <root>/node-<id>, all voters of one quorum."""
+
+    def __init__(self, root: str | Path, size: int = 3, base_port: int | None = None, heap: str = "768m"):
+        self.root = Path(root).resolve()
+        ports = [base_port + i for i in range(size)] if base_port else [free_port() for _ in range(size)]
+        self.nodes = [LocalBroker(self.root / f"node-{i + 1}", ports[i], node_id=i + 1, heap=heap) for i in range(size)]
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(n.bootstrap for n in self.nodes)
+
+    def start(self, timeout_s: float = 120) -> list[BrokerStatus]:
+        if not all((n.data_dir / "server.properties").exists() for n in self.nodes):
+            voters = {n.node_id: free_port() for n in self.nodes}
+            cid = _cluster_id()
+            for n in self.nodes:
+                n.configure(voters, cid, cluster_size=len(self.nodes))
+        for n in self.nodes:
+            n.launch()
+        wait_ready(self.nodes, timeout_s)
+        return [n.status() for n in self.nodes]
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()

@@ -1,0 +1,146 @@
+"""`tba`: thin commands that read the config and call one function each."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from ops.config import TbaConfig, load_config
+from ops.errors import TbaError
+
+
+class Context:
+    def __init__(self, config_path: str | None):
+        self.config_path = config_path
+        self._cfg: TbaConfig | None = None
+
+    @property
+    def cfg(self) -> TbaConfig:
+        if self._cfg is None:
+            self._cfg = load_config(self.config_path)
+        return self._cfg
+
+
+@click.group()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="TBA_CONFIG", help="YAML config file.")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """tba-stream: asynchronous off-policy post-training (Trajectory Balance) on Apache Kafka."""
+    ctx.obj = Context(config_path)
+
+
+@cli.group()
+def kafka() -> None:
+    """The local Apache Kafka broker (KRaft)."""
+
+
+def _broker(cfg: TbaConfig):
+    from ops.broker import LocalBroker
+
+    return LocalBroker(cfg.broker.data_dir, cfg.broker.port, heap=cfg.broker.heap)
+
+
+@kafka.command("start")
+@click.pass_obj
+def kafka_start(obj: Context) -> None:
+    """Resolve the jars (once), format storage (once), start the broker and wait until it answers."""
+    status = _broker(obj.cfg).start()
+    click.echo(f"kafka running: bootstrap {status.bootstrap}, pid {status.pid}, data dir {status.data_dir}")
+
+
+@kafka.command("stop")
+@click.pass_obj
+def kafka_stop(obj: Context) -> None:
+    stopped = _broker(obj.cfg).stop()
+    click.echo("kafka stopped" if stopped else "kafka was not running")
+
+
+@kafka.command("status")
+@click.pass_obj
+def kafka_status(obj: Context) -> None:
+    status = _broker(obj.cfg).status()
+    if status is None:
+        click.echo(f"kafka not running (data dir {Path(obj.cfg.broker.data_dir).resolve()})")
+        sys.exit(1)
+    click.echo(f"kafka running: bootstrap {status.bootstrap}, pid {status.pid}, data dir {status.data_dir}")
+
+
+@cli.group()
+def topics() -> None:
+    """The namespaced topics (raw, curated, dlq, schemas, policy versions)."""
+
+
+@topics.command("create")
+@click.pass_obj
+def topics_create(obj: Context) -> None:
+    from ops.topics import create_topics
+
+    created = create_topics(obj.cfg)
+    click.echo("\n".join(f"created {name}" for name in created) or "all topics exist")
+
+
+@topics.command("describe")
+@click.pass_obj
+def topics_describe(obj: Context) -> None:
+    from ops.topics import describe_topics
+
+    for row in describe_topics(obj.cfg):
+        click.echo(json.dumps(row))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.pass_obj
+def produce(obj: Context, path: str) -> None:
+    """Publish a JSON Lines file of trajectory groups written by any generator (see README)."""
+    from producers.jsonl import produce_file
+    from producers.trajectory_producer import TrajectoryProducer
+
+    with TrajectoryProducer(obj.cfg) as producer:
+        sent, invalid = produce_file(path, producer)
+    for bad in invalid:
+        click.echo(f"{path}:{bad.line}: {bad.reason}", err=True)
+    click.echo(f"published {sent} group(s); {len(invalid)} invalid line(s) skipped")
+    if invalid:
+        sys.exit(1)
+
+
+@cli.command("filter")
+@click.option("--instance", default="0", show_default=True, help="Distinct per running filter; also its transactional id.")
+@click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
+@click.pass_obj
+def filter_(obj: Context, instance: str, idle_exit: float | None) -> None:
+    """Run one member of the filter group: raw -> scorers -> curated | dlq, exactly once."""
+    from consumers.filter import FilterConsumer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    worker = FilterConsumer(obj.cfg, instance=instance)
+    try:
+        stats = worker.run(stop, idle_exit_s=idle_exit)
+    finally:
+        worker.close()
+    click.echo(f"filter {instance}: consumed {stats.consumed}, accepted {stats.accepted}, rejected {dict(stats.rejected)}")
+
+
+@cli.command()
+@click.pass_obj
+def demo(obj: Context) -> None:
+    """The data plane end to end on the local broker: produce, filter, replay buffer, report."""
+    from ops.demo import run_demo
+
+    run_demo(obj.cfg)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except TbaError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,173 @@
+"""The one configuration model: YAML file + TBA__SECTION__FIELD environment overrides.
+
+Every section is frozen and rejects unknown fields, so a typo is an error that names the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ops.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaConfig(Section):
+    """Where the cluster is and how clients talk to it."""
+
+    bootstrap: str = "127.0.0.1:9092"
+    namespace: str = Field("tba", pattern=r"^[A-Za-z0-9_\-]+$")
+    client_timeout_s: float = Field(30.0, gt=0)
+    # Kafka's 1 MiB default is too small for 20-sample groups of long completions.
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024)
+
+
+class TopicsConfig(Section):
+    """Partitions, retention and compression of the namespaced topics."""
+
+    partitions: int = Field(4, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    min_insync_replicas: int = Field(1, ge=1)
+    compression: Literal["zstd", "lz4", "none"] = "zstd"
+    raw_retention_hours: float = Field(72, gt=0)
+    # The curated topic is the training history: kept until deleted by hand (-1).
+    curated_retention_hours: float = -1
+    dlq_retention_hours: float = Field(24 * 14, gt=0)
+
+
+class BrokerConfig(Section):
+    """The local broker `tba kafka start` runs (ignored when kafka.bootstrap points elsewhere)."""
+
+    port: int = Field(9092, ge=1, le=65535)
+    data_dir: Path = Path(".tba/kafka")
+    heap: str = Field("1g", pattern=r"^\d+[mg]$")
+
+
+ScorerName = Literal["structure", "finite_rewards", "lengths", "degenerate", "length_limits", "dedupe", "safety"]
+
+
+class FilterConfig(Section):
+    """The filter group: ordered scorers and their thresholds."""
+
+    scorers: list[ScorerName] = [
+        "structure",
+        "finite_rewards",
+        "lengths",
+        "degenerate",
+        "length_limits",
+        "dedupe",
+        "safety",
+    ]
+    group: str = "filter"
+    max_poll_records: int = Field(500, ge=1)
+    min_samples: int = Field(1, ge=1)
+    max_samples: int = Field(256, ge=1)
+    max_prompt_tokens: int = Field(4096, ge=1)
+    max_completion_tokens: int = Field(4096, ge=1)
+    # A completion whose distinct n-gram share falls below this is degenerate repetition.
+    repetition_ngram: int = Field(4, ge=1)
+    min_distinct_ngram_ratio: float = Field(0.1, ge=0, le=1)
+    repetition_min_tokens: int = Field(32, ge=1)
+    dedupe_window: int = Field(100_000, ge=1)
+    blocklist: list[str] = []
+    block_patterns: list[str] = []
+    # "module:function" taking a list of completion texts, returning unsafe probabilities.
+    safety_classifier: str | None = None
+    safety_threshold: float = Field(0.5, ge=0, le=1)
+
+
+class BufferConfig(Section):
+    """The trainer's replay buffer and its TBA sampling."""
+
+    on_policy_prob: float = Field(0.95, ge=0, le=1)  # m in the paper
+    reward_inv_temp: float = Field(0.0, ge=0)  # 0 = uniform within a prompt
+    per_prompt_cap: int = Field(100, ge=1)  # newest samples kept per prompt
+    cache_groups: int = Field(10_000, ge=0)  # decoded groups kept in memory
+    samples_per_prompt: int = Field(8, ge=1)  # K
+
+
+class DemoConfig(Section):
+    """The data-plane demo that `tba demo` runs."""
+
+    groups: int = Field(2000, ge=1)
+    samples: int = Field(8, ge=1)
+    completion_tokens: int = Field(64, ge=1)
+    bad_fraction: float = Field(0.05, ge=0, le=1)
+    seed: int = 0
+
+
+class TbaConfig(Section):
+    kafka: KafkaConfig = KafkaConfig()
+    topics: TopicsConfig = TopicsConfig()
+    broker: BrokerConfig = BrokerConfig()
+    filter: FilterConfig = FilterConfig()
+    buffer: BufferConfig = BufferConfig()
+    demo: DemoConfig = DemoConfig()
+
+
+ENV_PREFIX = "TBA__"
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """TBA__KAFKA__BOOTSTRAP=host:9092 -> {"kafka": {"bootstrap": "host:9092"}}; values are YAML."""
+    tree: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(value) if value else value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown field")
+        else:
+            lines.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None, **overrides: Any) -> TbaConfig:
+    """Read YAML (if given), apply environment overrides, then keyword overrides (section dicts)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    data = _merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
+    data = _merge(data, overrides)
+    try:
+        return TbaConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"config error: {_explain(exc)}") from exc
+
+
+def with_overrides(cfg: TbaConfig, **sections: dict[str, Any]) -> TbaConfig:
+    """A copy of cfg with some fields of some sections replaced, validated again."""
+    return TbaConfig.model_validate(_merge(cfg.model_dump(), sections))

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up once (virtualenv, pinned packages, Kafka jars on first broker start) and run one thing:
+#   ./ops/dev.sh demo    the main job on the embedded defaults
+#   ./ops/dev.sh test    the test suite (starts and stops its own Kafka broker)
+#   ./ops/dev.sh bench   the data-plane benchmark -> bench/results/dataplane.json
+# An existing virtualenv is reused: packages are installed again only when setup.cfg changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${TBA_VENV:-.venv}"
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need java || ! need mvn; then
+  echo "installing Java 17 and Maven (the local Kafka broker needs them)" >&2
+  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+fi
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+stamp="$venv/.installed-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  "$venv/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+  touch "$stamp"
+fi
+
+case "${1:-}" in
+  demo) shift; exec "$venv/bin/tba" "$@" demo ;;
+  test)
+    shift
+    set +e
+    "$venv/bin/python" -m pytest "$@"
+    rc=$?
+    # pytest exits 5 when it collected nothing: a suite that ran no test has failed.
+    [ "$rc" -eq 5 ] && echo "no tests were collected" >&2 && rc=1
+    exit "$rc" ;;
+  bench) shift; exec "$venv/bin/python" bench/dataplane.py "$@" ;;
+  *) echo "usage: $0 demo|test|bench" >&2; exit 2 ;;
+esac

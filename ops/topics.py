@@ -1,0 +1,104 @@
+"""The namespaced topics, declared once, and `tba topics create|describe` via kafka-python's admin client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kafka import TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from ops import kafka_clients
+from ops.config import TbaConfig
+
+HOUR_MS = 3_600_000
+SHOWN_CONFIG = ("cleanup.policy", "retention.ms", "compression.type", "max.message.bytes", "min.insync.replicas")
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    raw: str
+    curated: str
+    dlq: str
+    schemas: str
+    policy_versions: str
+
+
+def topic_names(cfg: TbaConfig) -> TopicNames:
+    ns = cfg.kafka.namespace
+    return TopicNames(
+        raw=f"{ns}.trajectories.raw",
+        curated=f"{ns}.trajectories.curated",
+        dlq=f"{ns}.trajectories.dlq",
+        schemas=f"{ns}.schemas",
+        policy_versions=f"{ns}.policy.versions",
+    )
+
+
+def _retention(hours: float) -> str:
+    return str(-1 if hours < 0 else int(hours * HOUR_MS))
+
+
+def topic_specs(cfg: TbaConfig) -> list[NewTopic]:
+    """Every topic of the namespace with its partitions and config."""
+    t, names = cfg.topics, topic_names(cfg)
+    base = {
+        "max.message.bytes": str(cfg.kafka.max_message_bytes),
+        "min.insync.replicas": str(t.min_insync_replicas),
+    }
+    stream = {**base, "compression.type": "producer"}
+    compacted = {**base, "cleanup.policy": "compact"}
+    specs = [
+        (names.raw, t.partitions, {**stream, "retention.ms": _retention(t.raw_retention_hours)}),
+        (names.curated, t.partitions, {**stream, "retention.ms": _retention(t.curated_retention_hours)}),
+        (names.dlq, 1, {**stream, "retention.ms": _retention(t.dlq_retention_hours)}),
+        (names.schemas, 1, compacted),
+        (names.policy_versions, 1, compacted),
+    ]
+    return [
+        NewTopic(name=name, num_partitions=parts, replication_factor=t.replication_factor, topic_configs=conf)
+        for name, parts, conf in specs
+    ]
+
+
+def create_topics(cfg: TbaConfig) -> list[str]:
+    """Create the namespace's topics that do not exist yet; returns the names created."""
+    admin = kafka_clients.admin(cfg)
+    try:
+        existing = set(admin.list_topics())
+        missing = [spec for spec in topic_specs(cfg) if spec.name not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing, timeout_ms=int(cfg.kafka.client_timeout_s * 1000))
+            except TopicAlreadyExistsError:
+                pass  # another process created them between list and create
+        return [spec.name for spec in missing]
+    finally:
+        admin.close()
+
+
+def describe_topics(cfg: TbaConfig) -> list[dict]:
+    """Name, partitions, replication, end offsets and key config of each namespaced topic."""
+    admin = kafka_clients.admin(cfg)
+    consumer = kafka_clients.consumer(cfg)
+    try:
+        existing = set(admin.list_topics())
+        names = [spec.name for spec in topic_specs(cfg) if spec.name in existing]
+        configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])["topic"]
+        rows = []
+        for meta in admin.describe_topics(names):
+            parts = meta["partitions"]
+            ends = consumer.end_offsets([TopicPartition(meta["name"], p["partition_index"]) for p in parts])
+            rows.append(
+                {
+                    "topic": meta["name"],
+                    "partitions": len(parts),
+                    "replication": len(parts[0]["replica_nodes"]) if parts else 0,
+                    "end_offsets": sum(ends.values()),
+                    **{key: entry["value"] for key, entry in configs[meta["name"]].items() if key in SHOWN_CONFIG},
+                }
+            )
+        return rows
+    finally:
+        consumer.close()
+        admin.close()

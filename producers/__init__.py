@@ -1,0 +1,1 @@
+"""Producers: searchers and external generators publish TrajectoryGroups to the raw topic."""

@@ -1,0 +1,129 @@
+"""External generators: JSON Lines -> TrajectoryGroups -> the raw topic (`tba produce FILE.jsonl`).
+
+One JSON object per line, fields as in the TrajectoryGroup Avro schema, but with token ids and
+log-probs as plain JSON lists (we pack them). README.md documents the fields. Each line is
+validated on its own; an invalid line is reported with its number and reason and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from producers.trajectory_producer import TrajectoryProducer
+from schemas.records import Sample, TrajectoryGroup, now_ms
+
+
+class _Line(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JsonlSample(_Line):
+    completion: str
+    token_ids: list[int]
+    logprobs: list[float]
+    ref_logprobs: list[float]
+    reward: float
+    finish_reason: str = "stop"
+
+    @model_validator(mode="after")
+    def _lengths_agree(self):
+        if not len(self.token_ids) == len(self.logprobs) == len(self.ref_logprobs):
+            raise ValueError(
+                f"token_ids, logprobs and ref_logprobs differ in length "
+                f"({len(self.token_ids)}, {len(self.logprobs)}, {len(self.ref_logprobs)})"
+            )
+        if not math.isfinite(self.reward):
+            raise ValueError(f"reward must be finite, got {self.reward}")
+        return self
+
+
+class JsonlGroup(_Line):
+    prompt_id: str = Field(min_length=1)
+    task: str
+    prompt: str
+    prompt_token_ids: list[int] = []
+    samples: list[JsonlSample] = Field(min_length=1)
+    group_id: str | None = None
+    policy_version: int = -1
+    generator_id: str = ""
+    model_id: str = ""
+    created_at: int | None = None
+    metadata: dict[str, str] = {}
+
+    def to_group(self) -> TrajectoryGroup:
+        extra = {"group_id": self.group_id} if self.group_id else {}
+        return TrajectoryGroup(
+            prompt_id=self.prompt_id,
+            task=self.task,
+            prompt=self.prompt,
+            prompt_token_ids=np.array(self.prompt_token_ids, np.int32),
+            samples=[
+                Sample(
+                    completion=s.completion,
+                    token_ids=np.array(s.token_ids, np.int32),
+                    logprobs=np.array(s.logprobs, np.float32),
+                    ref_logprobs=np.array(s.ref_logprobs, np.float32),
+                    reward=s.reward,
+                    finish_reason=s.finish_reason,
+                )
+                for s in self.samples
+            ],
+            policy_version=self.policy_version,
+            generator_id=self.generator_id,
+            model_id=self.model_id,
+            created_at=self.created_at or now_ms(),
+            metadata=self.metadata,
+            **extra,
+        )
+
+
+@dataclass
+class InvalidLine:
+    line: int
+    reason: str
+
+
+def parse_lines(lines: Iterator[str]) -> Iterator[tuple[int, TrajectoryGroup | InvalidLine]]:
+    """(line number, TrajectoryGroup or InvalidLine with the reason) for each non-blank line."""
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            yield number, JsonlGroup.model_validate(json.loads(text)).to_group()
+        except json.JSONDecodeError as exc:
+            yield number, InvalidLine(number, f"not JSON: {exc.msg} at column {exc.colno}")
+        except ValidationError as exc:
+            yield number, InvalidLine(number, "; ".join(_reason(e) for e in exc.errors()))
+        except (ValueError, OverflowError) as exc:
+            yield number, InvalidLine(number, str(exc))
+
+
+def _reason(err: dict) -> str:
+    field = ".".join(str(p) for p in err["loc"]) or "line"
+    return f"{field}: {err['msg']}"
+
+
+def produce_file(path: str | Path, producer: TrajectoryProducer) -> tuple[int, list[InvalidLine]]:
+    """Publish every valid line of a JSONL file; returns (groups acknowledged, invalid lines)."""
+    invalid: list[InvalidLine] = []
+    sent = 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, item in parse_lines(fh):
+            if isinstance(item, InvalidLine):
+                invalid.append(item)
+                continue
+            try:
+                producer.send(item)
+            except (ValueError, TypeError, OverflowError) as exc:  # e.g. a token id beyond int32
+                invalid.append(InvalidLine(number, f"not encodable as TrajectoryGroup: {exc}"))
+                continue
+            sent += 1
+    producer.flush()
+    return sent, invalid

@@ -1,0 +1,63 @@
+"""TrajectoryProducer: the one way a TrajectoryGroup gets into Kafka (searchers and external generators).
+
+Idempotent with acks=all (the client factory sets both), keyed by prompt_id so a prompt's groups
+stay ordered on one partition. A delivery failure is raised to the caller on its next send, flush
+or close: nothing acknowledged is ever silently lost, nothing lost is ever silently ignored.
+"""
+
+from __future__ import annotations
+
+from ops import kafka_clients
+from ops.config import TbaConfig
+from ops.errors import DeliveryError
+from ops.topics import topic_names
+from schemas.codec import SchemaStore
+from schemas.records import TrajectoryCodec, TrajectoryGroup
+
+
+class TrajectoryProducer:
+    def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None, topic: str | None = None):
+        self.topic = topic or topic_names(cfg).raw
+        self.codec = TrajectoryCodec(store or SchemaStore(cfg))
+        self._producer = kafka_clients.producer(cfg)
+        self._timeout_s = cfg.kafka.client_timeout_s
+        self._failures: list[Exception] = []
+        self.sent = 0
+        self.acked = 0
+
+    def send(self, group: TrajectoryGroup):
+        """Encode and queue one group; returns the future of its record metadata."""
+        self._raise_failures()
+        future = self._producer.send(self.topic, key=group.prompt_id.encode(), value=self.codec.encode(group))
+        future.add_callback(self._on_ack)
+        future.add_errback(self._failures.append)
+        self.sent += 1
+        return future
+
+    def _on_ack(self, _metadata) -> None:
+        self.acked += 1
+
+    def _raise_failures(self) -> None:
+        if self._failures:
+            first, n = self._failures[0], len(self._failures)
+            self._failures.clear()
+            raise DeliveryError(f"{n} group(s) were not acknowledged by Kafka: {first}") from first
+
+    def flush(self) -> None:
+        """Block until every queued group is acknowledged; raise DeliveryError if any was not."""
+        self._producer.flush(timeout=self._timeout_s)
+        self._raise_failures()
+        if self.acked + len(self._failures) < self.sent:
+            raise DeliveryError(f"{self.sent - self.acked} group(s) still unacknowledged after {self._timeout_s}s")
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._producer.close(timeout=self._timeout_s)
+
+    def __enter__(self) -> TrajectoryProducer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

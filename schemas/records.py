@@ -1,0 +1,180 @@
+"""TrajectoryGroup and DeadLetter as Python values, and their Avro codecs.
+
+Token ids and log-probs are numpy arrays in memory and little-endian bytes on the wire: packing
+is a memcpy, and decoding is zero-copy (np.frombuffer), 10-100x faster than Avro arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from schemas.codec import Codec, SchemaStore, load_schema
+
+I32 = np.dtype("<i4")
+F32 = np.dtype("<f4")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _ms(value) -> int:
+    # fastavro turns timestamp-millis into an aware datetime on read
+    return int(value.timestamp() * 1000) if isinstance(value, datetime) else int(value)
+
+
+@dataclass
+class Sample:
+    """One completion of a prompt, with per-token behaviour and reference log-probs."""
+
+    completion: str
+    token_ids: np.ndarray  # (T,) int32
+    logprobs: np.ndarray  # (T,) float32, behaviour policy at the sampling temperature
+    ref_logprobs: np.ndarray  # (T,) float32, reference policy
+    reward: float
+    finish_reason: str = "stop"
+
+    def digest(self) -> int:
+        """64-bit content hash of the completion tokens, for exact-duplicate removal."""
+        return int.from_bytes(hashlib.blake2b(self.token_ids.tobytes(), digest_size=8).digest(), "little")
+
+
+@dataclass
+class TrajectoryGroup:
+    """A prompt and its K samples: what a searcher publishes and the trainer consumes."""
+
+    prompt_id: str
+    task: str
+    prompt: str
+    prompt_token_ids: np.ndarray  # (P,) int32
+    samples: list[Sample]
+    policy_version: int = -1
+    generator_id: str = ""
+    model_id: str = ""
+    group_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: int = field(default_factory=now_ms)
+    scores: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def rewards(self) -> np.ndarray:
+        return np.array([s.reward for s in self.samples], dtype=np.float64)  # (K,)
+
+    def digest(self) -> bytes:
+        """Content hash of prompt and completions (not ids or times): equal groups, equal digests."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.prompt.encode())
+        for s in self.samples:
+            h.update(s.token_ids.tobytes())
+            h.update(s.completion.encode())
+        return h.digest()
+
+    def to_record(self) -> dict:
+        return {
+            "group_id": self.group_id,
+            "prompt_id": self.prompt_id,
+            "task": self.task,
+            "prompt": self.prompt,
+            "prompt_token_ids": np.asarray(self.prompt_token_ids, I32).tobytes(),
+            "samples": [
+                {
+                    "completion": s.completion,
+                    "token_ids": np.asarray(s.token_ids, I32).tobytes(),
+                    "logprobs": np.asarray(s.logprobs, F32).tobytes(),
+                    "ref_logprobs": np.asarray(s.ref_logprobs, F32).tobytes(),
+                    "reward": float(s.reward),
+                    "finish_reason": s.finish_reason,
+                }
+                for s in self.samples
+            ],
+            "policy_version": int(self.policy_version),
+            "generator_id": self.generator_id,
+            "model_id": self.model_id,
+            "created_at": int(self.created_at),
+            "scores": dict(self.scores),
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict) -> TrajectoryGroup:
+        """Inverse of to_record. Raises ValueError when a packed field is not whole int32/float32s."""
+        return cls(
+            group_id=rec["group_id"],
+            prompt_id=rec["prompt_id"],
+            task=rec["task"],
+            prompt=rec["prompt"],
+            prompt_token_ids=_unpack(rec["prompt_token_ids"], I32, "prompt_token_ids"),
+            samples=[
+                Sample(
+                    completion=s["completion"],
+                    token_ids=_unpack(s["token_ids"], I32, "token_ids"),
+                    logprobs=_unpack(s["logprobs"], F32, "logprobs"),
+                    ref_logprobs=_unpack(s["ref_logprobs"], F32, "ref_logprobs"),
+                    reward=s["reward"],
+                    finish_reason=s["finish_reason"],
+                )
+                for s in rec["samples"]
+            ],
+            policy_version=rec["policy_version"],
+            generator_id=rec["generator_id"],
+            model_id=rec["model_id"],
+            created_at=_ms(rec["created_at"]),
+            scores=rec["scores"],
+            metadata=rec["metadata"],
+        )
+
+
+def _unpack(data: bytes, dtype: np.dtype, name: str) -> np.ndarray:
+    if len(data) % dtype.itemsize:
+        raise ValueError(f"{name}: {len(data)} bytes is not a whole number of {dtype.itemsize}-byte values")
+    return np.frombuffer(data, dtype)
+
+
+class TrajectoryCodec:
+    """TrajectoryGroup <-> single-object-encoded bytes."""
+
+    def __init__(self, store: SchemaStore, schema: dict | None = None):
+        self.avro = Codec(schema or load_schema("trajectory_group"), store)
+
+    def encode(self, group: TrajectoryGroup) -> bytes:
+        return self.avro.encode(group.to_record())
+
+    def decode(self, data: bytes) -> TrajectoryGroup:
+        from ops.errors import DecodeError
+
+        rec = self.avro.decode(data)
+        try:
+            return TrajectoryGroup.from_record(rec)
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from exc
+
+
+@dataclass
+class DeadLetter:
+    reason: str
+    scorer: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key: bytes | None
+    value: bytes
+    rejected_at: int = field(default_factory=now_ms)
+
+
+class DeadLetterCodec:
+    def __init__(self, store: SchemaStore):
+        self.avro = Codec(load_schema("dead_letter"), store)
+
+    def encode(self, letter: DeadLetter) -> bytes:
+        return self.avro.encode(letter.__dict__)
+
+    def decode(self, data: bytes) -> DeadLetter:
+        rec = self.avro.decode(data)
+        rec["rejected_at"] = _ms(rec["rejected_at"])
+        return DeadLetter(**rec)

@@ -1,0 +1,1 @@
+"""Trainer: the replay buffer over the curated topic (and, later, the TB loss and weight sync)."""

@@ -1,0 +1,339 @@
+"""ReplayBuffer: curated groups indexed by Kafka offset, sampled as TBA samples them.
+
+The index is a set of numpy columns, one row per group (partition, offset, prompt, policy version,
+timestamp, first sample) and one row per sample (reward, 64-bit content hash): ~28 + 12*K bytes a
+group, so a million 8-sample groups index in ~130 MB. Decoded groups live in a bounded LRU cache;
+an evicted group is read back from Kafka by seeking to its offset: the topic is the storage.
+
+Sampling (TBA): with probability m a prompt that has groups from the newest policy version, drawing
+only from those; otherwise any buffered prompt, drawing from its newest `per_prompt_cap` samples.
+Within a prompt, samples are drawn by softmax(inv_temp * reward) (0 = uniform), exact duplicate
+completions removed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+from kafka import TopicPartition
+
+from ops import kafka_clients
+from ops.config import TbaConfig
+from ops.errors import TbaError
+from ops.topics import topic_names
+from schemas.codec import SchemaStore
+from schemas.records import Sample, TrajectoryCodec, TrajectoryGroup
+
+
+class Column:
+    """An append-only numpy array that doubles its capacity as it grows."""
+
+    def __init__(self, dtype, capacity: int = 1024):
+        self._data = np.empty(capacity, dtype)
+        self.size = 0
+
+    def extend(self, values) -> None:
+        values = np.asarray(values, self._data.dtype).ravel()
+        end = self.size + values.size
+        if end > self._data.size:
+            grown = np.empty(max(end, 2 * self._data.size), self._data.dtype)
+            grown[: self.size] = self._data[: self.size]
+            self._data = grown
+        self._data[self.size : end] = values
+        self.size = end
+
+    def append(self, value) -> None:
+        self.extend((value,))
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._data[: self.size]
+
+    @property
+    def nbytes(self) -> int:
+        return self._data.nbytes
+
+
+@dataclass
+class SampledPrompt:
+    """K samples of one prompt, ready for the TB loss (which needs them to share a prompt)."""
+
+    prompt_id: str
+    prompt: str
+    prompt_token_ids: np.ndarray
+    samples: list[Sample]
+    policy_versions: list[int]
+    on_policy: bool  # drawn in the probability-m branch (newest policy version only)
+
+
+class ReplayBuffer:
+    def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None, seed: int = 0):
+        self.cfg = cfg.buffer
+        self._kafka_cfg = cfg
+        self.topic = topic_names(cfg).curated
+        self.codec = TrajectoryCodec(store or SchemaStore(cfg))
+        self.rng = np.random.default_rng(seed)
+        # group columns
+        self.partition = Column(np.int32)
+        self.offset = Column(np.int64)
+        self.prompt = Column(np.int32)
+        self.version = Column(np.int32)
+        self.timestamp = Column(np.int64)
+        self.first_sample = Column(np.int64)
+        # sample columns
+        self.reward = Column(np.float32)
+        self.content = Column(np.uint64)
+        self._prompt_ids: dict[str, int] = {}
+        self._prompt_names: list[str] = []
+        self._windows: list[deque[int]] = []  # per prompt: newest groups covering per_prompt_cap samples
+        self._window_samples: list[int] = []
+        self.newest_version = -(2**31)
+        self._newest_prompts: set[int] = set()
+        self.next_offsets: dict[int, int] = {}  # partition -> next offset to ingest
+        self._cache: OrderedDict[int, TrajectoryGroup] = OrderedDict()
+        self._fetcher = None
+
+    def __len__(self) -> int:
+        return self.partition.size
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self._prompt_names)
+
+    def index_nbytes(self) -> int:
+        """Memory of the index columns (the cache of decoded groups excluded)."""
+        cols = (self.partition, self.offset, self.prompt, self.version, self.timestamp, self.first_sample)
+        return sum(c.nbytes for c in (*cols, self.reward, self.content))
+
+    # -- ingest ---------------------------------------------------------------------------------
+
+    def add(self, partition: int, offset: int, timestamp_ms: int, group: TrajectoryGroup) -> bool:
+        """Index one curated group. Returns False (and does nothing) for an offset already ingested."""
+        if offset < self.next_offsets.get(partition, 0):
+            return False
+        self.next_offsets[partition] = offset + 1
+        idx = len(self)
+        pid = self._prompt_ids.get(group.prompt_id)
+        if pid is None:
+            pid = self._prompt_ids[group.prompt_id] = len(self._prompt_names)
+            self._prompt_names.append(group.prompt_id)
+            self._windows.append(deque())
+            self._window_samples.append(0)
+        self.partition.append(partition)
+        self.offset.append(offset)
+        self.prompt.append(pid)
+        self.version.append(group.policy_version)
+        self.timestamp.append(timestamp_ms)
+        self.first_sample.append(self.reward.size)
+        self.reward.extend([s.reward for s in group.samples])
+        self.content.extend([s.digest() for s in group.samples])
+        self._slide_window(pid, idx, len(group.samples))
+        if group.policy_version > self.newest_version:
+            self.newest_version = group.policy_version
+            self._newest_prompts = set()
+        if group.policy_version == self.newest_version:
+            self._newest_prompts.add(pid)
+        self._remember(idx, group)
+        return True
+
+    def _slide_window(self, pid: int, idx: int, n: int) -> None:
+        window = self._windows[pid]
+        window.append(idx)
+        self._window_samples[pid] += n
+        # drop the oldest group while the newer ones alone still hold per_prompt_cap samples
+        while len(window) > 1 and self._window_samples[pid] - self._group_size(window[0]) >= self.cfg.per_prompt_cap:
+            self._window_samples[pid] -= self._group_size(window.popleft())
+
+    def _group_size(self, idx: int) -> int:
+        end = self.first_sample.values[idx + 1] if idx + 1 < len(self) else self.reward.size
+        return int(end - self.first_sample.values[idx])
+
+    def _remember(self, idx: int, group: TrajectoryGroup) -> None:
+        if self.cfg.cache_groups == 0:
+            return
+        self._cache[idx] = group
+        self._cache.move_to_end(idx)
+        while len(self._cache) > self.cfg.cache_groups:
+            self._cache.popitem(last=False)
+
+    def ingest(self, records) -> int:
+        """Decode and index Kafka ConsumerRecords of the curated topic; returns how many were new."""
+        added = 0
+        for rec in records:
+            if rec.offset < self.next_offsets.get(rec.partition, 0):
+                continue
+            added += self.add(rec.partition, rec.offset, rec.timestamp, self.codec.decode(rec.value))
+        return added
+
+    # -- reading groups back ----------------------------------------------------------------------
+
+    def group(self, idx: int) -> TrajectoryGroup:
+        """The decoded group at index row idx: from the cache, else read back from Kafka by offset."""
+        cached = self._cache.get(idx)
+        if cached is not None:
+            self._cache.move_to_end(idx)
+            return cached
+        return self.fetch([idx])[idx]
+
+    def fetch(self, idxs: list[int]) -> dict[int, TrajectoryGroup]:
+        """Read groups back from the curated topic by seeking to their offsets."""
+        if self._fetcher is None:
+            self._fetcher = kafka_clients.consumer(self._kafka_cfg)
+        wanted: dict[tuple[int, int], int] = {
+            (int(self.partition.values[i]), int(self.offset.values[i])): i for i in idxs
+        }
+        found: dict[int, TrajectoryGroup] = {}
+        for partition, offset in sorted(wanted):
+            if wanted[(partition, offset)] in found:
+                continue
+            tp = TopicPartition(self.topic, partition)
+            self._fetcher.assign([tp])
+            self._fetcher.seek(tp, offset)
+            while wanted[(partition, offset)] not in found:
+                records = self._fetcher.poll(timeout_ms=self._kafka_cfg.kafka.client_timeout_s * 1000).get(tp)
+                if not records:
+                    raise TbaError(f"{self.topic}[{partition}] offset {offset} could not be read back (retention?)")
+                for rec in records:
+                    i = wanted.get((partition, rec.offset))
+                    if i is not None and i not in found:
+                        found[i] = self.codec.decode(rec.value)
+                        self._remember(i, found[i])
+        return found
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def sample(self, num_prompts: int, k: int | None = None) -> list[SampledPrompt]:
+        """num_prompts distinct prompts (fewer if the buffer has fewer), k samples each."""
+        k = k or self.cfg.samples_per_prompt
+        if len(self) == 0:
+            return []
+        chosen: list[tuple[int, bool]] = []
+        taken: set[int] = set()
+        for _ in range(min(num_prompts, self.num_prompts)):
+            on_policy = bool(self.rng.random() < self.cfg.on_policy_prob) and bool(self._newest_prompts - taken)
+            pool = list(self._newest_prompts - taken) if on_policy else None
+            pid = self._pick(pool, taken)
+            taken.add(pid)
+            chosen.append((pid, on_policy))
+        return [self._draw(pid, on_policy, k) for pid, on_policy in chosen]
+
+    def _pick(self, pool: list[int] | None, taken: set[int]) -> int:
+        if pool:
+            return pool[self.rng.integers(len(pool))]
+        while True:  # any buffered prompt; rejection is cheap while few are taken
+            pid = int(self.rng.integers(self.num_prompts))
+            if pid not in taken:
+                return pid
+
+    def _draw(self, pid: int, on_policy: bool, k: int) -> SampledPrompt:
+        groups = [g for g in reversed(self._windows[pid]) if not on_policy or self.version.values[g] == self.newest_version]
+        refs, rewards, seen = [], [], set()
+        for g in groups:  # newest first, so the cap keeps the newest samples and duplicates keep the newest copy
+            start = int(self.first_sample.values[g])
+            for j in range(self._group_size(g)):
+                h = int(self.content.values[start + j])
+                if h in seen:
+                    continue
+                seen.add(h)
+                refs.append((g, j))
+                rewards.append(float(self.reward.values[start + j]))
+                if len(refs) == self.cfg.per_prompt_cap:
+                    break
+            if len(refs) == self.cfg.per_prompt_cap:
+                break
+        logits = self.cfg.reward_inv_temp * np.array(rewards)  # (N,)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        picks = self.rng.choice(len(refs), size=k, replace=len(refs) < k, p=p)
+        decoded = self._groups({g for g, _ in (refs[i] for i in picks)})
+        samples = [decoded[refs[i][0]].samples[refs[i][1]] for i in picks]
+        first = decoded[refs[picks[0]][0]]
+        return SampledPrompt(
+            prompt_id=self._prompt_names[pid],
+            prompt=first.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            samples=samples,
+            policy_versions=[int(self.version.values[refs[i][0]]) for i in picks],
+            on_policy=on_policy,
+        )
+
+    def _groups(self, idxs: set[int]) -> dict[int, TrajectoryGroup]:
+        out = {i: self._cache[i] for i in idxs if i in self._cache}
+        missing = [i for i in idxs if i not in out]
+        if missing:
+            out.update(self.fetch(missing))
+        return out
+
+    def close(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.close()
+            self._fetcher = None
+
+
+class CuratedFeed:
+    """Feeds a ReplayBuffer from the curated topic: live (poll), or a past offset/time range (fill)."""
+
+    def __init__(self, cfg: TbaConfig, buffer: ReplayBuffer):
+        self.buffer = buffer
+        self.consumer = kafka_clients.consumer(cfg)
+        topic = buffer.topic
+        self.partitions = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or ())]
+        if not self.partitions:
+            raise TbaError(f"topic {topic} does not exist; run `tba topics create`")
+        self.consumer.assign(self.partitions)
+        for tp in self.partitions:
+            start = buffer.next_offsets.get(tp.partition)
+            if start is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, start)
+
+    def poll(self, timeout_ms: int = 100) -> int:
+        """Ingest whatever committed groups arrived; returns how many were added."""
+        added = 0
+        for records in self.consumer.poll(timeout_ms=timeout_ms).values():
+            added += self.buffer.ingest(records)
+        return added
+
+    def resolve(self, at: int | None, timestamp_ms: int | None, default: str) -> dict[TopicPartition, int]:
+        """Per-partition offsets of an offset bound (same on every partition), a time bound, or the topic's start/end."""
+        if at is not None:
+            return {tp: at for tp in self.partitions}
+        if timestamp_ms is not None:
+            found = self.consumer.offsets_for_times({tp: timestamp_ms for tp in self.partitions})
+            ends = self.consumer.end_offsets(self.partitions)
+            return {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in self.partitions}
+        edge = self.consumer.beginning_offsets if default == "start" else self.consumer.end_offsets
+        return edge(self.partitions)
+
+    def fill(
+        self,
+        from_offset: int | None = None,
+        to_offset: int | None = None,
+        from_time_ms: int | None = None,
+        to_time_ms: int | None = None,
+    ) -> int:
+        """Ingest the half-open range [from, to) of every partition, by offset or by timestamp (retraining from history)."""
+        start = self.resolve(from_offset, from_time_ms, "start")
+        stop = self.resolve(to_offset, to_time_ms, "end")
+        ends = self.consumer.end_offsets(self.partitions)
+        stop = {tp: min(stop[tp], ends[tp]) for tp in self.partitions}
+        todo = {tp for tp in self.partitions if start[tp] < stop[tp]}
+        for tp in self.partitions:
+            self.consumer.seek(tp, start[tp])
+        added = 0
+        while todo:
+            for tp, records in self.consumer.poll(timeout_ms=500).items():
+                if tp not in todo:
+                    continue
+                added += self.buffer.ingest([r for r in records if r.offset < stop[tp]])
+                if self.consumer.position(tp) >= stop[tp]:
+                    todo.discard(tp)
+            # aborted transactions and markers leave gaps: position, not record count, says when we are done
+            todo = {tp for tp in todo if self.consumer.position(tp) < stop[tp]}
+        return added
+
+    def close(self) -> None:
+        self.consumer.close()
