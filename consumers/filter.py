@@ -119,7 +119,8 @@ class FilterConsumer:
                 for rec in records:
                     out = self.filter.route(rec.value, rec.key, tp.partition, rec.offset)
                     topic = self.topics.curated if out.accepted else self.topics.dlq
-                    self.producer.send(topic, key=rec.key, value=out.value)
+                    # keep the generation time: curated time ranges (replays) then mean when groups were made
+                    self.producer.send(topic, key=rec.key, value=out.value, timestamp_ms=rec.timestamp)
                     if out.accepted:
                         self.stats.accepted += 1
                     else:

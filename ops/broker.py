@@ -176,6 +176,9 @@ class LocalBroker:
                 start_new_session=True,
                 cwd=self.data_dir,
             )
+        deadline = time.monotonic() + 10
+        while not _alive(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # until exec has replaced the forked Python (status() checks the cmdline)
         self._state.write_text(
             json.dumps({"pid": proc.pid, "port": self.port, "controller_port": controller_port, "node_id": self.node_id})
         )
@@ -194,17 +197,19 @@ class LocalBroker:
 
     def stop(self, timeout_s: float = 30) -> bool:
         """SIGTERM (controlled shutdown), SIGKILL after timeout_s. True if a node was stopped."""
+        pid = self.terminate()
+        if pid is None:
+            return False
+        _wait_gone(pid, timeout_s)
+        return True
+
+    def terminate(self) -> int | None:
+        """Send SIGTERM without waiting; returns the pid, or None if not running."""
         running = self.status()
         if not running:
-            return False
+            return None
         os.kill(running.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while _alive(running.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _alive(running.pid):
-            os.kill(running.pid, signal.SIGKILL)
-        _reap(running.pid)
-        return True
+        return running.pid
 
     def kill(self) -> None:
         """kill -9, as a crash would."""
@@ -212,6 +217,15 @@ class LocalBroker:
         if running:
             os.kill(running.pid, signal.SIGKILL)
             _reap(running.pid)
+
+
+def _wait_gone(pid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    _reap(pid)
 
 
 def _reap(pid: int) -> None:
@@ -284,6 +298,8 @@ class LocalCluster:
         wait_ready(self.nodes, timeout_s)
         return [n.status() for n in self.nodes]
 
-    def stop(self) -> None:
-        for n in self.nodes:
-            n.stop()
+    def stop(self, timeout_s: float = 30) -> None:
+        # all at once: stopped one by one, the last nodes wait out their timeout for a lost quorum
+        pids = [pid for pid in (n.terminate() for n in self.nodes) if pid is not None]
+        for pid in pids:
+            _wait_gone(pid, timeout_s)

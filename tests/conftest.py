@@ -1,0 +1,63 @@
+"""One real Kafka broker for the whole suite (started here, stopped at the end); a namespace per test."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+from kafka import TopicPartition
+
+from ops import kafka_clients
+from ops.broker import LocalBroker, free_port
+from ops.config import TbaConfig, load_config
+from ops.topics import create_topics
+from schemas.codec import SchemaStore
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    node = LocalBroker(tmp_path_factory.mktemp("kafka"), port=free_port(), heap="768m")
+    node.start()
+    yield node
+    node.stop()
+
+
+def make_config(bootstrap: str, **sections) -> TbaConfig:
+    sections.setdefault("topics", {"partitions": 3})
+    kafka = {"bootstrap": bootstrap, "namespace": f"t{uuid.uuid4().hex[:10]}", "client_timeout_s": 20}
+    return load_config(environ={}, kafka=kafka, **sections)
+
+
+@pytest.fixture
+def cfg(broker) -> TbaConfig:
+    config = make_config(broker.bootstrap)
+    create_topics(config)
+    return config
+
+
+@pytest.fixture
+def store(cfg) -> SchemaStore:
+    return SchemaStore(cfg)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def read_topic(cfg: TbaConfig, topic: str, isolation: str = "read_committed") -> list:
+    """Every record of a topic from the start to its current end (ConsumerRecords)."""
+    consumer = kafka_clients.consumer(cfg, isolation_level=isolation)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        end = consumer.end_offsets(parts)
+        out = []
+        while any(consumer.position(tp) < end[tp] for tp in parts):
+            for records in consumer.poll(timeout_ms=500).values():
+                out.extend(records)
+        return out
+    finally:
+        consumer.close()

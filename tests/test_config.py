@@ -1,0 +1,36 @@
+import pytest
+
+from ops.config import load_config
+from ops.errors import ConfigError
+
+
+def test_defaults_load_without_a_file():
+    cfg = load_config(environ={})
+    assert cfg.kafka.namespace == "tba"
+    assert cfg.filter.scorers[0] == "structure"
+
+
+def test_unknown_field_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("kafka:\n  bootstrapp: x:9092\n")
+    with pytest.raises(ConfigError, match=r"kafka\.bootstrapp: unknown field"):
+        load_config(path, environ={})
+
+
+def test_wrong_choice_lists_allowed_values():
+    with pytest.raises(ConfigError, match=r"topics\.compression: Input should be 'zstd', 'lz4' or 'none'.*'gzip'"):
+        load_config(environ={}, topics={"compression": "gzip"})
+
+
+def test_unknown_scorer_is_rejected_with_the_valid_names():
+    with pytest.raises(ConfigError, match=r"filter\.scorers\.1: Input should be 'structure'.*'safety'"):
+        load_config(environ={}, filter={"scorers": ["structure", "sentiment"]})
+
+
+def test_environment_overrides_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("kafka:\n  namespace: fromfile\ntopics:\n  partitions: 2\n")
+    cfg = load_config(path, environ={"TBA__KAFKA__NAMESPACE": "fromenv", "TBA__BUFFER__ON_POLICY_PROB": "0.5"})
+    assert cfg.kafka.namespace == "fromenv"
+    assert cfg.topics.partitions == 2
+    assert cfg.buffer.on_policy_prob == 0.5
