@@ -5,7 +5,8 @@ curated and dlq records *and* the consumer offsets (KIP-447, fenced by group gen
 mid-batch aborts it; the next owner of the partition re-reads from the last committed offset, and
 readers of curated (read_committed) never see the aborted copy. Instances share the raw partitions
 as one consumer group; each needs its own `instance` id, which is also its transactional id, so a
-restarted instance fences its dead predecessor at once instead of waiting out its transaction.
+restarted instance fences its dead predecessor at once instead of waiting out its transaction; it
+is also its static group membership, so the restart gets the same partitions back without a rebalance.
 """
 
 from __future__ import annotations
@@ -88,8 +89,13 @@ class FilterConsumer:
         self.filter = GroupFilter(cfg, store or SchemaStore(cfg))
         self.stats = FilterStats()
         group = f"{cfg.kafka.namespace}.{cfg.filter.group}"
+        # Static membership: a restarted instance takes its partitions straight back, no rebalance wait.
         self.consumer = kafka_clients.consumer(
-            cfg, self.topics.raw, group_id=group, max_poll_records=cfg.filter.max_poll_records
+            cfg,
+            self.topics.raw,
+            group_id=group,
+            group_instance_id=f"{group}.{instance}",
+            max_poll_records=cfg.filter.max_poll_records,
         )
         self.producer = kafka_clients.producer(
             cfg,
@@ -107,6 +113,8 @@ class FilterConsumer:
             if batch:
                 self._process(batch)
                 last_input = time.monotonic()
+            elif not self.consumer.assignment():
+                last_input = time.monotonic()  # joining the group is not idleness
             elif idle_exit_s is not None and time.monotonic() - last_input > idle_exit_s:
                 break
         return self.stats

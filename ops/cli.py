@@ -144,3 +144,7 @@ def main() -> None:
     except TbaError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -24,18 +24,23 @@ class TrajectoryProducer:
         self._failures: list[Exception] = []
         self.sent = 0
         self.acked = 0
+        self.failed = 0
 
     def send(self, group: TrajectoryGroup):
         """Encode and queue one group; returns the future of its record metadata."""
         self._raise_failures()
         future = self._producer.send(self.topic, key=group.prompt_id.encode(), value=self.codec.encode(group))
         future.add_callback(self._on_ack)
-        future.add_errback(self._failures.append)
+        future.add_errback(self._on_failure)
         self.sent += 1
         return future
 
     def _on_ack(self, _metadata) -> None:
         self.acked += 1
+
+    def _on_failure(self, exc: Exception) -> None:
+        self.failed += 1
+        self._failures.append(exc)
 
     def _raise_failures(self) -> None:
         if self._failures:
@@ -47,7 +52,7 @@ class TrajectoryProducer:
         """Block until every queued group is acknowledged; raise DeliveryError if any was not."""
         self._producer.flush(timeout=self._timeout_s)
         self._raise_failures()
-        if self.acked + len(self._failures) < self.sent:
+        if self.acked + self.failed < self.sent:
             raise DeliveryError(f"{self.sent - self.acked} group(s) still unacknowledged after {self._timeout_s}s")
 
     def close(self) -> None:

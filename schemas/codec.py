@@ -137,7 +137,10 @@ class Codec:
             else:
                 record = fastavro.schemaless_reader(buf, writer, self.schema)
         except fastavro.read.SchemaResolutionError as exc:
-            raise DecodeError(f"writer schema {fp.hex()} cannot be read as {self.schema['name']}: {exc}") from exc
+            name = writer.get("name", writer.get("type")) if isinstance(writer, dict) else writer
+            raise DecodeError(
+                f"writer schema {fp.hex()} ({name}) cannot be read as {self.schema['name']}: {str(exc)[:120]}"
+            ) from exc
         except UnicodeDecodeError as exc:
             raise DecodeError(f"invalid UTF-8 in a string field: {exc}") from exc
         except (EOFError, ValueError, TypeError, IndexError, KeyError, OverflowError, MemoryError) as exc:

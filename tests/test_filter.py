@@ -1,0 +1,121 @@
+"""raw -> filter group -> curated | dlq -> ReplayBuffer, on the real broker, exactly once."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+from consumers.filter import FilterConsumer
+from ops import kafka_clients
+from ops.topics import topic_names
+from producers.synthetic import BAD_KINDS, synthetic_group
+from producers.trajectory_producer import TrajectoryProducer
+from schemas.codec import Codec
+from schemas.records import DeadLetterCodec, TrajectoryCodec
+from tests.conftest import read_topic
+from trainer.replay_buffer import CuratedFeed, ReplayBuffer
+
+
+def run_filters(cfg, store, instances=1, idle_exit_s=3.0):
+    workers = [FilterConsumer(cfg, instance=str(i), store=store) for i in range(instances)]
+    threads = [threading.Thread(target=w.run, kwargs={"idle_exit_s": idle_exit_s}) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for w in workers:
+        w.close()
+    return workers
+
+
+def test_round_trip_with_malformed_records_interleaved(cfg, store, rng):
+    names = topic_names(cfg)
+    valid, bad = [], {}
+    raw = kafka_clients.producer(cfg)
+    foreign = Codec({"type": "record", "name": "Other", "fields": [{"name": "n", "type": "int"}]}, store)
+    with TrajectoryProducer(cfg, store) as producer:
+        for i in range(300):
+            group = synthetic_group(rng, i % 40, policy_version=i // 100)
+            if i % 50 == 7:  # the three malformed-group kinds, in turn
+                kind = list(BAD_KINDS)[(i // 50) % 3]
+                group = BAD_KINDS[kind](group)
+                bad[group.group_id] = kind
+            else:
+                valid.append(group.group_id)
+            producer.send(group)
+            if i == 100:
+                raw.send(names.raw, key=b"junk", value=rng.bytes(300))
+            if i == 200:
+                raw.send(names.raw, key=b"foreign", value=foreign.encode({"n": 1}))
+    raw.flush()
+    raw.close()
+
+    workers = run_filters(cfg, store, instances=2)
+    assert sum(w.stats.consumed for w in workers) == 302
+    assert all(w.stats.consumed > 0 for w in workers)  # the two instances shared the partitions
+
+    codec = TrajectoryCodec(store)
+    curated = [codec.decode(r.value) for r in read_topic(cfg, names.curated)]
+    assert sorted(g.group_id for g in curated) == sorted(valid)  # all valid, each exactly once
+    assert all(set(g.scores) == set(cfg.filter.scorers) for g in curated)
+
+    letters = [DeadLetterCodec(store).decode(r.value) for r in read_topic(cfg, names.dlq)]
+    by_scorer = Counter(letter.scorer for letter in letters)
+    assert by_scorer == Counter({**Counter(bad.values()), "decode": 2})
+    for letter in letters:
+        if letter.scorer == "decode":
+            assert letter.key in (b"junk", b"foreign")
+            expected = "not Avro single-object" if letter.key == b"junk" else "cannot be read as tba.TrajectoryGroup"
+            assert expected in letter.reason
+        else:
+            original = codec.decode(letter.value)  # the original bytes, untouched
+            assert bad[original.group_id] == letter.scorer and letter.reason
+        assert letter.source_topic == names.raw and letter.source_offset >= 0
+
+    buffer = ReplayBuffer(cfg, store)
+    feed = CuratedFeed(cfg, buffer)
+    assert feed.fill() == len(valid)
+    assert feed.fill() == 0  # offsets already ingested are not admitted twice
+    assert len(buffer) == len(valid) and buffer.newest_version == 2
+    feed.close()
+
+
+def test_a_filter_killed_mid_stream_loses_nothing_and_duplicates_nothing(cfg, store, rng):
+    names = topic_names(cfg)
+    with TrajectoryProducer(cfg, store) as producer:
+        ids = [producer.send(g) and g.group_id for g in (synthetic_group(rng, i % 60) for i in range(3000))]
+    env = {
+        **os.environ,
+        "TBA__KAFKA__BOOTSTRAP": cfg.kafka.bootstrap,
+        "TBA__KAFKA__NAMESPACE": cfg.kafka.namespace,
+        "TBA__FILTER__MAX_POLL_RECORDS": "50",  # many small transactions, so the kill lands inside one
+    }
+    cmd = [sys.executable, "-m", "ops.cli", "filter", "--instance", "0"]
+    first = subprocess.Popen(cmd + ["--idle-exit", "30"], env=env)
+    consumer = kafka_clients.consumer(cfg)
+    curated_parts = [tp for tp in _partitions(consumer, names.curated)]
+    deadline = time.monotonic() + 60
+    while sum(consumer.end_offsets(curated_parts).values()) < 600 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    consumer.close()
+    done_before_kill = len(read_topic(cfg, names.curated))
+    assert 0 < done_before_kill < 3000
+
+    second = subprocess.run(cmd + ["--idle-exit", "4"], env=env, timeout=180, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    codec = TrajectoryCodec(store)
+    curated = Counter(codec.decode(r.value).group_id for r in read_topic(cfg, names.curated))
+    assert set(curated) == set(ids), second.stdout  # nothing lost
+    assert max(curated.values()) == 1  # nothing twice
+    assert not read_topic(cfg, names.dlq)
+
+
+def _partitions(consumer, topic):
+    from kafka import TopicPartition
+
+    return [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
