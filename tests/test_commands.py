@@ -1,0 +1,76 @@
+"""The `tba` commands a newcomer types: kafka start|status|stop, topics create|describe, demo."""
+
+import json
+import os
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from ops.broker import free_port
+from ops.cli import cli
+from ops.topics import topic_names
+
+
+def tba(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "ops.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_kafka_start_status_stop(tmp_path):
+    port = free_port()
+    config = tmp_path / "tba.yaml"
+    config.write_text(f"broker:\n  port: {port}\n  data_dir: {tmp_path / 'kafka'}\n  heap: 512m\n")
+    env = {**os.environ, "TBA_CONFIG": str(config)}
+    assert tba("kafka", "status", env=env).returncode == 1
+    started = tba("kafka", "start", env=env)
+    assert started.returncode == 0, started.stderr
+    assert f"bootstrap 127.0.0.1:{port}" in started.stdout
+    again = tba("kafka", "start", env=env)
+    assert again.stdout == started.stdout  # same pid: one broker
+    status = tba("kafka", "status", env=env)
+    assert status.returncode == 0 and str(tmp_path / "kafka") in status.stdout
+    assert tba("kafka", "stop", env=env).stdout.strip() == "kafka stopped"
+    assert tba("kafka", "status", env=env).returncode == 1
+
+
+def test_topics_create_is_idempotent_and_describe_shows_their_config(broker, monkeypatch):
+    monkeypatch.setenv("TBA__KAFKA__BOOTSTRAP", broker.bootstrap)
+    monkeypatch.setenv("TBA__KAFKA__NAMESPACE", "cmdtopics")
+    monkeypatch.setenv("TBA__TOPICS__PARTITIONS", "2")
+    runner = CliRunner()
+    first = runner.invoke(cli, ["topics", "create"])
+    assert first.exit_code == 0 and first.output.count("created") == 5
+    assert runner.invoke(cli, ["topics", "create"]).output.strip() == "all topics exist"
+    rows = {r["topic"]: r for r in map(json.loads, runner.invoke(cli, ["topics", "describe"]).output.splitlines())}
+    assert rows["cmdtopics.trajectories.raw"]["partitions"] == 2
+    assert rows["cmdtopics.trajectories.raw"]["retention.ms"] == str(72 * 3_600_000)
+    assert rows["cmdtopics.trajectories.curated"]["retention.ms"] == "-1"
+    assert rows["cmdtopics.schemas"]["cleanup.policy"] == "compact"
+    assert rows["cmdtopics.policy.versions"]["cleanup.policy"] == "compact"
+
+
+def test_a_bad_config_names_the_field_and_exits_non_zero(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("buffer:\n  on_policy_prob: 2\n")
+    result = tba("--config", str(config), "topics", "describe")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: config error: buffer.on_policy_prob: Input should be less than or equal to 1 (got 2)"
+
+
+def test_the_demo_runs_end_to_end(broker, monkeypatch):
+    """What README's main command runs, on a smaller stream."""
+    from ops.config import load_config
+    from ops.demo import run_demo
+
+    cfg = load_config(
+        environ={},
+        kafka={"bootstrap": broker.bootstrap, "namespace": "demotest"},
+        broker={"port": broker.port, "data_dir": str(broker.data_dir)},
+        demo={"groups": 300, "bad_fraction": 0.1},
+    )
+    result = run_demo(cfg)
+    expected_bad = result["expected_bad"]
+    assert result["rejected"] == expected_bad
+    assert result["accepted"] == 300 - sum(expected_bad.values()) + 1  # +1: the undecodable record is extra
+    assert result["buffer"] == result["accepted"]
+    assert topic_names(cfg).raw == "demotest.trajectories.raw"

@@ -1,0 +1,116 @@
+"""ReplayBuffer: offset index, TBA sampling, read-back of evicted groups, replays by offset and time."""
+
+import time
+
+import numpy as np
+import pytest
+
+from ops.config import with_overrides
+from ops.topics import topic_names
+from producers.synthetic import synthetic_group
+from producers.trajectory_producer import TrajectoryProducer
+from schemas.records import TrajectoryCodec
+from tests.conftest import read_topic
+from trainer.replay_buffer import CuratedFeed, ReplayBuffer
+
+
+def publish_curated(cfg, store, groups):
+    with TrajectoryProducer(cfg, store, topic=topic_names(cfg).curated) as producer:
+        for g in groups:
+            producer.send(g)
+
+
+def filled(cfg, store, **fill):
+    buffer = ReplayBuffer(cfg, store)
+    feed = CuratedFeed(cfg, buffer)
+    feed.fill(**fill)
+    feed.close()
+    return buffer
+
+
+def group_ids(buffer):
+    return sorted(buffer.group(i).group_id for i in range(len(buffer)))
+
+
+def test_replay_from_a_timestamp_and_from_offsets_returns_exactly_that_range(cfg, store, rng):
+    early = [synthetic_group(rng, i % 7) for i in range(60)]
+    publish_curated(cfg, store, early)
+    time.sleep(0.05)
+    middle = int(time.time() * 1000)
+    time.sleep(0.05)
+    late = [synthetic_group(rng, i % 7) for i in range(40)]
+    publish_curated(cfg, store, late)
+
+    assert group_ids(filled(cfg, store, from_time_ms=middle)) == sorted(g.group_id for g in late)
+    assert group_ids(filled(cfg, store, to_time_ms=middle)) == sorted(g.group_id for g in early)
+
+    records = read_topic(cfg, topic_names(cfg).curated)
+    codec = TrajectoryCodec(store)
+    expected = sorted(codec.decode(r.value).group_id for r in records if 5 <= r.offset < 20)
+    assert group_ids(filled(cfg, store, from_offset=5, to_offset=20)) == expected
+
+
+def test_on_policy_fraction_is_m(cfg, store, rng):
+    cfg = with_overrides(cfg, buffer={"on_policy_prob": 0.7, "samples_per_prompt": 4})
+    buffer = ReplayBuffer(cfg, store, seed=7)
+    for i in range(300):
+        version = 5 if i >= 280 else i % 5  # only 20 groups come from the newest policy
+        buffer.add(0, i, i, synthetic_group(rng, i, samples=4, policy_version=version))
+    draws = [sp for _ in range(3000) for sp in buffer.sample(1)]
+    on_policy = np.mean([sp.on_policy for sp in draws])
+    assert abs(on_policy - 0.7) < 0.03
+    assert all(v == 5 for sp in draws if sp.on_policy for v in sp.policy_versions)
+    # the uniform branch picks the newest prompts only in proportion to their share (20/300)
+    newest_in_uniform = np.mean([sp.policy_versions[0] == 5 for sp in draws if not sp.on_policy])
+    assert newest_in_uniform < 0.15
+
+
+def test_per_prompt_cap_keeps_the_newest_samples_and_duplicates_are_removed(cfg, store, rng):
+    cfg = with_overrides(cfg, buffer={"per_prompt_cap": 20, "on_policy_prob": 0.0, "samples_per_prompt": 20})
+    buffer = ReplayBuffer(cfg, store)
+    for v in range(10):  # ten groups of 8 for one prompt: the newest 20 samples span versions 7-9
+        buffer.add(0, v, v, synthetic_group(rng, 1, samples=8, policy_version=v))
+    (sp,) = buffer.sample(1)
+    assert set(sp.policy_versions) <= {7, 8, 9} and 9 in sp.policy_versions
+    assert len({s.digest() for s in sp.samples}) == 20  # 20 distinct from a pool of exactly 20
+
+    dup = synthetic_group(rng, 2, samples=6)
+    dup.samples = [dup.samples[0]] * 3 + dup.samples[3:]  # three copies of one completion
+    buffer.add(0, 10, 10, dup)
+    for _ in range(10):  # both prompts, 4 samples each: the duplicated prompt's pool is exactly 4 distinct
+        (picked,) = [sp for sp in buffer.sample(2, k=4) if sp.prompt_id == "arith-2"]
+        assert len({s.digest() for s in picked.samples}) == 4
+
+
+def test_reward_temperature_prioritises_high_reward(cfg, store, rng):
+    cfg = with_overrides(cfg, buffer={"reward_inv_temp": 50.0, "on_policy_prob": 0.0, "samples_per_prompt": 4})
+    buffer = ReplayBuffer(cfg, store)
+    g = synthetic_group(rng, 3, samples=12)
+    for j, s in enumerate(g.samples):
+        s.reward = 1.0 if j < 4 else 0.0
+    buffer.add(0, 0, 0, g)
+    rewards = [s.reward for _ in range(50) for s in buffer.sample(1)[0].samples]
+    assert np.mean(rewards) == 1.0
+
+
+def test_evicted_groups_are_read_back_from_kafka_by_offset(cfg, store, rng):
+    groups = [synthetic_group(rng, i, samples=3) for i in range(50)]
+    publish_curated(cfg, store, groups)
+    cfg = with_overrides(cfg, buffer={"cache_groups": 5})
+    buffer = filled(cfg, store)
+    assert len(buffer) == 50 and len(buffer._cache) == 5
+    by_id = {g.group_id: g for g in groups}
+    for i in range(len(buffer)):
+        back = buffer.group(i)
+        original = by_id[back.group_id]
+        assert np.array_equal(back.samples[2].logprobs, original.samples[2].logprobs)
+    assert buffer.index_nbytes() > 0
+    buffer.close()
+
+
+def test_replay_of_a_missing_topic_is_a_clear_error(cfg, store):
+    from ops.errors import TbaError
+
+    other = with_overrides(cfg, kafka={"namespace": cfg.kafka.namespace + "-absent"})
+    with pytest.raises(TbaError, match="does not exist; run `tba topics create`"):
+        CuratedFeed(other, ReplayBuffer(other, store))
