@@ -66,17 +66,41 @@ def lengths(group: TrajectoryGroup) -> Verdict:
         n, lp, ref = s.token_ids.size, s.logprobs.size, s.ref_logprobs.size
         if not n == lp == ref:
             return Verdict(0.0, f"sample {i}: {n} tokens but {lp} logprobs and {ref} ref_logprobs")
-        for name, arr in (("logprobs", s.logprobs), ("ref_logprobs", s.ref_logprobs)):
-            if n and not (np.isfinite(arr).all() and arr.max() <= 1e-4):
-                return Verdict(0.0, f"sample {i}: {name} must be finite and <= 0")
+    # one vectorised check for the whole group; look for the culprit only when it fails
+    values = np.concatenate([a for s in group.samples for a in (s.logprobs, s.ref_logprobs)])
+    if values.size and not (np.isfinite(values).all() and values.max() <= 1e-4):
+        for i, s in enumerate(group.samples):
+            for name, arr in (("logprobs", s.logprobs), ("ref_logprobs", s.ref_logprobs)):
+                if arr.size and not (np.isfinite(arr).all() and arr.max() <= 1e-4):
+                    return Verdict(0.0, f"sample {i}: {name} must be finite and <= 0")
     return Verdict(1.0)
 
 
-def _distinct_ngram_ratio(tokens: np.ndarray, n: int) -> float:
-    if tokens.size < n:
-        return 1.0
-    grams = np.lib.stride_tricks.sliding_window_view(tokens, n)  # (T-n+1, n)
-    return len(np.unique(grams, axis=0)) / len(grams)
+def distinct_ngram_ratios(token_arrays: list[np.ndarray], n: int) -> np.ndarray:
+    """Per sequence, distinct n-grams / n-grams (1.0 when shorter than n); all sequences in one pass.
+
+    Each n-gram becomes one 64-bit polynomial hash (wrapping multiply) salted by its sequence, so a
+    single 1-D unique over the whole group replaces a unique per sequence.
+    """
+    lens = np.array([t.size for t in token_arrays])  # (K,)
+    grams = np.maximum(lens - n + 1, 0)  # (K,)
+    ratios = np.ones(len(token_arrays))
+    if grams.sum() == 0:
+        return ratios
+    tokens = np.concatenate(token_arrays).astype(np.uint64)  # (T,)
+    count = tokens.size - n + 1
+    h = np.zeros(count, np.uint64)
+    for k in range(n):
+        h = h * np.uint64(0x9E3779B97F4A7C15) + tokens[k : k + count]
+    seq = np.repeat(np.arange(len(lens)), lens)[:count]  # (count,) sequence of each n-gram start
+    pos = np.arange(count) - (np.cumsum(lens) - lens)[seq]
+    keep = pos < grams[seq]  # n-grams that do not cross into the next sequence
+    salted = h[keep] ^ (seq[keep].astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F))
+    _, first = np.unique(salted, return_index=True)
+    distinct = np.bincount(seq[keep][first], minlength=len(lens))
+    has = grams > 0
+    ratios[has] = distinct[has] / grams[has]
+    return ratios
 
 
 class Degenerate:
@@ -86,16 +110,18 @@ class Degenerate:
         self.n, self.min_ratio, self.min_tokens = cfg.repetition_ngram, cfg.min_distinct_ngram_ratio, cfg.repetition_min_tokens
 
     def __call__(self, group: TrajectoryGroup) -> Verdict:
-        worst = 1.0
         for i, s in enumerate(group.samples):
             if s.token_ids.size == 0 or not s.completion.strip():
                 return Verdict(0.0, f"sample {i}: empty completion")
-            if s.token_ids.size >= self.min_tokens:
-                ratio = _distinct_ngram_ratio(s.token_ids, self.n)
-                if ratio < self.min_ratio:
-                    return Verdict(ratio, f"sample {i}: degenerate repetition ({ratio:.2f} distinct {self.n}-grams)")
-                worst = min(worst, ratio)
-        return Verdict(worst)
+        long = [s.token_ids for s in group.samples if s.token_ids.size >= self.min_tokens]
+        if not long:
+            return Verdict(1.0)
+        ratios = distinct_ngram_ratios(long, self.n)
+        worst = int(ratios.argmin())
+        if ratios[worst] < self.min_ratio:
+            i = next(j for j, s in enumerate(group.samples) if s.token_ids is long[worst])
+            return Verdict(float(ratios[worst]), f"sample {i}: degenerate repetition ({ratios[worst]:.2f} distinct {self.n}-grams)")
+        return Verdict(float(ratios[worst]))
 
 
 class LengthLimits:

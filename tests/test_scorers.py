@@ -60,3 +60,13 @@ def test_safety_blocklist_pattern_and_classifier(rng):
 def length_classifier(texts):
     """A stand-in classifier model: flags long completions (the hook takes any importable callable)."""
     return [min(1.0, len(t) / 20) if "word" in t else 0.0 for t in texts]
+
+
+def test_distinct_ngram_ratios_match_a_plain_count(rng):
+    from consumers.scorers import distinct_ngram_ratios
+
+    seqs = [rng.integers(0, 5, int(n), dtype=np.int32) for n in (0, 2, 3, 10, 40, 7)]
+    got = distinct_ngram_ratios(seqs, 3)
+    for seq, ratio in zip(seqs, got, strict=True):
+        grams = [tuple(seq[i : i + 3]) for i in range(len(seq) - 2)]
+        assert ratio == (len(set(grams)) / len(grams) if grams else 1.0)

@@ -1,8 +1,9 @@
 """ReplayBuffer: curated groups indexed by Kafka offset, sampled as TBA samples them.
 
 The index is a set of numpy columns, one row per group (partition, offset, prompt, policy version,
-timestamp, first sample) and one row per sample (reward, 64-bit content hash): ~28 + 12*K bytes a
-group, so a million 8-sample groups index in ~130 MB. Decoded groups live in a bounded LRU cache;
+timestamp, first sample, previous group of the same prompt) and one row per sample (reward, 64-bit
+content hash): ~40 + 12*K bytes a group, so a million 8-sample groups index in ~140 MB. A prompt's
+groups form a linked list from its newest group backwards, so no per-prompt Python containers. Decoded groups live in a bounded LRU cache;
 an evicted group is read back from Kafka by seeking to its offset: the topic is the storage.
 
 Sampling (TBA): with probability m a prompt that has groups from the newest policy version, drawing
@@ -13,7 +14,7 @@ completions removed.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,8 @@ class Column:
         values = np.asarray(values, self._data.dtype).ravel()
         end = self.size + values.size
         if end > self._data.size:
-            grown = np.empty(max(end, 2 * self._data.size), self._data.dtype)
+                # grow by 1.25x, not 2x: the index is the buffer's memory, slack included
+            grown = np.empty(max(end, self._data.size + self._data.size // 4), self._data.dtype)
             grown[: self.size] = self._data[: self.size]
             self._data = grown
         self._data[self.size : end] = values
@@ -82,13 +84,13 @@ class ReplayBuffer:
         self.version = Column(np.int32)
         self.timestamp = Column(np.int64)
         self.first_sample = Column(np.int64)
+        self.previous = Column(np.int32)  # previous group of the same prompt, -1 for the first
         # sample columns
         self.reward = Column(np.float32)
         self.content = Column(np.uint64)
         self._prompt_ids: dict[str, int] = {}
         self._prompt_names: list[str] = []
-        self._windows: list[deque[int]] = []  # per prompt: newest groups covering per_prompt_cap samples
-        self._window_samples: list[int] = []
+        self._newest_group = Column(np.int32)  # per prompt: its newest group
         self.newest_version = -(2**31)
         self._newest_prompts: set[int] = set()
         self.next_offsets: dict[int, int] = {}  # partition -> next offset to ingest
@@ -104,8 +106,8 @@ class ReplayBuffer:
 
     def index_nbytes(self) -> int:
         """Memory of the index columns (the cache of decoded groups excluded)."""
-        cols = (self.partition, self.offset, self.prompt, self.version, self.timestamp, self.first_sample)
-        return sum(c.nbytes for c in (*cols, self.reward, self.content))
+        cols = (self.partition, self.offset, self.prompt, self.version, self.timestamp, self.first_sample, self.previous)
+        return sum(c.nbytes for c in (*cols, self.reward, self.content, self._newest_group))
 
     # -- ingest ---------------------------------------------------------------------------------
 
@@ -119,17 +121,17 @@ class ReplayBuffer:
         if pid is None:
             pid = self._prompt_ids[group.prompt_id] = len(self._prompt_names)
             self._prompt_names.append(group.prompt_id)
-            self._windows.append(deque())
-            self._window_samples.append(0)
+            self._newest_group.append(-1)
         self.partition.append(partition)
         self.offset.append(offset)
         self.prompt.append(pid)
         self.version.append(group.policy_version)
         self.timestamp.append(timestamp_ms)
         self.first_sample.append(self.reward.size)
+        self.previous.append(self._newest_group.values[pid])
+        self._newest_group.values[pid] = idx
         self.reward.extend([s.reward for s in group.samples])
         self.content.extend([s.digest() for s in group.samples])
-        self._slide_window(pid, idx, len(group.samples))
         if group.policy_version > self.newest_version:
             self.newest_version = group.policy_version
             self._newest_prompts = set()
@@ -137,14 +139,6 @@ class ReplayBuffer:
             self._newest_prompts.add(pid)
         self._remember(idx, group)
         return True
-
-    def _slide_window(self, pid: int, idx: int, n: int) -> None:
-        window = self._windows[pid]
-        window.append(idx)
-        self._window_samples[pid] += n
-        # drop the oldest group while the newer ones alone still hold per_prompt_cap samples
-        while len(window) > 1 and self._window_samples[pid] - self._group_size(window[0]) >= self.cfg.per_prompt_cap:
-            self._window_samples[pid] -= self._group_size(window.popleft())
 
     def _group_size(self, idx: int) -> int:
         end = self.first_sample.values[idx + 1] if idx + 1 < len(self) else self.reward.size
@@ -228,9 +222,11 @@ class ReplayBuffer:
                 return pid
 
     def _draw(self, pid: int, on_policy: bool, k: int) -> SampledPrompt:
-        groups = [g for g in reversed(self._windows[pid]) if not on_policy or self.version.values[g] == self.newest_version]
         refs, rewards, seen = [], [], set()
-        for g in groups:  # newest first, so the cap keeps the newest samples and duplicates keep the newest copy
+        # newest first, so the cap keeps the newest samples and duplicates keep the newest copy
+        for g in self._prompt_groups(pid):
+            if on_policy and self.version.values[g] != self.newest_version:
+                continue
             start = int(self.first_sample.values[g])
             for j in range(self._group_size(g)):
                 h = int(self.content.values[start + j])
@@ -258,6 +254,13 @@ class ReplayBuffer:
             policy_versions=[int(self.version.values[refs[i][0]]) for i in picks],
             on_policy=on_policy,
         )
+
+    def _prompt_groups(self, pid: int):
+        """The prompt's groups, newest first."""
+        g = int(self._newest_group.values[pid])
+        while g >= 0:
+            yield g
+            g = int(self.previous.values[g])
 
     def _groups(self, idxs: set[int]) -> dict[int, TrajectoryGroup]:
         out = {i: self._cache[i] for i in idxs if i in self._cache}
