@@ -34,3 +34,10 @@ def test_environment_overrides_the_file(tmp_path):
     assert cfg.kafka.namespace == "fromenv"
     assert cfg.topics.partitions == 2
     assert cfg.buffer.on_policy_prob == 0.5
+
+
+def test_the_shipped_default_config_is_the_embedded_defaults():
+    from pathlib import Path
+
+    shipped = load_config(Path(__file__).parents[1] / "configs" / "default.yaml", environ={})
+    assert shipped == load_config(environ={})
