@@ -2,7 +2,7 @@
 
     python bench/dataplane.py [--groups N]   ->  bench/results/dataplane.json
 
-raw_mb_s        Kafka's own ProducerPerformance (Java, acks=all, 8 KiB, same compression): the machine's limit
+raw_mb_s        Kafka's own ProducerPerformance (Java, acks=all, 8 KiB, same compression and batching): the limit
 produce_mb_s    TrajectoryProducer encoding and publishing real groups     -> ratio_vs_kafka_perf
 pipeline_mb_s   produce -> filter group (all default scorers, transactional) -> curated -> ReplayBuffer
 latency_ms_*    produce -> sampleable in the ReplayBuffer, at 1,000 groups/s
@@ -21,7 +21,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -49,15 +48,15 @@ def make_groups(n: int, seed: int = 0):
 
 
 def kafka_perf(cfg: TbaConfig, topic: str, records: int, size: int, compression: str) -> float:
-    """MB/s reported by org.apache.kafka.tools.ProducerPerformance."""
+    """Steady-state MB/s of org.apache.kafka.tools.ProducerPerformance (the first 10% is warm-up)."""
     cmd = [
         "java", "-Xmx1g", "-cp", classpath(), "org.apache.kafka.tools.ProducerPerformance",
         "--topic", topic, "--num-records", str(records), "--record-size", str(size), "--throughput", "-1",
-        "--producer-props", f"bootstrap.servers={cfg.kafka.bootstrap}", "acks=all", "enable.idempotence=true",
-        f"compression.type={compression}", "linger.ms=5", "batch.size=262144",
+        "--warmup-records", str(records // 10), "--command-property", f"bootstrap.servers={cfg.kafka.bootstrap}",
+        "acks=all", "enable.idempotence=true", f"compression.type={compression}", "linger.ms=10", "batch.size=1048576",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    last = [line for line in out.splitlines() if "records sent" in line][-1]
+    last = [line for line in out.splitlines() if "steady state records sent" in line][-1]
     return float(re.search(r"\(([\d.]+) MB/sec\)", last).group(1)) * 1024 * 1024 / 1e6  # its MB is MiB
 
 
@@ -65,12 +64,16 @@ def measure_produce(cfg: TbaConfig, groups, topic: str | None = None) -> tuple[f
     store = SchemaStore(cfg)
     with TrajectoryProducer(cfg, store, topic=topic) as producer:
         size = sum(len(producer.codec.encode(g)) for g in groups[:200]) / 200
+        warmup = len(groups) // 10  # as for ProducerPerformance: connections and metadata first
+        for g in groups[:warmup]:
+            producer.send(g)
+        producer.flush()
         start = time.perf_counter()
-        for g in groups:
+        for g in groups[warmup:]:
             producer.send(g)
         producer.flush()
         elapsed = time.perf_counter() - start
-    return len(groups) * size / elapsed / 1e6, int(size)
+    return (len(groups) - warmup) * size / elapsed / 1e6, int(size)
 
 
 def _produce_worker(cfg_json: str, n: int, rate: float | None, seed: int) -> None:
@@ -90,7 +93,10 @@ def _produce_worker(cfg_json: str, n: int, rate: float | None, seed: int) -> Non
 def start_filters(cfg: TbaConfig, instances: int, idle_exit: float) -> list[subprocess.Popen]:
     env = {**os.environ, "TBA__KAFKA__BOOTSTRAP": cfg.kafka.bootstrap, "TBA__KAFKA__NAMESPACE": cfg.kafka.namespace}
     cmd = [sys.executable, "-m", "ops.cli", "filter", "--idle-exit", str(idle_exit)]
-    return [subprocess.Popen([*cmd, "--instance", str(i)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL) for i in range(instances)]
+    return [
+        subprocess.Popen([*cmd, "--instance", str(i)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+        for i in range(instances)
+    ]
 
 
 def stop_filters(filters: list[subprocess.Popen]) -> None:
@@ -208,13 +214,18 @@ def main() -> None:
             result["group_bytes"] = size
             comp = cfg.topics.compression
             result["raw_mb_s"] = kafka_perf(cfg, topic_names(fresh("perf")).raw, args.groups, size, comp)
-            result["raw_mb_s_uncompressed"] = kafka_perf(cfg, topic_names(fresh("perf0")).raw, args.groups, size, "none")
+            result["raw_mb_s_uncompressed"] = kafka_perf(
+                cfg, topic_names(fresh("perf0")).raw, args.groups, size, "none"
+            )
             result["produce_mb_s"] = produce_mb_s
             result["ratio_vs_kafka_perf"] = produce_mb_s / result["raw_mb_s"]
             print(json.dumps(result), flush=True)
             result.update(measure_pipeline(fresh("pipeline"), args.groups, size, args.filters))
             result["pipeline_ratio"] = result["pipeline_mb_s"] / result["raw_mb_s"]
             result.update(measure_latency(fresh("latency"), rate=1000, seconds=10, instances=args.filters))
+            # below the pipeline's capacity on this machine, for the unsaturated latency
+            light = measure_latency(fresh("latency-light"), rate=250, seconds=10, instances=args.filters)
+            result.update({f"light_{k}": v for k, v in light.items()})
             result.update(measure_codec(groups[:5000]))
         finally:
             broker.stop()

@@ -26,7 +26,7 @@ from ops.config import TbaConfig
 from ops.errors import DecodeError, TbaError
 from ops.topics import topic_names
 from schemas.codec import SchemaStore
-from schemas.records import DeadLetter, DeadLetterCodec, TrajectoryCodec, TrajectoryGroup
+from schemas.records import DeadLetter, DeadLetterCodec, TrajectoryCodec
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ class FilterConsumer:
             self.stats.transactions += 1
         except ProducerFencedError as exc:
             raise TbaError(
-                f"filter instance fenced: another filter uses the same instance id ({exc}); give each a distinct --instance"
+                f"filter instance fenced: another filter uses the same instance id ({exc}); "
+                "give each a distinct --instance"
             ) from exc
         except KafkaError as exc:
             # e.g. a rebalance took the partitions away mid-batch: abort, re-read from committed offsets

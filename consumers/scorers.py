@@ -107,7 +107,11 @@ class Degenerate:
     """Empty completions, and completions that mostly repeat themselves."""
 
     def __init__(self, cfg: FilterConfig):
-        self.n, self.min_ratio, self.min_tokens = cfg.repetition_ngram, cfg.min_distinct_ngram_ratio, cfg.repetition_min_tokens
+        self.n, self.min_ratio, self.min_tokens = (
+            cfg.repetition_ngram,
+            cfg.min_distinct_ngram_ratio,
+            cfg.repetition_min_tokens,
+        )
 
     def __call__(self, group: TrajectoryGroup) -> Verdict:
         for i, s in enumerate(group.samples):
@@ -120,7 +124,9 @@ class Degenerate:
         worst = int(ratios.argmin())
         if ratios[worst] < self.min_ratio:
             i = next(j for j, s in enumerate(group.samples) if s.token_ids is long[worst])
-            return Verdict(float(ratios[worst]), f"sample {i}: degenerate repetition ({ratios[worst]:.2f} distinct {self.n}-grams)")
+            return Verdict(
+                float(ratios[worst]), f"sample {i}: degenerate repetition ({ratios[worst]:.2f} distinct {self.n}-grams)"
+            )
         return Verdict(float(ratios[worst]))
 
 
@@ -198,7 +204,9 @@ def _import(path: str) -> Callable:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"filter.safety_classifier: cannot import {path!r} (expected 'module:function'): {exc}") from exc
+        raise ConfigError(
+            f"filter.safety_classifier: cannot import {path!r} (expected 'module:function'): {exc}"
+        ) from exc
 
 
 SCORERS: dict[str, Callable[[FilterConfig], Scorer]] = {

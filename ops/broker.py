@@ -36,9 +36,20 @@ def classpath() -> str:
     done = libs / ".resolved"
     if not done.exists():
         if shutil.which("mvn") is None:
-            raise BrokerError("Maven (mvn) is needed once to resolve the Kafka jars; install it (apt-get install maven)")
+            raise BrokerError(
+                "Maven (mvn) is needed once to resolve the Kafka jars; install it (apt-get install maven)"
+            )
         print(f"resolving Apache Kafka {KAFKA_VERSION} jars from Maven Central into {libs} (once)", flush=True)
-        cmd = ["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", f"-DoutputDirectory={libs}", "-DincludeScope=runtime"]
+        cmd = [
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(POM),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={libs}",
+            "-DincludeScope=runtime",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise BrokerError(f"resolving Kafka jars failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -180,7 +191,9 @@ class LocalBroker:
         while not _alive(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)  # until exec has replaced the forked Python (status() checks the cmdline)
         self._state.write_text(
-            json.dumps({"pid": proc.pid, "port": self.port, "controller_port": controller_port, "node_id": self.node_id})
+            json.dumps(
+                {"pid": proc.pid, "port": self.port, "controller_port": controller_port, "node_id": self.node_id}
+            )
         )
         return proc.pid
 

@@ -111,7 +111,9 @@ def produce(obj: Context, path: str) -> None:
 
 
 @cli.command("filter")
-@click.option("--instance", default="0", show_default=True, help="Distinct per running filter; also its transactional id.")
+@click.option(
+    "--instance", default="0", show_default=True, help="Distinct per running filter; also its transactional id."
+)
 @click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
 @click.pass_obj
 def filter_(obj: Context, instance: str, idle_exit: float | None) -> None:
@@ -126,7 +128,9 @@ def filter_(obj: Context, instance: str, idle_exit: float | None) -> None:
         stats = worker.run(stop, idle_exit_s=idle_exit)
     finally:
         worker.close()
-    click.echo(f"filter {instance}: consumed {stats.consumed}, accepted {stats.accepted}, rejected {dict(stats.rejected)}")
+    click.echo(
+        f"filter {instance}: consumed {stats.consumed}, accepted {stats.accepted}, rejected {dict(stats.rejected)}"
+    )
 
 
 @cli.command()

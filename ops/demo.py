@@ -47,7 +47,9 @@ def run_demo(cfg: TbaConfig) -> dict:
     expected_bad: dict[str, int] = {}
     with TrajectoryProducer(cfg, store) as producer:
         for i in range(d.groups):
-            group = synthetic_group(rng, i % max(1, d.groups // 4), d.samples, d.completion_tokens, policy_version=i * 4 // d.groups)
+            group = synthetic_group(
+                rng, i % max(1, d.groups // 4), d.samples, d.completion_tokens, policy_version=i * 4 // d.groups
+            )
             if rng.random() < d.bad_fraction:
                 kind = list(BAD_KINDS)[int(rng.integers(len(BAD_KINDS)))]
                 group = BAD_KINDS[kind](group)
@@ -85,13 +87,24 @@ def run_demo(cfg: TbaConfig) -> dict:
     table.add_row("curated", str(stats.accepted), f"filtered in {filter_s:.1f}s, {stats.transactions} transactions")
     for scorer, n in sorted(stats.rejected.items()):
         table.add_row(f"dlq: {scorer}", str(n), reasons.get(scorer, ""))
-    table.add_row("replay buffer", str(len(buffer)), f"{buffer.num_prompts} prompts, newest policy version {buffer.newest_version}")
+    table.add_row(
+        "replay buffer",
+        str(len(buffer)),
+        f"{buffer.num_prompts} prompts, newest policy version {buffer.newest_version}",
+    )
     for sp in batch:
         rewards = ", ".join(f"{s.reward:.0f}" for s in sp.samples)
-        table.add_row("sampled", sp.prompt_id, f"{'newest version' if sp.on_policy else 'any version'}; rewards [{rewards}]")
+        table.add_row(
+            "sampled", sp.prompt_id, f"{'newest version' if sp.on_policy else 'any version'}; rewards [{rewards}]"
+        )
     console.print(table)
     buffer.close()
-    return {"accepted": stats.accepted, "rejected": dict(stats.rejected), "expected_bad": expected_bad, "buffer": len(buffer)}
+    return {
+        "accepted": stats.accepted,
+        "rejected": dict(stats.rejected),
+        "expected_bad": expected_bad,
+        "buffer": len(buffer),
+    }
 
 
 def _dlq_reasons(cfg: TbaConfig, store: SchemaStore) -> dict[str, str]:

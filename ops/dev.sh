@@ -24,6 +24,7 @@ case "${1:-}" in
   demo) shift; exec "$venv/bin/tba" "$@" demo ;;
   test)
     shift
+    "$venv/bin/ruff" check --quiet . && "$venv/bin/ruff" format --check --quiet .
     set +e
     "$venv/bin/python" -m pytest "$@"
     rc=$?

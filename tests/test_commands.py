@@ -13,7 +13,9 @@ from ops.topics import topic_names
 
 
 def tba(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "ops.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ops.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_kafka_start_status_stop(tmp_path):
@@ -54,7 +56,10 @@ def test_a_bad_config_names_the_field_and_exits_non_zero(tmp_path):
     config.write_text("buffer:\n  on_policy_prob: 2\n")
     result = tba("--config", str(config), "topics", "describe")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: config error: buffer.on_policy_prob: Input should be less than or equal to 1 (got 2)"
+    assert (
+        result.stderr.strip()
+        == "error: config error: buffer.on_policy_prob: Input should be less than or equal to 1 (got 2)"
+    )
 
 
 def test_the_demo_runs_end_to_end(broker, monkeypatch):

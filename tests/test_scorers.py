@@ -54,7 +54,9 @@ def test_safety_blocklist_pattern_and_classifier(rng):
     assert "blocked term" in verdicts(group, block_patterns=[r"w[o0]rd"])["safety"].reason
     flagged = verdicts(group, safety_classifier="tests.test_scorers:length_classifier", safety_threshold=0.5)
     assert "safety classifier scored" in flagged["safety"].reason
-    assert verdicts(synthetic_group(rng, 2), safety_classifier="tests.test_scorers:length_classifier")["safety"].accepted
+    assert verdicts(synthetic_group(rng, 2), safety_classifier="tests.test_scorers:length_classifier")[
+        "safety"
+    ].accepted
 
 
 def length_classifier(texts):

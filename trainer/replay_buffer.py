@@ -3,8 +3,9 @@
 The index is a set of numpy columns, one row per group (partition, offset, prompt, policy version,
 timestamp, first sample, previous group of the same prompt) and one row per sample (reward, 64-bit
 content hash): ~40 + 12*K bytes a group, so a million 8-sample groups index in ~140 MB. A prompt's
-groups form a linked list from its newest group backwards, so no per-prompt Python containers. Decoded groups live in a bounded LRU cache;
-an evicted group is read back from Kafka by seeking to its offset: the topic is the storage.
+groups form a linked list from its newest group backwards, so no per-prompt Python containers.
+Decoded groups live in a bounded LRU cache; an evicted group is read back from Kafka by seeking to
+its offset: the topic is the storage.
 
 Sampling (TBA): with probability m a prompt that has groups from the newest policy version, drawing
 only from those; otherwise any buffered prompt, drawing from its newest `per_prompt_cap` samples.
@@ -39,7 +40,7 @@ class Column:
         values = np.asarray(values, self._data.dtype).ravel()
         end = self.size + values.size
         if end > self._data.size:
-                # grow by 1.25x, not 2x: the index is the buffer's memory, slack included
+            # grow by 1.25x, not 2x: the index is the buffer's memory, slack included
             grown = np.empty(max(end, self._data.size + self._data.size // 4), self._data.dtype)
             grown[: self.size] = self._data[: self.size]
             self._data = grown
@@ -106,7 +107,15 @@ class ReplayBuffer:
 
     def index_nbytes(self) -> int:
         """Memory of the index columns (the cache of decoded groups excluded)."""
-        cols = (self.partition, self.offset, self.prompt, self.version, self.timestamp, self.first_sample, self.previous)
+        cols = (
+            self.partition,
+            self.offset,
+            self.prompt,
+            self.version,
+            self.timestamp,
+            self.first_sample,
+            self.previous,
+        )
         return sum(c.nbytes for c in (*cols, self.reward, self.content, self._newest_group))
 
     # -- ingest ---------------------------------------------------------------------------------
@@ -301,7 +310,7 @@ class CuratedFeed:
         return added
 
     def resolve(self, at: int | None, timestamp_ms: int | None, default: str) -> dict[TopicPartition, int]:
-        """Per-partition offsets of an offset bound (same on every partition), a time bound, or the topic's start/end."""
+        """Per-partition offsets of an offset bound (same on every partition), a time bound, or start/end."""
         if at is not None:
             return {tp: at for tp in self.partitions}
         if timestamp_ms is not None:
@@ -318,7 +327,7 @@ class CuratedFeed:
         from_time_ms: int | None = None,
         to_time_ms: int | None = None,
     ) -> int:
-        """Ingest the half-open range [from, to) of every partition, by offset or by timestamp (retraining from history)."""
+        """Ingest the half-open range [from, to) of every partition, by offset or by timestamp (replays)."""
         start = self.resolve(from_offset, from_time_ms, "start")
         stop = self.resolve(to_offset, to_time_ms, "end")
         ends = self.consumer.end_offsets(self.partitions)
