@@ -93,6 +93,30 @@ class BufferConfig(Section):
     samples_per_prompt: int = Field(8, ge=1)  # K
 
 
+class WeightsConfig(Section):
+    """The weight-sync gRPC service and its subscribers. Tokens come from environment variables."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)  # 0: any free port
+    chunk_bytes: int = Field(1024 * 1024, ge=4096, le=1024 * 1024)
+    keep_versions: int = Field(3, ge=1)  # bases a delta may be computed against
+    delta: bool = True
+    delta_zstd_level: int = Field(1, ge=1, le=22)
+    deadline_s: float = Field(30.0, gt=0)  # publish calls and connection attempts
+    subscription_s: float = Field(60.0, gt=1)  # one Subscribe call; subscribers then call again
+    reconnect_initial_s: float = Field(0.2, gt=0)
+    reconnect_max_s: float = Field(5.0, gt=0)
+    max_subscribers: int = Field(32, ge=1)
+    publish_token_env: str = "TBA_WEIGHTS_PUBLISH_TOKEN"
+    subscribe_token_env: str = "TBA_WEIGHTS_SUBSCRIBE_TOKEN"
+    tls_cert: Path | None = None  # server certificate (PEM); with tls_key, the server speaks TLS only
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # clients: CA to trust; server: CA for client certificates
+    require_client_cert: bool = False
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
 class DemoConfig(Section):
     """The data-plane demo that `tba demo` runs."""
 
@@ -109,6 +133,7 @@ class TbaConfig(Section):
     broker: BrokerConfig = BrokerConfig()
     filter: FilterConfig = FilterConfig()
     buffer: BufferConfig = BufferConfig()
+    weights: WeightsConfig = WeightsConfig()
     demo: DemoConfig = DemoConfig()
 
 

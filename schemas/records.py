@@ -178,3 +178,29 @@ class DeadLetterCodec:
         rec = self.avro.decode(data)
         rec["rejected_at"] = _ms(rec["rejected_at"])
         return DeadLetter(**rec)
+
+
+class PolicyVersionCodec:
+    """PolicyVersion records of the policy-versions topic, as plain dicts."""
+
+    def __init__(self, store: SchemaStore):
+        self.avro = Codec(load_schema("policy_version"), store)
+
+    def encode_version(self, version) -> bytes:
+        """From a schemas.weights.WeightVersion."""
+        return self.avro.encode(
+            {
+                "version": version.version,
+                "step": version.step,
+                "sha256": version.sha256.hex(),
+                "published_at": int(version.wall_time * 1000),
+                "model_id": version.model_id,
+                "dtype": version.dtype,
+                "num_bytes": version.nbytes,
+            }
+        )
+
+    def decode(self, data: bytes) -> dict:
+        rec = self.avro.decode(data)
+        rec["published_at"] = _ms(rec["published_at"])
+        return rec

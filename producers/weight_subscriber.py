@@ -1,0 +1,160 @@
+"""WeightSubscriber: a searcher's side of weight sync, and loading a version into a model in place.
+
+A background thread keeps one Subscribe call open (calling again when the server ends it before
+its deadline), reconnects with exponential backoff when the server goes away, verifies each version's
+sha256 and keeps only the newest: the generation loop calls take() between batches and swaps
+weights when there is something new. A version that fails its checksum is dropped and fetched again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from ops.config import WeightsConfig
+from ops.errors import TbaError
+from ops.grpc_security import call_metadata, channel, tokens
+from schemas import weight_sync_pb2 as pb
+from schemas import weight_sync_pb2_grpc as pb_grpc
+from schemas.weights import ChecksumError, VersionAssembler, WeightVersion
+
+log = logging.getLogger(__name__)
+
+FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+@dataclass
+class SubscriberStats:
+    versions: int = 0
+    checksum_failures: int = 0
+    reconnects: int = 0
+    wire_bytes: int = 0
+    received: list[int] = field(default_factory=list)  # version numbers, in the order they arrived
+
+
+class WeightSubscriber:
+    def __init__(self, cfg: WeightsConfig, target: str, subscriber_id: str = "searcher", interceptors=()):
+        self.cfg = cfg
+        self.target = target
+        self.subscriber_id = subscriber_id
+        self._channel = channel(cfg, target, interceptors)
+        self._stub = pb_grpc.WeightSyncStub(self._channel)
+        self._metadata = call_metadata(tokens(cfg)[1] or tokens(cfg)[0])
+        self._newest: WeightVersion | None = None
+        self._taken = -1
+        self._arrived = threading.Condition()
+        self._stop = threading.Event()
+        self._call = None
+        self.error: TbaError | None = None
+        self.stats = SubscriberStats()
+        self._thread = threading.Thread(target=self._run, name=f"weights-{subscriber_id}", daemon=True)
+
+    def start(self) -> WeightSubscriber:
+        self._thread.start()
+        return self
+
+    @property
+    def newest(self) -> WeightVersion | None:
+        return self._newest
+
+    def take(self) -> WeightVersion | None:
+        """The newest version not taken yet, or None: call between generation batches."""
+        with self._arrived:
+            if self._newest is None or self._newest.version <= self._taken:
+                return None
+            self._taken = self._newest.version
+            return self._newest
+
+    def wait_for(self, version: int, timeout_s: float) -> WeightVersion:
+        """Block until a version >= version has arrived (or raise the subscriber's fatal error)."""
+        with self._arrived:
+            self._arrived.wait_for(
+                lambda: self.error is not None or (self._newest is not None and self._newest.version >= version),
+                timeout_s,
+            )
+        if self.error is not None:
+            raise self.error
+        if self._newest is None or self._newest.version < version:
+            raise TimeoutError(f"weight version {version} did not arrive from {self.target} within {timeout_s}s")
+        return self._newest
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._call is not None:
+            self._call.cancel()
+        self._thread.join(timeout=10)
+        self._channel.close()
+
+    def _run(self) -> None:
+        backoff = self.cfg.reconnect_initial_s
+        while not self._stop.is_set():
+            try:
+                self._subscribe_once()
+                backoff = self.cfg.reconnect_initial_s
+            except ChecksumError as exc:
+                self.stats.checksum_failures += 1
+                log.warning("%s; fetching it again", exc)
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    return
+                if exc.code() in FATAL:
+                    self.error = TbaError(f"weight sync at {self.target} refused this subscriber: {exc.details()}")
+                    with self._arrived:
+                        self._arrived.notify_all()
+                    return
+                self.stats.reconnects += 1
+                log.info("weight sync at %s: %s; reconnecting in %.1fs", self.target, exc.code().name, backoff)
+                self._stop.wait(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, self.cfg.reconnect_max_s)
+
+    def _subscribe_once(self) -> None:
+        held = self._newest
+        request = pb.SubscribeRequest(
+            subscriber_id=self.subscriber_id,
+            have_version=held.version if held is not None else -1,
+            delta_ok=self.cfg.delta,  # deltas apply to have_version, or to what this call already sent
+        )
+        self._call = self._stub.Subscribe(request, timeout=self.cfg.subscription_s, metadata=self._metadata)
+        assembler = None
+        try:
+            for chunk in self._call:
+                self.stats.wire_bytes += len(chunk.data)
+                if chunk.HasField("header"):
+                    assembler = VersionAssembler(chunk.header, self._newest)
+                    continue
+                assembler.add(chunk)
+                if assembler.done:
+                    self._deliver(assembler.finish())
+                    assembler = None
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise  # a deadline just means: subscribe again
+        finally:
+            self._call.cancel()
+
+    def _deliver(self, version: WeightVersion) -> None:
+        with self._arrived:
+            self._newest = version
+            self.stats.versions += 1
+            self.stats.received.append(version.version)
+            self._arrived.notify_all()
+
+
+def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy a published state dict into model's own tensors, in place (the HF generation backend's swap).
+
+    Missing names are allowed only for tensors tied to one that is present (e.g. lm_head to embeddings)
+    or when only part of the model is published (LoRA adapters); unknown names are an error.
+    """
+    own = model.state_dict()
+    unknown = sorted(set(state_dict) - set(own))
+    if unknown:
+        raise TbaError(f"published weights name tensors this model lacks: {unknown[:5]}")
+    with torch.no_grad():
+        for name, tensor in state_dict.items():
+            own[name].copy_(tensor)

@@ -1,0 +1,228 @@
+"""A policy version on the wire: one flat byte buffer of every tensor, its sha256, and the chunking.
+
+WeightVersion holds the weights as one contiguous uint8 buffer with a table of (name, dtype, shape,
+offset); state_dict() gives zero-copy tensor views of it. encode_chunks() turns a version into
+<= chunk_bytes Chunks (full, or per-tensor deltas against a base the receiver holds: unchanged, or
+zstd of the XOR of the bytes - after a small optimizer step most bf16 words do not change at all),
+and VersionAssembler turns Chunks back into a verified WeightVersion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zstandard
+
+from ops.errors import TbaError
+from schemas import weight_sync_pb2 as pb
+
+Encoding = pb.TensorMeta.Encoding
+
+
+class ChecksumError(TbaError):
+    """The reassembled weights do not match the version's sha256."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # torch dtype name without "torch."
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class WeightVersion:
+    version: int
+    step: int
+    wall_time: float
+    model_id: str
+    tensors: tuple[TensorSpec, ...]
+    buffer: np.ndarray  # (total_bytes,) uint8, never written after the version is sealed
+    sha256: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.size)
+
+    @property
+    def dtype(self) -> str:
+        return ",".join(sorted({t.dtype for t in self.tensors}))
+
+    def tensor_bytes(self, spec: TensorSpec) -> np.ndarray:
+        return self.buffer[spec.offset : spec.offset + spec.nbytes]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors viewing this version's buffer (no copy); treat them as read-only."""
+        with warnings.catch_warnings():  # torch warns about read-only arrays; the views are read-only by contract
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.from_numpy(self.buffer)
+        return {
+            t.name: flat[t.offset : t.offset + t.nbytes].view(getattr(torch, t.dtype)).view(t.shape)
+            for t in self.tensors
+        }
+
+
+def stage(state_dict: dict[str, torch.Tensor]) -> tuple[tuple[TensorSpec, ...], np.ndarray]:
+    """Copy a state dict into one new staging buffer: the only work a publish does on the caller's time.
+
+    Tensors that alias one another (tied embeddings) are sent once, under the first name.
+    """
+    specs, seen, offset = [], set(), 0
+    tensors = []
+    for name, tensor in state_dict.items():
+        t = tensor.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        nbytes = t.numel() * t.element_size()
+        specs.append(TensorSpec(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
+        tensors.append(t)
+        offset += nbytes
+    buffer = torch.empty(offset, dtype=torch.uint8)
+    for spec, t in zip(specs, tensors, strict=True):
+        buffer[spec.offset : spec.offset + spec.nbytes].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+    return tuple(specs), buffer.numpy()
+
+
+def seal(specs, buffer: np.ndarray, version: int, step: int, model_id: str = "") -> WeightVersion:
+    """Hash a staged buffer into a WeightVersion (hashlib releases the GIL: fine on a background thread)."""
+    buffer.flags.writeable = False
+    digest = hashlib.sha256(memoryview(buffer)).digest()
+    return WeightVersion(version, step, time.time(), model_id, tuple(specs), buffer, digest)
+
+
+@dataclass(frozen=True)
+class EncodedVersion:
+    """What goes on the wire for one (version, base) pair; computed once and shared by subscribers."""
+
+    header: pb.VersionHeader
+    payloads: tuple[memoryview | bytes, ...]  # per tensor
+
+    @property
+    def wire_nbytes(self) -> int:
+        return sum(len(p) for p in self.payloads)
+
+
+def encode(version: WeightVersion, base: WeightVersion | None = None, zstd_level: int = 1) -> EncodedVersion:
+    """Full encoding, or per-tensor deltas against base where that is smaller."""
+    base_specs = {t.name: t for t in base.tensors} if base is not None else {}
+    compressor = zstandard.ZstdCompressor(level=zstd_level)
+    metas, payloads = [], []
+    raw = memoryview(version.buffer)
+    for spec in version.tensors:
+        data = version.tensor_bytes(spec)
+        encoding, payload = Encoding.RAW, raw[spec.offset : spec.offset + spec.nbytes]
+        old = base_specs.get(spec.name)
+        if old is not None and (old.dtype, old.shape) == (spec.dtype, spec.shape):
+            before = base.tensor_bytes(old)
+            if np.array_equal(data, before):
+                encoding, payload = Encoding.UNCHANGED, b""
+            else:
+                packed = compressor.compress(np.bitwise_xor(data, before).tobytes())
+                if len(packed) < spec.nbytes:
+                    encoding, payload = Encoding.XOR_ZSTD, packed
+        metas.append(
+            pb.TensorMeta(
+                name=spec.name,
+                dtype=spec.dtype,
+                shape=spec.shape,
+                nbytes=spec.nbytes,
+                encoding=encoding,
+                wire_nbytes=len(payload),
+            )
+        )
+        payloads.append(payload)
+    header = pb.VersionHeader(
+        version=version.version,
+        step=version.step,
+        wall_time=version.wall_time,
+        model_id=version.model_id,
+        dtype=version.dtype,
+        sha256=version.sha256,
+        tensors=metas,
+        base_version=base.version if base is not None else -1,
+    )
+    return EncodedVersion(header, tuple(payloads))
+
+
+def chunks(encoded: EncodedVersion, chunk_bytes: int) -> Iterator[pb.Chunk]:
+    """The header chunk, then each tensor's payload in slices of at most chunk_bytes."""
+    yield pb.Chunk(header=encoded.header)
+    for i, payload in enumerate(encoded.payloads):
+        for start in range(0, len(payload), chunk_bytes):
+            yield pb.Chunk(tensor=i, offset=start, data=bytes(payload[start : start + chunk_bytes]))
+
+
+class VersionAssembler:
+    """Chunks of one version -> a verified WeightVersion, written straight into its final buffer."""
+
+    def __init__(self, header: pb.VersionHeader, base: WeightVersion | None):
+        if header.base_version >= 0 and (base is None or base.version != header.base_version):
+            raise TbaError(f"delta against version {header.base_version}, which this receiver does not hold")
+        self.header = header
+        self.base = base
+        specs, offset = [], 0
+        for meta in header.tensors:
+            specs.append(TensorSpec(meta.name, meta.dtype, tuple(meta.shape), offset, meta.nbytes))
+            offset += meta.nbytes
+        self.specs = tuple(specs)
+        self.buffer = np.empty(offset, np.uint8)
+        self._pending: dict[int, bytearray] = {}  # compressed deltas being received
+        self._received = [0] * len(specs)
+        self._remaining = sum(1 for m in header.tensors if m.wire_nbytes > 0)
+        base_specs = {t.name: t for t in base.tensors} if base is not None else {}
+        for i, meta in enumerate(header.tensors):
+            if meta.encoding == Encoding.UNCHANGED:
+                self._slot(i)[:] = base.tensor_bytes(base_specs[meta.name])
+            elif meta.wire_nbytes == 0 and meta.nbytes > 0:
+                raise TbaError(f"tensor {meta.name}: no bytes announced for a non-empty tensor")
+        self._base_specs = base_specs
+
+    def _slot(self, i: int) -> np.ndarray:
+        spec = self.specs[i]
+        return self.buffer[spec.offset : spec.offset + spec.nbytes]
+
+    @property
+    def done(self) -> bool:
+        return self._remaining == 0
+
+    def add(self, chunk: pb.Chunk) -> None:
+        i, meta = chunk.tensor, self.header.tensors[chunk.tensor]
+        end = chunk.offset + len(chunk.data)
+        if end > meta.wire_nbytes or chunk.offset != self._received[i]:
+            raise TbaError(f"tensor {meta.name}: chunk at {chunk.offset} out of order or beyond its size")
+        if meta.encoding == Encoding.RAW:
+            self._slot(i)[chunk.offset : end] = np.frombuffer(chunk.data, np.uint8)
+        else:
+            self._pending.setdefault(i, bytearray()).extend(chunk.data)
+        self._received[i] = end
+        if end == meta.wire_nbytes:
+            if meta.encoding == Encoding.XOR_ZSTD:
+                xor = zstandard.ZstdDecompressor().decompress(bytes(self._pending.pop(i)), max_output_size=meta.nbytes)
+                before = self.base.tensor_bytes(self._base_specs[meta.name])
+                np.bitwise_xor(before, np.frombuffer(xor, np.uint8), out=self._slot(i))
+            self._remaining -= 1
+
+    def finish(self) -> WeightVersion:
+        """The version, if its sha256 matches; ChecksumError otherwise."""
+        version = seal(self.specs, self.buffer, self.header.version, self.header.step, self.header.model_id)
+        if version.sha256 != self.header.sha256:
+            raise ChecksumError(f"version {self.header.version}: sha256 mismatch, rejecting it")
+        return WeightVersion(
+            version.version,
+            version.step,
+            self.header.wall_time,
+            version.model_id,
+            version.tensors,
+            version.buffer,
+            version.sha256,
+        )
