@@ -133,6 +133,23 @@ def filter_(obj: Context, instance: str, idle_exit: float | None) -> None:
     )
 
 
+@cli.group()
+def weights() -> None:
+    """The weight-sync gRPC service (the trainer can also host it in-process)."""
+
+
+@weights.command("serve")
+@click.pass_obj
+def weights_serve(obj: Context) -> None:
+    """Serve policy versions on weights.host:weights.port until Ctrl-C / SIGTERM."""
+    from trainer.weight_sync import serve
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    serve(obj.cfg, stop)
+
+
 @cli.command()
 @click.pass_obj
 def demo(obj: Context) -> None:

@@ -123,11 +123,10 @@ class WeightSubscriber:
         assembler = None
         try:
             for chunk in self._call:
-                self.stats.wire_bytes += len(chunk.data)
                 if chunk.HasField("header"):
                     assembler = VersionAssembler(chunk.header, self._newest)
                     continue
-                assembler.add(chunk)
+                self.stats.wire_bytes += assembler.add(chunk)
                 if assembler.done:
                     self._deliver(assembler.finish())
                     assembler = None

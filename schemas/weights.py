@@ -10,9 +10,11 @@ and VersionAssembler turns Chunks back into a verified WeightVersion.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +48,12 @@ class WeightVersion:
     model_id: str
     tensors: tuple[TensorSpec, ...]
     buffer: np.ndarray  # (total_bytes,) uint8, never written after the version is sealed
-    sha256: bytes
+    digests: tuple[bytes, ...]  # sha256 of each tensor's bytes
+
+    @property
+    def sha256(self) -> bytes:
+        """The version's checksum: sha256 over the tensors' sha256s, in order."""
+        return version_digest(self.digests)
 
     @property
     def nbytes(self) -> int:
@@ -70,6 +77,18 @@ class WeightVersion:
         }
 
 
+def allocate(nbytes: int) -> np.ndarray:
+    """A fresh (nbytes,) uint8 buffer with its pages already mapped.
+
+    Writing a new 270 MB numpy buffer page by page costs ~0.9 s of page faults on a VM; asking the
+    kernel to populate the mapping up front (MAP_POPULATE) costs ~0.07 s.
+    """
+    if nbytes == 0:
+        return np.empty(0, np.uint8)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), np.uint8)
+
+
 def stage(state_dict: dict[str, torch.Tensor]) -> tuple[tuple[TensorSpec, ...], np.ndarray]:
     """Copy a state dict into one new staging buffer: the only work a publish does on the caller's time.
 
@@ -87,17 +106,31 @@ def stage(state_dict: dict[str, torch.Tensor]) -> tuple[tuple[TensorSpec, ...], 
         specs.append(TensorSpec(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
         tensors.append(t)
         offset += nbytes
-    buffer = torch.empty(offset, dtype=torch.uint8)
+    buffer = allocate(offset)
+    flat = torch.from_numpy(buffer)
     for spec, t in zip(specs, tensors, strict=True):
-        buffer[spec.offset : spec.offset + spec.nbytes].copy_(t.contiguous().reshape(-1).view(torch.uint8))
-    return tuple(specs), buffer.numpy()
+        flat[spec.offset : spec.offset + spec.nbytes].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+    return tuple(specs), buffer
 
 
-def seal(specs, buffer: np.ndarray, version: int, step: int, model_id: str = "") -> WeightVersion:
-    """Hash a staged buffer into a WeightVersion (hashlib releases the GIL: fine on a background thread)."""
+def tensor_digest(data: np.ndarray) -> bytes:
+    return hashlib.sha256(memoryview(data)).digest()
+
+
+def version_digest(digests) -> bytes:
+    # A hash of per-tensor hashes: tensors hash in parallel when sealing, and as each one arrives
+    # when receiving, instead of one sequential pass over every byte at the end.
+    return hashlib.sha256(b"".join(digests)).digest()
+
+
+_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256")  # hashlib releases the GIL
+
+
+def seal(specs, buffer: np.ndarray, version: int, step: int, model_id: str = "", wall_time: float | None = None):
+    """Hash a staged buffer into a WeightVersion; the buffer is read-only from here on."""
     buffer.flags.writeable = False
-    digest = hashlib.sha256(memoryview(buffer)).digest()
-    return WeightVersion(version, step, time.time(), model_id, tuple(specs), buffer, digest)
+    digests = tuple(_HASHERS.map(lambda t: tensor_digest(buffer[t.offset : t.offset + t.nbytes]), specs))
+    return WeightVersion(version, step, wall_time or time.time(), model_id, tuple(specs), buffer, digests)
 
 
 @dataclass(frozen=True)
@@ -175,16 +208,21 @@ class VersionAssembler:
             specs.append(TensorSpec(meta.name, meta.dtype, tuple(meta.shape), offset, meta.nbytes))
             offset += meta.nbytes
         self.specs = tuple(specs)
-        self.buffer = np.empty(offset, np.uint8)
+        self.buffer = allocate(offset)
         self._pending: dict[int, bytearray] = {}  # compressed deltas being received
         self._received = [0] * len(specs)
+        self._digests: list[bytes | None] = [None] * len(specs)
         self._remaining = sum(1 for m in header.tensors if m.wire_nbytes > 0)
         base_specs = {t.name: t for t in base.tensors} if base is not None else {}
+        base_index = {t.name: j for j, t in enumerate(base.tensors)} if base is not None else {}
         for i, meta in enumerate(header.tensors):
             if meta.encoding == Encoding.UNCHANGED:
                 self._slot(i)[:] = base.tensor_bytes(base_specs[meta.name])
+                self._digests[i] = base.digests[base_index[meta.name]]
             elif meta.wire_nbytes == 0 and meta.nbytes > 0:
                 raise TbaError(f"tensor {meta.name}: no bytes announced for a non-empty tensor")
+            elif meta.nbytes == 0:
+                self._digests[i] = tensor_digest(self._slot(i))
         self._base_specs = base_specs
 
     def _slot(self, i: int) -> np.ndarray:
@@ -195,34 +233,32 @@ class VersionAssembler:
     def done(self) -> bool:
         return self._remaining == 0
 
-    def add(self, chunk: pb.Chunk) -> None:
+    def add(self, chunk: pb.Chunk) -> int:
+        """Place one data chunk; returns its size on the wire."""
         i, meta = chunk.tensor, self.header.tensors[chunk.tensor]
-        end = chunk.offset + len(chunk.data)
+        data = chunk.data  # each access to a bytes field copies it: once only
+        end = chunk.offset + len(data)
         if end > meta.wire_nbytes or chunk.offset != self._received[i]:
             raise TbaError(f"tensor {meta.name}: chunk at {chunk.offset} out of order or beyond its size")
         if meta.encoding == Encoding.RAW:
-            self._slot(i)[chunk.offset : end] = np.frombuffer(chunk.data, np.uint8)
+            start = self.specs[i].offset + chunk.offset
+            self.buffer[start : start + len(data)] = np.frombuffer(data, np.uint8)
         else:
-            self._pending.setdefault(i, bytearray()).extend(chunk.data)
+            self._pending.setdefault(i, bytearray()).extend(data)
         self._received[i] = end
         if end == meta.wire_nbytes:
             if meta.encoding == Encoding.XOR_ZSTD:
                 xor = zstandard.ZstdDecompressor().decompress(bytes(self._pending.pop(i)), max_output_size=meta.nbytes)
                 before = self.base.tensor_bytes(self._base_specs[meta.name])
                 np.bitwise_xor(before, np.frombuffer(xor, np.uint8), out=self._slot(i))
+            self._digests[i] = tensor_digest(self._slot(i))  # overlaps with the next chunks arriving
             self._remaining -= 1
+        return len(data)
 
     def finish(self) -> WeightVersion:
-        """The version, if its sha256 matches; ChecksumError otherwise."""
-        version = seal(self.specs, self.buffer, self.header.version, self.header.step, self.header.model_id)
-        if version.sha256 != self.header.sha256:
-            raise ChecksumError(f"version {self.header.version}: sha256 mismatch, rejecting it")
-        return WeightVersion(
-            version.version,
-            version.step,
-            self.header.wall_time,
-            version.model_id,
-            version.tensors,
-            version.buffer,
-            version.sha256,
-        )
+        """The version, if its checksum matches; ChecksumError otherwise."""
+        h = self.header
+        if version_digest(self._digests) != h.sha256:
+            raise ChecksumError(f"version {h.version}: sha256 mismatch, rejecting it")
+        self.buffer.flags.writeable = False
+        return WeightVersion(h.version, h.step, h.wall_time, h.model_id, self.specs, self.buffer, tuple(self._digests))

@@ -233,3 +233,52 @@ def test_tls_server_refuses_plaintext_and_serves_tls_clients(wcfg, tmp_path):
     assert secure.wait_for(version, 20).version == version
     secure.close()
     srv.stop()
+
+
+def test_tba_weights_serve_runs_the_service_on_its_own(wcfg):
+    import os
+    import signal
+    import sys
+
+    from ops.broker import free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "TBA__KAFKA__BOOTSTRAP": wcfg.kafka.bootstrap,
+        "TBA__KAFKA__NAMESPACE": wcfg.kafka.namespace,
+        "TBA__WEIGHTS__PORT": str(port),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "weights", "serve"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == f"weight sync serving on 127.0.0.1:{port}"
+    model = tiny_llama(9)
+    target = f"127.0.0.1:{port}"
+    assert publish_remote(wcfg, target, model.state_dict(), version=3, step=30) == 3
+    sub = WeightSubscriber(wcfg.weights, target, "s").start()
+    got = sub.wait_for(3, 20)
+    assert got.step == 30
+    assert same_bits(got.state_dict(), {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"})
+    sub.close()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+
+
+def test_committed_grpc_stubs_match_the_proto(tmp_path):
+    import shutil
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    (tmp_path / "schemas").mkdir()
+    shutil.copy(root / "schemas" / "weight_sync.proto", tmp_path / "schemas")
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{tmp_path}", f"--python_out={tmp_path}",
+         f"--grpc_python_out={tmp_path}", "schemas/weight_sync.proto"],
+        check=True,
+    )  # fmt: skip
+    for name in ("weight_sync_pb2.py", "weight_sync_pb2_grpc.py"):
+        assert (tmp_path / "schemas" / name).read_text() == (root / "schemas" / name).read_text(), (
+            f"schemas/{name} is stale: run python schemas/gen_protos.py"
+        )

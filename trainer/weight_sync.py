@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
 from concurrent import futures
 
@@ -108,7 +107,7 @@ class WeightSyncServer(pb_grpc.WeightSyncServicer):
                 return
             with self._changed:
                 self._changed.wait_for(
-                    lambda: self.latest is not None and self.latest.version > have,
+                    lambda have=have: self.latest is not None and self.latest.version > have,
                     timeout=min(1.0, remaining - margin) if remaining is not None else 1.0,
                 )
                 newest = self.latest
@@ -241,15 +240,12 @@ def publish_remote(
     return reply.version
 
 
-def serve(cfg: TbaConfig) -> None:
-    """`tba weights serve`: run the service on its own until SIGTERM / Ctrl-C."""
+def serve(cfg: TbaConfig, stop: threading.Event) -> None:
+    """`tba weights serve`: run the service on its own until stop is set."""
     server = WeightSyncServer(cfg)
     port = server.start()
     print(f"weight sync serving on {cfg.weights.host}:{port}", flush=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        stop.wait()
     finally:
         server.stop()
