@@ -80,7 +80,10 @@ def subscriber_process(target: str, versions: int, ready, results) -> None:
 
 
 def push(server: WeightSyncServer, subscribers: int, state_dicts: list) -> list[tuple[float, list]]:
-    """Publish each state dict once all subscribers have the previous; (publish start, reports) per version."""
+    """Publish each state dict (callables: made when their turn comes) once all subscribers have the previous.
+
+    Returns (publish start, subscriber reports) per version.
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     ready = [ctx.Event() for _ in range(subscribers)]
@@ -94,9 +97,10 @@ def push(server: WeightSyncServer, subscribers: int, state_dicts: list) -> list[
         r.wait(300)
     time.sleep(1.0)  # subscriptions open
     out = []
-    for sd in state_dicts:
+    for make in state_dicts:
+        sd = make()
         start = time.time()
-        server.publish(sd, step=len(out))
+        server.publish(sd, step=len(out))  # stages a copy: sd may change right after
         out.append((start, [results.get(timeout=300) for _ in range(subscribers)]))
     for p in procs:
         p.join(60)
@@ -110,25 +114,24 @@ def main() -> None:
     cfg = load_config(environ={}, weights={"port": 0})
 
     model = smollm2_135m()
-    full = model.state_dict()
     from schemas.weights import stage
 
-    _, flat = stage(full)
+    _, flat = stage(model.state_dict())
     nbytes = flat.size
     result = {"params": sum(p.numel() for p in model.parameters()), "bytes": int(nbytes), "dtype": "bfloat16"}
     result["raw_socket_mb_s"] = raw_socket_mb_s(memoryview(flat))
 
-    # one subscriber: a full version, then one AdamW step later the delta
-    first = {k: v.clone() for k, v in full.items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    tokens = torch.randint(0, 49152, (2, 32))
-    model(tokens, labels=tokens).loss.backward()
-    optimizer.step()
-    second = {k: v.clone() for k, v in model.state_dict().items()}
+    def one_adamw_step():
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        tokens = torch.randint(0, 49152, (2, 32))
+        model(tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        return model.state_dict()
 
+    # one subscriber: a full version, then one AdamW step later the delta
     server = WeightSyncServer(cfg, announce=False)
     server.start()
-    (start0, [(_, t0, bytes0)]), (start1, [(_, t1, bytes1)]) = push(server, 1, [first, second])
+    (start0, [(_, t0, bytes0)]), (start1, [(_, t1, bytes1)]) = push(server, 1, [model.state_dict, one_adamw_step])
     server.stop()
     result["seconds_per_version_135m"] = t0 - start0
     result["grpc_mb_s_1"] = nbytes / (t0 - start0) / 1e6
@@ -138,7 +141,7 @@ def main() -> None:
 
     server = WeightSyncServer(cfg, announce=False)
     server.start()
-    [(start, reports)] = push(server, 4, [first])
+    [(start, reports)] = push(server, 4, [model.state_dict])
     server.stop()
     result["grpc_mb_s_4"] = 4 * nbytes / (max(t for _, t, _ in reports) - start) / 1e6
     result["machine"] = f"{mp.cpu_count()} cores, loopback"
