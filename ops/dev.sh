@@ -2,7 +2,7 @@
 # Set up once (virtualenv, pinned packages, Kafka jars on first broker start) and run one thing:
 #   ./ops/dev.sh demo    the main job on the embedded defaults
 #   ./ops/dev.sh test    the test suite (starts and stops its own Kafka broker)
-#   ./ops/dev.sh bench   the data-plane benchmark -> bench/results/dataplane.json
+#   ./ops/dev.sh bench   the benchmarks -> bench/results/*.json
 # An existing virtualenv is reused: packages are installed again only when setup.cfg changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,6 @@ case "${1:-}" in
     # pytest exits 5 when it collected nothing: a suite that ran no test has failed.
     [ "$rc" -eq 5 ] && echo "no tests were collected" >&2 && rc=1
     exit "$rc" ;;
-  bench) shift; exec "$venv/bin/python" bench/dataplane.py "$@" ;;
+  bench) "$venv/bin/python" bench/dataplane.py && exec "$venv/bin/python" bench/weightsync.py ;;
   *) echo "usage: $0 demo|test|bench" >&2; exit 2 ;;
 esac
