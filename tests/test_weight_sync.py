@@ -282,3 +282,19 @@ def test_committed_grpc_stubs_match_the_proto(tmp_path):
         assert (tmp_path / "schemas" / name).read_text() == (root / "schemas" / name).read_text(), (
             f"schemas/{name} is stale: run python schemas/gen_protos.py"
         )
+
+
+def test_publishing_only_some_tensors_updates_only_those(wcfg, server):
+    """As when training LoRA adapters or a subset of layers: publish the trainable tensors alone."""
+    searcher_model, trained = tiny_llama(10), tiny_llama(11)
+    trainable = {k: v for k, v in trained.state_dict().items() if ".self_attn.q_proj." in k}
+    before = {k: v.clone() for k, v in searcher_model.state_dict().items()}
+    sub = subscribe(wcfg, server)
+    server.publish(trainable, step=1)
+    load_into(searcher_model, sub.wait_for(0, 20).state_dict())
+    after = searcher_model.state_dict()
+    assert all(torch.equal(after[k], trainable[k]) for k in trainable)
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in trainable)
+    with pytest.raises(TbaError, match="tensors this model lacks"):
+        load_into(searcher_model, {"not.a.tensor": torch.zeros(1)})
+    sub.close()
