@@ -117,6 +117,24 @@ class WeightsConfig(Section):
     client_key: Path | None = None
 
 
+class TaskConfig(Section):
+    """Where prompts come from and how completions are rewarded."""
+
+    name: Literal["math"] = "math"
+    dataset: str = "basic_arithmetic"  # a reasoning-gym dataset
+    dataset_args: dict[str, Any] = {
+        "min_terms": 2,
+        "max_terms": 2,
+        "min_digits": 1,
+        "max_digits": 2,
+        "allow_negation": False,
+    }
+    seed: int = 0
+    train_size: int = Field(2000, ge=1)
+    eval_size: int = Field(64, ge=1)  # held out: never trained on
+    format_bonus: float = Field(0.1, ge=0)
+
+
 class DemoConfig(Section):
     """The data-plane demo that `tba demo` runs."""
 
@@ -134,6 +152,7 @@ class TbaConfig(Section):
     filter: FilterConfig = FilterConfig()
     buffer: BufferConfig = BufferConfig()
     weights: WeightsConfig = WeightsConfig()
+    task: TaskConfig = TaskConfig()
     demo: DemoConfig = DemoConfig()
 
 

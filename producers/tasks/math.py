@@ -1,0 +1,67 @@
+"""Math reasoning: procedural reasoning-gym problems, rewarded by math-verify on the final answer.
+
+The prompt keeps the model's own system prompt and adds a one-shot exchange that shows the answer
+format, as measured best for SmolLM2-135M (zero-shot it never uses the tag). The reward is 1 for a
+correct final answer whether or not the tag is used (the tag's content first, else the last number
+in the text), plus an optional small bonus for using the tag.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import reasoning_gym
+from math_verify import parse, verify
+
+from ops.config import TaskConfig
+
+INSTRUCTION = "Solve the problem. Put only the final answer inside <answer></answer>."
+DEMO = [
+    {"role": "user", "content": f"What is 7 + 5? {INSTRUCTION}"},
+    {"role": "assistant", "content": "7 + 5 = 12\n<answer>12</answer>"},
+]
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt_id: str
+    question: str
+    answer: str
+
+    @property
+    def messages(self) -> list[dict]:
+        return [*DEMO, {"role": "user", "content": f"{self.question} {INSTRUCTION}"}]
+
+
+def final_answer(completion: str) -> tuple[str | None, bool]:
+    """(the answer the completion gives, whether it used the tag)."""
+    tagged = ANSWER_TAG.findall(completion)
+    if tagged:
+        return tagged[-1].strip(), True
+    numbers = NUMBER.findall(completion)
+    return (numbers[-1] if numbers else None), False
+
+
+class MathTask:
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+        data = reasoning_gym.create_dataset(
+            cfg.dataset, seed=cfg.seed, size=cfg.train_size + cfg.eval_size, **cfg.dataset_args
+        )
+        problems = [Problem(f"{cfg.dataset}-{cfg.seed}-{i}", e["question"], str(e["answer"])) for i, e in enumerate(data)]
+        # a seeded split: the held-out problems are never trained on
+        self.train = problems[: cfg.train_size]
+        self.held_out = problems[cfg.train_size :]
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        answer, tagged = final_answer(completion)
+        if answer is None:
+            return 0.0
+        # timeouts off: math-verify's use signal.alarm, which only works on the main thread
+        correct = verify(
+            parse(problem.answer, parsing_timeout=None), parse(answer, parsing_timeout=None), timeout_seconds=None
+        )
+        return float(correct) + (self.cfg.format_bonus if tagged else 0.0)
