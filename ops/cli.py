@@ -133,6 +133,30 @@ def filter_(obj: Context, instance: str, idle_exit: float | None) -> None:
     )
 
 
+@cli.command()
+@click.option("--index", default=0, show_default=True, help="This searcher's index, < searcher.searchers.")
+@click.option("--batches", type=int, default=None, help="Stop after this many batches (default: run until stopped).")
+@click.pass_obj
+def search(obj: Context, index: int, batches: int | None) -> None:
+    """Run one searcher: sample its share of the prompts, reward, publish groups, swap in new weights."""
+    from producers.searcher import build_searcher
+
+    if not 0 <= index < obj.cfg.searcher.searchers:
+        raise click.BadParameter(f"must be in [0, {obj.cfg.searcher.searchers})", param_hint="--index")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    searcher = build_searcher(obj.cfg, index)
+    try:
+        stats = searcher.run(stop, max_batches=batches)
+    finally:
+        searcher.producer.close()
+        searcher.subscriber.close()
+    click.echo(
+        f"searcher {index}: {stats.groups} groups in {stats.batches} batches, mean reward {stats.mean_reward:.3f}"
+    )
+
+
 @cli.group()
 def weights() -> None:
     """The weight-sync gRPC service (the trainer can also host it in-process)."""

@@ -135,6 +135,23 @@ class TaskConfig(Section):
     format_bonus: float = Field(0.1, ge=0)
 
 
+class SearcherConfig(Section):
+    """Searchers: generate samples with the current policy and publish them to the raw topic."""
+
+    backend: Literal["hf"] = "hf"
+    model: str = ""  # a local model folder (or the folder of gguf_file)
+    gguf_file: str | None = None
+    reference_model: str | None = None  # default: the frozen initial policy (same as model)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    samples_per_prompt: int = Field(8, ge=2)  # S >= K: generated per prompt
+    prompts_per_batch: int = Field(2, ge=1)
+    temperature: float = Field(0.7, gt=0)
+    max_new_tokens: int = Field(48, ge=1)
+    searchers: int = Field(1, ge=1)  # each owns the prompts whose index % searchers == its index
+    weights_target: str | None = None  # host:port of the weight-sync service; None: weights.host:port
+    seed: int = 0
+
+
 class DemoConfig(Section):
     """The data-plane demo that `tba demo` runs."""
 
@@ -153,6 +170,7 @@ class TbaConfig(Section):
     buffer: BufferConfig = BufferConfig()
     weights: WeightsConfig = WeightsConfig()
     task: TaskConfig = TaskConfig()
+    searcher: SearcherConfig = SearcherConfig()
     demo: DemoConfig = DemoConfig()
 
 

@@ -14,6 +14,12 @@ from __future__ import annotations
 import torch
 
 
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(token) at the sampling temperature. logits: (N, T, V) predicting token_ids (N, T). Returns (N, T)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (N, T, V)
+    return logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # (N, T)
+
+
 def sequence_logprobs(
     logits: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float
 ) -> torch.Tensor:
@@ -22,9 +28,17 @@ def sequence_logprobs(
     logits: (N, T, V) predicting completion_ids (N, T) (already shifted); completion_mask: (N, T), 1 on
     real completion tokens, 0 on padding. Returns (N,).
     """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (N, T, V)
-    token_logp = logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    return (token_logp * completion_mask).sum(-1)  # (N,)
+    return (token_logprobs(logits, completion_ids, temperature) * completion_mask).sum(-1)  # (N,)
+
+
+def completion_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits predicting each completion token of left-padded prompt + completion sequences.
+
+    sequences, attention_mask: (N, P + T) with prompts left-padded to P. Returns (N, T, V).
+    """
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions).logits
+    return logits[:, prompt_len - 1 : -1]  # (N, T, V): position t predicts token t + 1
 
 
 def tb_loss(logp: torch.Tensor, ref_logp: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:

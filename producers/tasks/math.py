@@ -51,7 +51,9 @@ class MathTask:
         data = reasoning_gym.create_dataset(
             cfg.dataset, seed=cfg.seed, size=cfg.train_size + cfg.eval_size, **cfg.dataset_args
         )
-        problems = [Problem(f"{cfg.dataset}-{cfg.seed}-{i}", e["question"], str(e["answer"])) for i, e in enumerate(data)]
+        problems = [
+            Problem(f"{cfg.dataset}-{cfg.seed}-{i}", e["question"], str(e["answer"])) for i, e in enumerate(data)
+        ]
         # a seeded split: the held-out problems are never trained on
         self.train = problems[: cfg.train_size]
         self.held_out = problems[cfg.train_size :]

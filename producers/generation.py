@@ -1,0 +1,95 @@
+"""Generation backends: sample completions with per-token behaviour and reference log-probs.
+
+HFGenerator runs Hugging Face transformers (CPU or GPU). Log-probs are recomputed with a forward
+pass at the sampling temperature, for the policy and the frozen reference alike: one code path,
+and exactly the quantity the trainer's TB loss uses. Sampling uses top_p = 1 and no top-k, so the
+behaviour distribution is the tempered policy itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ops.errors import ConfigError
+from trainer.tb_loss import completion_logits, token_logprobs
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: np.ndarray  # (T,) int32, up to and including EOS
+    logprobs: np.ndarray  # (T,) float32, behaviour policy at the sampling temperature
+    ref_logprobs: np.ndarray  # (T,) float32
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer) from a local folder (or a GGUF file in it); nothing is downloaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype), **extra)
+    except OSError as exc:
+        raise ConfigError(f"searcher.model: cannot load a model from {path!r}: {exc}") from exc
+    return model.eval(), tokenizer
+
+
+class HFGenerator:
+    def __init__(self, model, tokenizer, reference, temperature: float, max_new_tokens: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.reference = reference
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], n: int) -> list[list[Completion]]:
+        """n completions for each prompt (token ids), sampled at the temperature."""
+        width = max(len(p) for p in prompts)
+        rows = [p for p in prompts for _ in range(n)]  # (N = len(prompts) * n)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in rows])  # (N, P) left-padded
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            do_sample=True,
+            temperature=self.temperature,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+        )  # (N, P + T)
+        completion = out[:, width:]  # (N, T)
+        is_eos = completion == self.eos_id
+        ended = is_eos.any(-1)
+        lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, completion.shape[1])  # through the first EOS
+        mask = torch.arange(completion.shape[1]) < lengths[:, None]  # (N, T)
+        full_mask = torch.cat([attention, mask.long()], dim=1)
+        policy = token_logprobs(completion_logits(self.model, out, full_mask, width), completion, self.temperature)
+        ref = token_logprobs(completion_logits(self.reference, out, full_mask, width), completion, self.temperature)
+        results = []
+        for i in range(len(rows)):
+            t = int(lengths[i])
+            ids = completion[i, :t]
+            results.append(
+                Completion(
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    token_ids=ids.numpy().astype(np.int32),
+                    logprobs=policy[i, :t].numpy().astype(np.float32),
+                    ref_logprobs=ref[i, :t].numpy().astype(np.float32),
+                    finish_reason="stop" if bool(ended[i]) else "length",
+                )
+            )
+        return [results[j * n : (j + 1) * n] for j in range(len(prompts))]

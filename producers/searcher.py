@@ -1,0 +1,145 @@
+"""Searcher: sample completions of its share of the prompts with the current policy, reward them,
+publish one TrajectoryGroup per prompt, and swap in new weights between batches.
+
+Searchers never wait for the trainer. Each owns the training prompts whose index modulo the number
+of searchers is its own index: no coordination, no prompts topic, and a restarted searcher owns
+the same prompts (a prompt's groups also stay on one partition, keyed by prompt_id).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ops.config import TbaConfig
+from producers.generation import HFGenerator
+from producers.trajectory_producer import TrajectoryProducer
+from producers.weight_subscriber import WeightSubscriber, load_into
+from schemas.records import Sample, TrajectoryGroup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearcherStats:
+    batches: int = 0
+    groups: int = 0
+    swaps: int = 0
+    mean_reward: float = 0.0
+
+
+class Searcher:
+    def __init__(
+        self,
+        cfg: TbaConfig,
+        index: int,
+        generator: HFGenerator,
+        task,
+        producer: TrajectoryProducer,
+        subscriber: WeightSubscriber | None = None,
+        model_id: str = "",
+    ):
+        self.cfg = cfg.searcher
+        self.index = index
+        self.generator = generator
+        self.task = task
+        self.producer = producer
+        self.subscriber = subscriber
+        self.model_id = model_id
+        self.generator_id = f"searcher-{index}"
+        self.policy_version = 0  # the initial weights are version 0; the trainer publishes from there
+        self.problems = [p for i, p in enumerate(task.train) if i % self.cfg.searchers == index]
+        self.rng = np.random.default_rng(self.cfg.seed + index)
+        self._order: list[int] = []
+        self.stats = SearcherStats()
+
+    def swap_weights(self) -> bool:
+        """Load the newest received version, if any (between batches only)."""
+        if self.subscriber is None:
+            return False
+        version = self.subscriber.take()  # only ever a version newer than the last one taken
+        if version is None:
+            return False
+        load_into(self.generator.model, version.state_dict())
+        self.policy_version = version.version
+        self.stats.swaps += 1
+        return True
+
+    def _next_problems(self):
+        out = []
+        for _ in range(self.cfg.prompts_per_batch):
+            if not self._order:
+                self._order = list(self.rng.permutation(len(self.problems)))
+            out.append(self.problems[self._order.pop()])
+        return out
+
+    def step(self) -> list[TrajectoryGroup]:
+        """One batch: swap weights if new ones arrived, sample, reward, publish."""
+        self.swap_weights()
+        problems = self._next_problems()
+        prompts = [self.generator.prompt_ids(p.messages) for p in problems]
+        groups = []
+        for problem, ids, completions in zip(
+            problems, prompts, self.generator.sample(prompts, self.cfg.samples_per_prompt), strict=True
+        ):
+            samples = [
+                Sample(
+                    c.text, c.token_ids, c.logprobs, c.ref_logprobs, self.task.reward(problem, c.text), c.finish_reason
+                )
+                for c in completions
+            ]
+            group = TrajectoryGroup(
+                prompt_id=problem.prompt_id,
+                task=self.task.cfg.dataset,
+                prompt=self.generator.tokenizer.decode(ids),
+                prompt_token_ids=np.array(ids, np.int32),
+                samples=samples,
+                policy_version=self.policy_version,
+                generator_id=self.generator_id,
+                model_id=self.model_id,
+                metadata={"answer": problem.answer, "temperature": str(self.cfg.temperature)},
+            )
+            self.producer.send(group)
+            groups.append(group)
+        self.producer.flush()  # a delivery failure surfaces here, at the batch that caused it
+        n = self.stats.groups
+        batch_reward = float(np.mean([s.reward for g in groups for s in g.samples]))
+        self.stats.mean_reward = (self.stats.mean_reward * n + batch_reward * len(groups)) / (n + len(groups))
+        self.stats.groups += len(groups)
+        self.stats.batches += 1
+        return groups
+
+    def run(self, stop: threading.Event | None = None, max_batches: int | None = None) -> SearcherStats:
+        stop = stop or threading.Event()
+        while not stop.is_set() and (max_batches is None or self.stats.batches < max_batches):
+            start = time.monotonic()
+            groups = self.step()
+            log.info(
+                "searcher %d: %d groups at policy version %d in %.1fs",
+                self.index,
+                len(groups),
+                self.policy_version,
+                time.monotonic() - start,
+            )
+        return self.stats
+
+
+def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
+    """A searcher as configured: model and frozen reference from disk, task, producer, weight subscriber."""
+    from producers.generation import load_model
+    from producers.tasks import build_task
+
+    s = cfg.searcher
+    torch.manual_seed(s.seed + index)
+    model, tokenizer = load_model(s.model, s.gguf_file, s.dtype)
+    reference, _ = load_model(s.reference_model or s.model, s.gguf_file if not s.reference_model else None, s.dtype)
+    generator = HFGenerator(model, tokenizer, reference, s.temperature, s.max_new_tokens)
+    target = s.weights_target or f"{cfg.weights.host}:{cfg.weights.port}"
+    subscriber = WeightSubscriber(cfg.weights, target, f"searcher-{index}").start()
+    producer = TrajectoryProducer(cfg)
+    return Searcher(cfg, index, generator, build_task(cfg.task), producer, subscriber, model_id=s.model)

@@ -1,0 +1,86 @@
+"""A searcher end to end: model from disk, real math task, Kafka raw topic, weights swapped between batches."""
+
+import numpy as np
+import torch
+
+from ops.config import with_overrides
+from ops.topics import topic_names
+from producers.searcher import build_searcher
+from schemas.records import TrajectoryCodec
+from tests.conftest import read_topic
+from tests.tiny_models import char_tokenizer, tiny_llama
+from trainer.tb_loss import token_logprobs
+from trainer.weight_sync import WeightSyncServer
+
+
+def test_searcher_publishes_groups_and_swaps_weights_between_batches(cfg, store, tmp_path):
+    tiny_llama(0).save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    cfg = with_overrides(
+        cfg,
+        weights={"port": 0, "subscription_s": 5},
+        task={"train_size": 20, "eval_size": 4},
+        searcher={"model": str(tmp_path / "model"), "samples_per_prompt": 3, "max_new_tokens": 8, "searchers": 2},
+    )
+    server = WeightSyncServer(cfg)
+    port = server.start()
+    cfg = with_overrides(cfg, weights={"port": port})
+    searcher = build_searcher(cfg, index=1)
+    assert {p.prompt_id for p in searcher.problems} == {f"basic_arithmetic-0-{i}" for i in range(1, 20, 2)}
+
+    first = searcher.step()
+    assert [g.policy_version for g in first] == [0, 0]
+    trained = tiny_llama(5)
+    server.publish(trained.state_dict(), step=2, version=1)
+    searcher.subscriber.wait_for(1, 20)
+    second = searcher.step()
+    assert [g.policy_version for g in second] == [1, 1] and searcher.stats.swaps == 1
+
+    # the second batch's behaviour log-probs are the new weights' log-probs
+    g = second[0]
+    s = g.samples[0]
+    seq = torch.tensor([g.prompt_token_ids.tolist() + s.token_ids.tolist()])
+    p = len(g.prompt_token_ids)
+    expected = token_logprobs(trained(seq).logits[:, p - 1 : -1], seq[:, p:], 0.7)[0].detach().numpy()
+    np.testing.assert_allclose(s.logprobs, expected, atol=1e-4)
+
+    searcher.producer.close()
+    searcher.subscriber.close()
+    server.stop()
+    codec = TrajectoryCodec(store)
+    published = [codec.decode(r.value) for r in read_topic(cfg, topic_names(cfg).raw)]
+    assert sorted(x.group_id for x in published) == sorted(x.group_id for x in first + second)
+    for x in published:
+        assert len(x.samples) == 3 and x.generator_id == "searcher-1"
+        assert all(smp.reward in (0.0, 0.1, 1.0, 1.1) for smp in x.samples)
+        assert all(smp.token_ids.size == smp.logprobs.size == smp.ref_logprobs.size for smp in x.samples)
+
+
+def test_tba_search_runs_without_waiting_for_a_trainer(cfg, store, tmp_path):
+    """No weight-sync server is up: the searcher generates with its initial weights and says so by version 0."""
+    import os
+    import subprocess
+    import sys
+
+    from ops.broker import free_port
+
+    tiny_llama(0).save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    env = {
+        **os.environ,
+        "TBA__KAFKA__BOOTSTRAP": cfg.kafka.bootstrap,
+        "TBA__KAFKA__NAMESPACE": cfg.kafka.namespace,
+        "TBA__SEARCHER__MODEL": str(tmp_path / "model"),
+        "TBA__SEARCHER__SAMPLES_PER_PROMPT": "2",
+        "TBA__SEARCHER__MAX_NEW_TOKENS": "6",
+        "TBA__TASK__TRAIN_SIZE": "8",
+        "TBA__WEIGHTS__PORT": str(free_port()),  # nothing listens there
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "search", "--index", "0", "--batches", "2"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "searcher 0: 4 groups in 2 batches" in done.stdout
+    groups = [TrajectoryCodec(store).decode(r.value) for r in read_topic(cfg, topic_names(cfg).raw)]
+    assert len(groups) == 4 and {g.policy_version for g in groups} == {0}
