@@ -152,6 +152,30 @@ class SearcherConfig(Section):
     seed: int = 0
 
 
+class TrainerConfig(Section):
+    """The TB trainer: batches of whole prompt groups from the replay buffer, AdamW, weight publishing."""
+
+    model: str = ""  # default: searcher.model
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    prompts_per_step: int = Field(4, ge=1)  # B; K is buffer.samples_per_prompt
+    micro_batch_prompts: int = Field(2, ge=1)  # whole prompts per forward pass: logZ never mixes prompts
+    lr: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    temperature: float = Field(0.7, gt=0)  # the sampling temperature: log-probs are taken at it
+    beta_start: float = Field(0.012, gt=0)  # KL coefficient, annealed linearly ...
+    beta_end: float = Field(0.004, gt=0)
+    beta_anneal_steps: int = Field(500, ge=0)  # ... over this many steps
+    sync_every: int = Field(2, ge=1)  # k: publish a policy version every k steps
+    min_buffer_prompts: int = Field(4, ge=1)  # wait for this many prompts before the first step
+    max_steps: int = Field(1000, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    run_dir: Path = Path(".tba/run")
+    seed: int = 0
+
+
 class DemoConfig(Section):
     """The data-plane demo that `tba demo` runs."""
 
@@ -171,6 +195,7 @@ class TbaConfig(Section):
     weights: WeightsConfig = WeightsConfig()
     task: TaskConfig = TaskConfig()
     searcher: SearcherConfig = SearcherConfig()
+    trainer: TrainerConfig = TrainerConfig()
     demo: DemoConfig = DemoConfig()
 
 

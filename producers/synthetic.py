@@ -20,6 +20,7 @@ def synthetic_group(
     tokens: int = 64,
     policy_version: int = 0,
     generator_id: str = "synthetic",
+    vocab: int = VOCAB,
 ) -> TrajectoryGroup:
     """One group for prompt `prompt_index`: `samples` completions of about `tokens` tokens each."""
     a, b = prompt_index % 97, (prompt_index * 7) % 89
@@ -30,7 +31,7 @@ def synthetic_group(
         out.append(
             Sample(
                 completion=f"{a} + {b} = {guess}",
-                token_ids=rng.integers(0, VOCAB, n, dtype=np.int32),
+                token_ids=rng.integers(0, vocab, n, dtype=np.int32),
                 logprobs=-rng.exponential(1.0, n).astype(np.float32),
                 ref_logprobs=-rng.exponential(1.0, n).astype(np.float32),
                 reward=float(guess == a + b),
@@ -41,7 +42,7 @@ def synthetic_group(
         prompt_id=f"arith-{prompt_index}",
         task="synthetic_arithmetic",
         prompt=f"What is {a} + {b}?",
-        prompt_token_ids=rng.integers(0, VOCAB, 16, dtype=np.int32),
+        prompt_token_ids=rng.integers(0, vocab, 16, dtype=np.int32),
         samples=out,
         policy_version=policy_version,
         generator_id=generator_id,

@@ -118,6 +118,42 @@ class ReplayBuffer:
         )
         return sum(c.nbytes for c in (*cols, self.reward, self.content, self._newest_group))
 
+    _COLUMNS = (
+        "partition",
+        "offset",
+        "prompt",
+        "version",
+        "timestamp",
+        "first_sample",
+        "previous",
+        "reward",
+        "content",
+    )
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The index and the sampler's position, for a checkpoint (decoded groups are re-read from Kafka)."""
+        out = {name: getattr(self, name).values.copy() for name in self._COLUMNS}
+        out["newest_group"] = self._newest_group.values.copy()
+        out["prompt_ids"] = np.array(self._prompt_names, dtype=object)
+        out["next_offsets"] = np.array(sorted(self.next_offsets.items()), dtype=np.int64).reshape(-1, 2)
+        out["rng"] = np.array(self.rng.bit_generator.state, dtype=object)
+        return out
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Inverse of state(), into an empty buffer."""
+        if len(self):
+            raise TbaError("restore() needs an empty ReplayBuffer")
+        for name in self._COLUMNS:
+            getattr(self, name).extend(state[name])
+        self._newest_group.extend(state["newest_group"])
+        self._prompt_names = list(state["prompt_ids"])
+        self._prompt_ids = {p: i for i, p in enumerate(self._prompt_names)}
+        self.next_offsets = {int(p): int(o) for p, o in state["next_offsets"]}
+        self.rng.bit_generator.state = state["rng"].item()
+        if len(self):
+            self.newest_version = int(self.version.values.max())
+            self._newest_prompts = set(self.prompt.values[self.version.values == self.newest_version].tolist())
+
     # -- ingest ---------------------------------------------------------------------------------
 
     def add(self, partition: int, offset: int, timestamp_ms: int, group: TrajectoryGroup) -> bool:
@@ -216,7 +252,7 @@ class ReplayBuffer:
         taken: set[int] = set()
         for _ in range(min(num_prompts, self.num_prompts)):
             on_policy = bool(self.rng.random() < self.cfg.on_policy_prob) and bool(self._newest_prompts - taken)
-            pool = list(self._newest_prompts - taken) if on_policy else None
+            pool = sorted(self._newest_prompts - taken) if on_policy else None
             pid = self._pick(pool, taken)
             taken.add(pid)
             chosen.append((pid, on_policy))
@@ -295,8 +331,12 @@ class CuratedFeed:
         if not self.partitions:
             raise TbaError(f"topic {topic} does not exist; run `tba topics create`")
         self.consumer.assign(self.partitions)
+        self.seek(buffer.next_offsets)
+
+    def seek(self, next_offsets: dict[int, int]) -> None:
+        """Continue each partition at its next offset to ingest (from the start where none is known)."""
         for tp in self.partitions:
-            start = buffer.next_offsets.get(tp.partition)
+            start = next_offsets.get(tp.partition)
             if start is None:
                 self.consumer.seek_to_beginning(tp)
             else:

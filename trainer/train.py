@@ -1,0 +1,182 @@
+"""The TB trainer: whole prompt groups from the ReplayBuffer -> TB loss -> AdamW -> a new policy version every k steps.
+
+One step: sample B prompts x K samples (TBA sampling), score each sample's log-probability under
+the current policy at the sampling temperature, take the TB loss against the reference log-probs
+that travelled in the record, in micro-batches of whole prompts with gradient accumulation.
+Checkpoints hold everything a resume needs: weights (safetensors, loadable by from_pretrained),
+optimizer, scheduler, RNG, step, policy version, consumed offsets and the buffer index.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ops.config import TbaConfig
+from ops.errors import TbaError
+from trainer.replay_buffer import ReplayBuffer, SampledPrompt
+from trainer.tb_loss import completion_logits, linear_beta, tb_loss, token_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    beta: float
+    mean_reward: float
+    on_policy_fraction: float
+    staleness: float  # mean policy versions between the samples and the model trained
+    seconds: float
+
+
+def collate(prompts: list[SampledPrompt], pad_id: int):
+    """Left-padded prompts + right-padded completions of whole prompts.
+
+    Returns sequences and attention (N, P + T), completion ids and mask (N, T), the prompt width P,
+    and the reference log-probs and rewards as (n_prompts, K).
+    """
+    rows = [(p.prompt_token_ids.tolist(), s) for p in prompts for s in p.samples]
+    width = max(len(ids) for ids, _ in rows)
+    length = max(s.token_ids.size for _, s in rows)
+    seq, attn, mask = [], [], []
+    for ids, s in rows:
+        n = s.token_ids.size
+        seq.append([pad_id] * (width - len(ids)) + ids + s.token_ids.tolist() + [pad_id] * (length - n))
+        attn.append([0] * (width - len(ids)) + [1] * (len(ids) + n) + [0] * (length - n))
+        mask.append([1.0] * n + [0.0] * (length - n))
+    k = len(prompts[0].samples)
+    ref = torch.tensor([float(s.ref_logprobs.sum()) for _, s in rows]).view(len(prompts), k)  # (P, K)
+    rewards = torch.tensor([float(s.reward) for _, s in rows]).view(len(prompts), k)  # (P, K)
+    sequences = torch.tensor(seq)
+    return sequences, torch.tensor(attn), sequences[:, width:], torch.tensor(mask), width, ref, rewards
+
+
+class Trainer:
+    def __init__(self, cfg: TbaConfig, model, buffer: ReplayBuffer, pad_id: int, server=None, feed=None):
+        self.cfg = cfg
+        self.t = cfg.trainer
+        self.model = model
+        self.buffer = buffer
+        self.pad_id = pad_id
+        self.server = server  # a WeightSyncServer, when weights are published
+        self.feed = feed  # a CuratedFeed, when training live
+        self.step = 0
+        self.policy_version = 0
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
+        warmup = max(1, self.t.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.waited_s = 0.0
+
+    def wait_for_data(self, stop: threading.Event | None = None) -> None:
+        """Ingest from the feed until the buffer holds min_buffer_prompts prompts."""
+        start = time.monotonic()
+        while self.buffer.num_prompts < self.t.min_buffer_prompts and not (stop and stop.is_set()):
+            if self.feed is None:
+                raise TbaError(
+                    f"the replay buffer has {self.buffer.num_prompts} prompts, fewer than min_buffer_prompts"
+                )
+            self.feed.poll(200)
+        self.waited_s += time.monotonic() - start
+
+    def train_step(self) -> StepResult:
+        start = time.monotonic()
+        self.model.train()
+        batch = self.buffer.sample(self.t.prompts_per_step)
+        beta = linear_beta(self.step, self.t.beta_start, self.t.beta_end, self.t.beta_anneal_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in range(0, len(batch), self.t.micro_batch_prompts):
+            micro = batch[i : i + self.t.micro_batch_prompts]  # whole prompts: logZ never mixes prompts
+            seq, attn, ids, mask, width, ref, rewards = collate(micro, self.pad_id)
+            logits = completion_logits(self.model, seq, attn, width)  # (N, T, V)
+            logp = (token_logprobs(logits, ids, self.t.temperature) * mask).sum(-1).view_as(ref)  # (P, K)
+            loss = tb_loss(logp, ref, rewards, beta) * len(micro) / len(batch)
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        if self.server is not None and self.step % self.t.sync_every == 0:
+            self.publish()
+        versions = [v for p in batch for v in p.policy_versions]
+        return StepResult(
+            step=self.step,
+            loss=total,
+            beta=beta,
+            mean_reward=float(np.mean([s.reward for p in batch for s in p.samples])),
+            on_policy_fraction=float(np.mean([p.on_policy for p in batch])),
+            staleness=float(np.mean([self.policy_version - v for v in versions])),
+            seconds=time.monotonic() - start,
+        )
+
+    def publish(self) -> int:
+        """A new policy version from the current weights (the server copies them and returns)."""
+        self.policy_version += 1
+        self.server.publish(self.model.state_dict(), step=self.step, version=self.policy_version)
+        return self.policy_version
+
+    def close(self) -> None:
+        if self.feed is not None:
+            self.feed.close()
+        self.buffer.close()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Write a checkpoint under run_dir/checkpoints/step-NNNNNN (atomically) and point `latest` at it."""
+        root = Path(self.t.run_dir) / "checkpoints"
+        final = root / f"step-{self.step:06d}"
+        tmp = root / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.model.save_pretrained(tmp / "model", safe_serialization=True)
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "step": self.step,
+                "policy_version": self.policy_version,
+            },
+            tmp / "trainer.pt",
+        )
+        np.savez(tmp / "buffer.npz", **self.buffer.state())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (root / "latest.tmp").write_text(final.name)
+        os.replace(root / "latest.tmp", root / "latest")
+        return final
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of run_dir, if there is one; True if resumed."""
+        root = Path(self.t.run_dir) / "checkpoints"
+        if not (root / "latest").exists():
+            return False
+        path = root / (root / "latest").read_text().strip()
+        weights = load_file(next((path / "model").glob("*.safetensors")))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+            raise TbaError(f"checkpoint {path} does not fit this model: missing {missing}, unexpected {unexpected}")
+        state = torch.load(path / "trainer.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.policy_version = state["step"], state["policy_version"]
+        with np.load(path / "buffer.npz", allow_pickle=True) as saved:
+            self.buffer.restore({k: saved[k] for k in saved.files})
+        if self.feed is not None:
+            self.feed.seek(self.buffer.next_offsets)
+        log.info("resumed from %s at step %d, policy version %d", path, self.step, self.policy_version)
+        return True
