@@ -157,6 +157,19 @@ def search(obj: Context, index: int, batches: int | None) -> None:
     )
 
 
+@cli.command()
+@click.pass_obj
+def train(obj: Context) -> None:
+    """Run the TB trainer: curated -> replay buffer -> TB loss -> new policy versions; resumes from run_dir."""
+    from trainer.train import run_trainer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # checkpoint, then exit
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    trainer = run_trainer(obj.cfg, stop)
+    click.echo(f"trainer stopped at step {trainer.step}, policy version {trainer.policy_version}")
+
+
 @cli.group()
 def weights() -> None:
     """The weight-sync gRPC service (the trainer can also host it in-process)."""

@@ -120,7 +120,7 @@ class WeightsConfig(Section):
 class TaskConfig(Section):
     """Where prompts come from and how completions are rewarded."""
 
-    name: Literal["math"] = "math"
+    name: Literal["math", "toy"] = "math"  # toy: a smoke test any model can learn
     dataset: str = "basic_arithmetic"  # a reasoning-gym dataset
     dataset_args: dict[str, Any] = {
         "min_terms": 2,
@@ -172,6 +172,9 @@ class TrainerConfig(Section):
     min_buffer_prompts: int = Field(4, ge=1)  # wait for this many prompts before the first step
     max_steps: int = Field(1000, ge=1)
     checkpoint_every: int = Field(50, ge=1)
+    eval_every: int = Field(25, ge=1)
+    eval_prompts: int = Field(32, ge=1)  # held-out problems per evaluation
+    eval_max_new_tokens: int = Field(48, ge=1)
     run_dir: Path = Path(".tba/run")
     seed: int = 0
 

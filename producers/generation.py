@@ -54,29 +54,41 @@ class HFGenerator:
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     @torch.no_grad()
-    def sample(self, prompts: list[list[int]], n: int) -> list[list[Completion]]:
-        """n completions for each prompt (token ids), sampled at the temperature."""
-        width = max(len(p) for p in prompts)
-        rows = [p for p in prompts for _ in range(n)]  # (N = len(prompts) * n)
+    def generate(self, rows: list[list[int]], sample: bool):
+        """Left-padded batch generation: (sequences (N, P + T), attention incl. completion, P, lengths, ended)."""
+        width = max(len(p) for p in rows)
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in rows])  # (N, P) left-padded
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention,
-            do_sample=True,
-            temperature=self.temperature,
-            top_p=1.0,
-            top_k=0,
             max_new_tokens=self.max_new_tokens,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_id,
+            **(sampling if sample else {"do_sample": False}),
         )  # (N, P + T)
         completion = out[:, width:]  # (N, T)
         is_eos = completion == self.eos_id
         ended = is_eos.any(-1)
         lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, completion.shape[1])  # through the first EOS
         mask = torch.arange(completion.shape[1]) < lengths[:, None]  # (N, T)
-        full_mask = torch.cat([attention, mask.long()], dim=1)
+        return out, torch.cat([attention, mask.long()], dim=1), width, lengths, ended
+
+    def texts(self, prompts: list[list[int]], sample: bool) -> list[str]:
+        """One completion's text per prompt, greedy or sampled (for evaluation)."""
+        out, _, width, lengths, _ = self.generate(prompts, sample)
+        return [
+            self.tokenizer.decode(out[i, width : width + int(n)], skip_special_tokens=True)
+            for i, n in enumerate(lengths)
+        ]
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], n: int) -> list[list[Completion]]:
+        """n completions for each prompt (token ids), sampled at the temperature."""
+        rows = [p for p in prompts for _ in range(n)]  # (N = len(prompts) * n)
+        out, full_mask, width, lengths, ended = self.generate(rows, sample=True)
+        completion = out[:, width:]  # (N, T)
         policy = token_logprobs(completion_logits(self.model, out, full_mask, width), completion, self.temperature)
         ref = token_logprobs(completion_logits(self.reference, out, full_mask, width), completion, self.temperature)
         results = []

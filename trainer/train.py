@@ -180,3 +180,86 @@ class Trainer:
             self.feed.seek(self.buffer.next_offsets)
         log.info("resumed from %s at step %d, policy version %d", path, self.step, self.policy_version)
         return True
+
+
+class Evaluator:
+    """Held-out evaluation: greedy accuracy (reward >= 1) and mean reward of one sample at the temperature."""
+
+    def __init__(self, cfg: TbaConfig, task, tokenizer):
+        from producers.generation import HFGenerator
+
+        self.problems = task.held_out[: cfg.trainer.eval_prompts]
+        self.task = task
+        self.tokenizer = tokenizer
+        self._gen = lambda model: HFGenerator(
+            model, tokenizer, None, cfg.trainer.temperature, cfg.trainer.eval_max_new_tokens
+        )
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict[str, float]:
+        model.eval()
+        gen = self._gen(model)
+        prompts = [gen.prompt_ids(p.messages) for p in self.problems]
+        greedy = [self.task.reward(p, t) for p, t in zip(self.problems, gen.texts(prompts, sample=False), strict=True)]
+        sampled = [self.task.reward(p, t) for p, t in zip(self.problems, gen.texts(prompts, sample=True), strict=True)]
+        return {"greedy_accuracy": float(np.mean([r >= 1.0 for r in greedy])), "greedy_reward": float(np.mean(greedy)),
+                "sampled_reward": float(np.mean(sampled))}  # fmt: skip
+
+
+def run_trainer(cfg: TbaConfig, stop: threading.Event | None = None) -> Trainer:
+    """`tba train`: the streaming training job. Resumes from run_dir's latest checkpoint; checkpoints on stop."""
+    import json
+
+    from producers.generation import load_model
+    from producers.tasks import build_task
+    from schemas.codec import SchemaStore
+    from trainer.replay_buffer import CuratedFeed
+    from trainer.weight_sync import WeightSyncServer
+
+    stop = stop or threading.Event()
+    t = cfg.trainer
+    torch.manual_seed(t.seed)
+    model, tokenizer = load_model(t.model or cfg.searcher.model, t.gguf_file or cfg.searcher.gguf_file, t.dtype)
+    store = SchemaStore(cfg)
+    buffer = ReplayBuffer(cfg, store, seed=t.seed)
+    server = WeightSyncServer(cfg)
+    server.start()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = Trainer(cfg, model, buffer, pad, server=server, feed=CuratedFeed(cfg, buffer))
+    if not trainer.resume():
+        server.publish(model.state_dict(), step=0, version=0)  # the initial policy: what searchers start from
+    else:
+        server.publish(model.state_dict(), step=trainer.step, version=trainer.policy_version)
+    evaluate = Evaluator(cfg, build_task(cfg.task), tokenizer)
+    Path(t.run_dir).mkdir(parents=True, exist_ok=True)
+    metrics = open(Path(t.run_dir) / "metrics.jsonl", "a")
+    started = time.monotonic()
+
+    def record(kind: str, **values) -> None:
+        row = {"kind": kind, "step": trainer.step, "policy_version": trainer.policy_version, "time": time.time(),
+               "wall_s": time.monotonic() - started, **values}  # fmt: skip
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        log.info("%s", row)
+
+    try:
+        if trainer.step == 0:
+            record("eval", **evaluate(model))
+        while not stop.is_set() and trainer.step < t.max_steps:
+            trainer.feed.poll(0)
+            trainer.wait_for_data(stop)
+            if stop.is_set():
+                break
+            result = trainer.train_step()
+            record("train", **{k: v for k, v in result.__dict__.items() if k != "step"}, buffer_groups=len(buffer),
+                   trainer_wait_fraction=trainer.waited_s / (time.monotonic() - started))  # fmt: skip
+            if trainer.step % t.eval_every == 0:
+                record("eval", **evaluate(model))
+            if trainer.step % t.checkpoint_every == 0:
+                trainer.save()
+    finally:
+        trainer.save()
+        metrics.close()
+        trainer.close()
+        server.stop()
+    return trainer

@@ -12,4 +12,8 @@ def build_task(cfg: TaskConfig):
         from producers.tasks.math import MathTask
 
         return MathTask(cfg)
-    raise ConfigError(f"task.name: {cfg.name!r} is not built yet (available: 'math')")
+    if cfg.name == "toy":
+        from producers.tasks.toy import ToyTask
+
+        return ToyTask(cfg)
+    raise ConfigError(f"task.name: {cfg.name!r} is not built yet (available: 'math', 'toy')")

@@ -1,0 +1,59 @@
+"""The whole loop learns: searcher process -> Kafka -> filter process -> trainer -> weight sync -> searcher."""
+
+import subprocess
+import sys
+import threading
+from collections import defaultdict
+
+import numpy as np
+import yaml
+
+from ops.broker import free_port
+from ops.config import with_overrides
+from ops.topics import topic_names
+from schemas.records import TrajectoryCodec
+from tests.conftest import read_topic
+from tests.tiny_models import char_tokenizer, tiny_llama
+from trainer.train import run_trainer
+
+
+def test_mean_reward_rises_through_the_full_path(cfg, store, tmp_path):
+    tiny_llama(0).save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    cfg = with_overrides(
+        cfg,
+        task={"name": "toy", "train_size": 16, "eval_size": 4},
+        searcher={"model": str(tmp_path / "model"), "samples_per_prompt": 6, "prompts_per_batch": 2,
+                  "max_new_tokens": 6, "temperature": 1.0},
+        filter={"scorers": ["structure", "finite_rewards", "lengths", "length_limits"], "max_poll_records": 20},
+        buffer={"samples_per_prompt": 6, "on_policy_prob": 0.95},
+        trainer={"prompts_per_step": 2, "micro_batch_prompts": 1, "lr": 1e-2, "warmup_steps": 1, "beta_start": 0.05,
+                 "beta_end": 0.05, "temperature": 1.0, "sync_every": 1, "min_buffer_prompts": 2, "max_steps": 60,
+                 "eval_every": 1000, "checkpoint_every": 1000, "run_dir": str(tmp_path / "run"), "eval_prompts": 4,
+                 "eval_max_new_tokens": 6},
+        weights={"port": free_port(), "subscription_s": 10},
+    )  # fmt: skip
+    config = tmp_path / "tba.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    tba = [sys.executable, "-m", "ops.cli", "--config", str(config)]
+    filter_proc = subprocess.Popen([*tba, "filter", "--instance", "0"])
+    searcher = subprocess.Popen([*tba, "search", "--index", "0"])
+    try:
+        trainer = run_trainer(cfg, threading.Event())
+    finally:
+        searcher.terminate()
+        searcher.wait(60)
+        filter_proc.terminate()
+        filter_proc.wait(60)
+    assert trainer.step == 60 and trainer.policy_version == 60
+
+    rewards = defaultdict(list)
+    for rec in read_topic(cfg, topic_names(cfg).raw):
+        group = TrajectoryCodec(store).decode(rec.value)
+        rewards[group.policy_version].extend(s.reward for s in group.samples)
+    versions = sorted(rewards)
+    early = np.mean(rewards[0])
+    late = np.mean([r for v in versions if v >= 40 for r in rewards[v]])
+    assert versions[0] == 0 and versions[-1] >= 40  # searchers followed the trainer's versions
+    print(f"mean reward at version 0: {early:.3f}, at versions >= 40: {late:.3f}")
+    assert late > early + 0.15, (early, late)
