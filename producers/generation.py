@@ -27,8 +27,16 @@ class Completion:
 
 
 def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32"):
-    """(model, tokenizer) from a local folder (or a GGUF file in it); nothing is downloaded."""
+    """(model, tokenizer) from a local folder (or a GGUF file in it); "" is the default model.
+
+    Nothing is downloaded from a model hub.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path:
+        from producers.default_model import default_model_dir
+
+        path, gguf_file = str(default_model_dir()), None
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
