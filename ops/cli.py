@@ -150,8 +150,7 @@ def search(obj: Context, index: int, batches: int | None) -> None:
     try:
         stats = searcher.run(stop, max_batches=batches)
     finally:
-        searcher.producer.close()
-        searcher.subscriber.close()
+        searcher.close()
     click.echo(
         f"searcher {index}: {stats.groups} groups in {stats.batches} batches, mean reward {stats.mean_reward:.3f}"
     )

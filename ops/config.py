@@ -149,6 +149,7 @@ class SearcherConfig(Section):
     max_new_tokens: int = Field(48, ge=1)
     searchers: int = Field(1, ge=1)  # each owns the prompts whose index % searchers == its index
     weights_target: str | None = None  # host:port of the weight-sync service; None: weights.host:port
+    max_policy_lag: int = Field(4, ge=0)  # versions behind the newest announced one before pausing
     seed: int = 0
 
 

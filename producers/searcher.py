@@ -30,6 +30,7 @@ class SearcherStats:
     batches: int = 0
     groups: int = 0
     swaps: int = 0
+    paused: int = 0  # batches skipped for being more than max_policy_lag versions behind
     mean_reward: float = 0.0
 
 
@@ -43,6 +44,7 @@ class Searcher:
         producer: TrajectoryProducer,
         subscriber: WeightSubscriber | None = None,
         model_id: str = "",
+        watch=None,
     ):
         self.cfg = cfg.searcher
         self.index = index
@@ -51,6 +53,7 @@ class Searcher:
         self.producer = producer
         self.subscriber = subscriber
         self.model_id = model_id
+        self.watch = watch  # a PolicyWatch: how far behind the trainer this searcher's weights are
         self.generator_id = f"searcher-{index}"
         self.policy_version = 0  # the initial weights are version 0; the trainer publishes from there
         self.problems = [p for i, p in enumerate(task.train) if i % self.cfg.searchers == index]
@@ -78,9 +81,33 @@ class Searcher:
             out.append(self.problems[self._order.pop()])
         return out
 
+    def lagging(self) -> int:
+        """How many versions beyond max_policy_lag this searcher is behind (0: fine to generate)."""
+        if self.watch is None:
+            return 0
+        return max(0, self.watch.poll() - self.policy_version - self.cfg.max_policy_lag)
+
     def step(self) -> list[TrajectoryGroup]:
-        """One batch: swap weights if new ones arrived, sample, reward, publish."""
+        """One batch: swap weights if new ones arrived, sample, reward, publish. [] while paused for lag."""
         self.swap_weights()
+        if self.lagging():
+            if self.stats.paused % 30 == 0:
+                log.warning(
+                    "searcher %d paused: policy version %d is more than %d behind the newest announced (%d); "
+                    "waiting for weights from %s",
+                    self.index,
+                    self.policy_version,
+                    self.cfg.max_policy_lag,
+                    self.watch.newest,
+                    self.subscriber.target if self.subscriber else "nowhere",
+                )
+            self.stats.paused += 1
+            if self.subscriber is not None:
+                try:
+                    self.subscriber.wait_for(self.watch.newest - self.cfg.max_policy_lag, timeout_s=1.0)
+                except TimeoutError:
+                    pass
+            return []
         problems = self._next_problems()
         prompts = [self.generator.prompt_ids(p.messages) for p in problems]
         groups = []
@@ -114,6 +141,12 @@ class Searcher:
         self.stats.batches += 1
         return groups
 
+    def close(self) -> None:
+        self.producer.close()
+        for part in (self.subscriber, self.watch):
+            if part is not None:
+                part.close()
+
     def run(self, stop: threading.Event | None = None, max_batches: int | None = None) -> SearcherStats:
         stop = stop or threading.Event()
         while not stop.is_set() and (max_batches is None or self.stats.batches < max_batches):
@@ -141,5 +174,8 @@ def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
     generator = HFGenerator(model, tokenizer, reference, s.temperature, s.max_new_tokens)
     target = s.weights_target or f"{cfg.weights.host}:{cfg.weights.port}"
     subscriber = WeightSubscriber(cfg.weights, target, f"searcher-{index}").start()
+    from producers.policy_watch import PolicyWatch
+
     producer = TrajectoryProducer(cfg)
-    return Searcher(cfg, index, generator, build_task(cfg.task), producer, subscriber, model_id=s.model)
+    task = build_task(cfg.task)
+    return Searcher(cfg, index, generator, task, producer, subscriber, model_id=s.model, watch=PolicyWatch(cfg))

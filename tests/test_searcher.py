@@ -44,8 +44,7 @@ def test_searcher_publishes_groups_and_swaps_weights_between_batches(cfg, store,
     expected = token_logprobs(trained(seq).logits[:, p - 1 : -1], seq[:, p:], 0.7)[0].detach().numpy()
     np.testing.assert_allclose(s.logprobs, expected, atol=1e-4)
 
-    searcher.producer.close()
-    searcher.subscriber.close()
+    searcher.close()
     server.stop()
     codec = TrajectoryCodec(store)
     published = [codec.decode(r.value) for r in read_topic(cfg, topic_names(cfg).raw)]
@@ -84,3 +83,26 @@ def test_tba_search_runs_without_waiting_for_a_trainer(cfg, store, tmp_path):
     assert "searcher 0: 4 groups in 2 batches" in done.stdout
     groups = [TrajectoryCodec(store).decode(r.value) for r in read_topic(cfg, topic_names(cfg).raw)]
     assert len(groups) == 4 and {g.policy_version for g in groups} == {0}
+
+
+def test_a_searcher_too_far_behind_pauses_instead_of_generating(cfg, store, tmp_path):
+    from ops.broker import free_port
+
+    tiny_llama(0).save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    cfg = with_overrides(
+        cfg,
+        weights={"port": 0},
+        task={"train_size": 4, "eval_size": 2},
+        searcher={"model": str(tmp_path / "model"), "samples_per_prompt": 2, "max_new_tokens": 4, "max_policy_lag": 2},
+    )
+    announcer = WeightSyncServer(cfg)  # announces versions on Kafka; the searcher cannot reach it for weights
+    announcer.start()
+    searcher = build_searcher(with_overrides(cfg, searcher={"weights_target": f"127.0.0.1:{free_port()}"}), 0)
+    assert len(searcher.step()) == 2  # nothing announced yet: generate
+    for v in range(1, 4):
+        announcer.wait_published(announcer.publish(tiny_llama(v).state_dict(), step=v, version=v))
+    announcer.stop()  # flushes the announcements
+    assert searcher.step() == [] and searcher.stats.paused == 1  # 3 versions behind, max lag 2
+    assert searcher.lagging() == 1
+    searcher.close()

@@ -1,0 +1,34 @@
+"""The newest policy version the trainer has announced, read from the compacted policy-versions topic."""
+
+from __future__ import annotations
+
+from kafka import TopicPartition
+
+from ops import kafka_clients
+from ops.config import TbaConfig
+from ops.topics import topic_names
+from schemas.codec import SchemaStore
+from schemas.records import PolicyVersionCodec
+
+
+class PolicyWatch:
+    def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None):
+        self.codec = PolicyVersionCodec(store or SchemaStore(cfg))
+        self.tp = TopicPartition(topic_names(cfg).policy_versions, 0)
+        self.consumer = kafka_clients.consumer(cfg, isolation_level="read_uncommitted")
+        self.consumer.assign([self.tp])
+        self._read_to = 0
+        self.newest = -1
+
+    def poll(self) -> int:
+        """The newest announced version (-1 before any); reads only the last record when more arrived."""
+        end = self.consumer.end_offsets([self.tp])[self.tp]
+        if end > self._read_to:
+            self.consumer.seek(self.tp, end - 1)
+            for rec in self.consumer.poll(timeout_ms=1000).get(self.tp, []):
+                self.newest = max(self.newest, self.codec.decode(rec.value)["version"])
+            self._read_to = end
+        return self.newest
+
+    def close(self) -> None:
+        self.consumer.close()
