@@ -159,6 +159,9 @@ class TrainerConfig(Section):
     model: str = ""  # default: searcher.model
     gguf_file: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
+    mode: Literal["async", "sync"] = "async"  # sync: the on-policy baseline (generate, train, repeat; no replay)
+    loss: Literal["tb", "rloo", "grpo"] = "tb"  # rloo / grpo: policy-gradient baselines, for comparisons
+    kl_coef: float = Field(0.0, ge=0)  # rloo / grpo: KL penalty in the reward (TB uses beta instead)
     prompts_per_step: int = Field(4, ge=1)  # B; K is buffer.samples_per_prompt
     micro_batch_prompts: int = Field(2, ge=1)  # whole prompts per forward pass: logZ never mixes prompts
     lr: float = Field(1e-5, gt=0)

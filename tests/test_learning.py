@@ -6,6 +6,7 @@ import threading
 from collections import defaultdict
 
 import numpy as np
+import pytest
 import yaml
 
 from ops.broker import free_port
@@ -56,4 +57,34 @@ def test_mean_reward_rises_through_the_full_path(cfg, store, tmp_path):
     late = np.mean([r for v in versions if v >= 40 for r in rewards[v]])
     assert versions[0] == 0 and versions[-1] >= 40  # searchers followed the trainer's versions
     print(f"mean reward at version 0: {early:.3f}, at versions >= 40: {late:.3f}")
+    assert late > early + 0.15, (early, late)
+
+
+@pytest.mark.parametrize("loss", ["tb", "rloo", "grpo"])
+def test_synchronous_on_policy_baseline_learns_the_toy_task(loss, tmp_path):
+    import json
+
+    from ops.config import load_config
+
+    tiny_llama(0).save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    cfg = load_config(
+        environ={},
+        task={"name": "toy", "train_size": 16, "eval_size": 4},
+        searcher={"model": str(tmp_path / "model"), "max_new_tokens": 6},
+        buffer={"samples_per_prompt": 6},
+        trainer={"mode": "sync", "loss": loss, "prompts_per_step": 2, "micro_batch_prompts": 1, "lr": 1e-2,
+                 "warmup_steps": 1, "beta_start": 0.05, "beta_end": 0.05, "temperature": 1.0, "max_steps": 60,
+                 "eval_every": 30, "checkpoint_every": 1000, "run_dir": str(tmp_path / "run"), "eval_prompts": 4,
+                 "eval_max_new_tokens": 6},
+    )  # fmt: skip
+    trainer = run_trainer(cfg)
+    assert trainer.step == 60
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert all(r["mode"] == "sync" and r["loss_name"] == loss for r in rows)
+    assert [r["kind"] for r in rows].count("eval") == 3  # at step 0, 30, 60
+    early = np.mean([r["mean_reward"] for r in train[:10]])
+    late = np.mean([r["mean_reward"] for r in train[-10:]])
+    print(f"{loss}: mean reward {early:.3f} -> {late:.3f}")
     assert late > early + 0.15, (early, late)

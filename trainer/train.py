@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from ops.config import TbaConfig
 from ops.errors import TbaError
+from trainer.baselines import grpo_loss, penalised_rewards, rloo_loss
 from trainer.replay_buffer import ReplayBuffer, SampledPrompt
 from trainer.tb_loss import completion_logits, linear_beta, tb_loss, token_logprobs
 
@@ -63,7 +64,7 @@ def collate(prompts: list[SampledPrompt], pad_id: int):
 
 
 class Trainer:
-    def __init__(self, cfg: TbaConfig, model, buffer: ReplayBuffer, pad_id: int, server=None, feed=None):
+    def __init__(self, cfg: TbaConfig, model, buffer: ReplayBuffer | None, pad_id: int, server=None, feed=None):
         self.cfg = cfg
         self.t = cfg.trainer
         self.model = model
@@ -89,10 +90,12 @@ class Trainer:
             self.feed.poll(200)
         self.waited_s += time.monotonic() - start
 
-    def train_step(self) -> StepResult:
+    def train_step(self, batch: list[SampledPrompt] | None = None) -> StepResult:
+        """One optimizer step on batch (default: B prompts sampled from the replay buffer)."""
         start = time.monotonic()
         self.model.train()
-        batch = self.buffer.sample(self.t.prompts_per_step)
+        if batch is None:
+            batch = self.buffer.sample(self.t.prompts_per_step)
         beta = linear_beta(self.step, self.t.beta_start, self.t.beta_end, self.t.beta_anneal_steps)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -100,8 +103,9 @@ class Trainer:
             micro = batch[i : i + self.t.micro_batch_prompts]  # whole prompts: logZ never mixes prompts
             seq, attn, ids, mask, width, ref, rewards = collate(micro, self.pad_id)
             logits = completion_logits(self.model, seq, attn, width)  # (N, T, V)
-            logp = (token_logprobs(logits, ids, self.t.temperature) * mask).sum(-1).view_as(ref)  # (P, K)
-            loss = tb_loss(logp, ref, rewards, beta) * len(micro) / len(batch)
+            token_logp = token_logprobs(logits, ids, self.t.temperature) * mask  # (N, T)
+            logp = token_logp.sum(-1).view_as(ref)  # (P, K)
+            loss = self._loss(logp, token_logp, mask, ref, rewards, beta) * len(micro) / len(batch)
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.max_grad_norm)
@@ -121,6 +125,15 @@ class Trainer:
             seconds=time.monotonic() - start,
         )
 
+    def _loss(self, logp, token_logp, mask, ref, rewards, beta) -> torch.Tensor:
+        if self.t.loss == "tb":
+            return tb_loss(logp, ref, rewards, beta)
+        rewards = penalised_rewards(rewards, logp, ref, self.t.kl_coef)
+        if self.t.loss == "rloo":
+            return rloo_loss(logp, rewards)
+        shape = (*ref.shape, -1)  # (P, K, T)
+        return grpo_loss(token_logp.view(shape), mask.view(shape), rewards)
+
     def publish(self) -> int:
         """A new policy version from the current weights (the server copies them and returns)."""
         self.policy_version += 1
@@ -130,7 +143,8 @@ class Trainer:
     def close(self) -> None:
         if self.feed is not None:
             self.feed.close()
-        self.buffer.close()
+        if self.buffer is not None:
+            self.buffer.close()
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -152,7 +166,8 @@ class Trainer:
             },
             tmp / "trainer.pt",
         )
-        np.savez(tmp / "buffer.npz", **self.buffer.state())
+        if self.buffer is not None:
+            np.savez(tmp / "buffer.npz", **self.buffer.state())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         (root / "latest.tmp").write_text(final.name)
@@ -174,8 +189,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.policy_version = state["step"], state["policy_version"]
-        with np.load(path / "buffer.npz", allow_pickle=True) as saved:
-            self.buffer.restore({k: saved[k] for k in saved.files})
+        if self.buffer is not None:
+            with np.load(path / "buffer.npz", allow_pickle=True) as saved:
+                self.buffer.restore({k: saved[k] for k in saved.files})
         if self.feed is not None:
             self.feed.seek(self.buffer.next_offsets)
         log.info("resumed from %s at step %d, policy version %d", path, self.step, self.policy_version)
@@ -207,9 +223,11 @@ class Evaluator:
 
 
 def run_trainer(cfg: TbaConfig, stop: threading.Event | None = None) -> Trainer:
-    """`tba train`: the streaming training job. Resumes from run_dir's latest checkpoint; checkpoints on stop."""
-    import json
+    """`tba train`: the training job, asynchronous (TBA: from the curated topic) or synchronous on-policy.
 
+    Resumes from run_dir's latest checkpoint, checkpoints every checkpoint_every steps and on stop,
+    evaluates on the held-out problems, and appends every step's metrics to run_dir/metrics.jsonl.
+    """
     from producers.generation import load_model
     from producers.tasks import build_task
     from schemas.codec import SchemaStore
@@ -220,46 +238,103 @@ def run_trainer(cfg: TbaConfig, stop: threading.Event | None = None) -> Trainer:
     t = cfg.trainer
     torch.manual_seed(t.seed)
     model, tokenizer = load_model(t.model or cfg.searcher.model, t.gguf_file or cfg.searcher.gguf_file, t.dtype)
-    store = SchemaStore(cfg)
-    buffer = ReplayBuffer(cfg, store, seed=t.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    task = build_task(cfg.task)
+    if t.mode == "sync":
+        trainer = Trainer(cfg, model, None, pad)
+        trainer.resume()
+        batches = SyncBatches(cfg, trainer, tokenizer, task)
+        return _loop(cfg, trainer, batches, Evaluator(cfg, task, tokenizer), stop)
+    buffer = ReplayBuffer(cfg, SchemaStore(cfg), seed=t.seed)
     server = WeightSyncServer(cfg)
     server.start()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(cfg, model, buffer, pad, server=server, feed=CuratedFeed(cfg, buffer))
-    if not trainer.resume():
-        server.publish(model.state_dict(), step=0, version=0)  # the initial policy: what searchers start from
-    else:
-        server.publish(model.state_dict(), step=trainer.step, version=trainer.policy_version)
-    evaluate = Evaluator(cfg, build_task(cfg.task), tokenizer)
+    trainer.resume()
+    # what searchers start from (the initial policy, or the resumed one)
+    server.publish(model.state_dict(), step=trainer.step, version=trainer.policy_version)
+
+    def from_buffer() -> list[SampledPrompt] | None:
+        trainer.feed.poll(0)
+        trainer.wait_for_data(stop)
+        return None if stop.is_set() else buffer.sample(t.prompts_per_step)
+
+    try:
+        return _loop(cfg, trainer, from_buffer, Evaluator(cfg, task, tokenizer), stop)
+    finally:
+        server.stop()
+
+
+class SyncBatches:
+    """The synchronous on-policy baseline: generate a batch with the current weights, then train on it."""
+
+    def __init__(self, cfg: TbaConfig, trainer: Trainer, tokenizer, task):
+        from producers.generation import HFGenerator, load_model
+
+        s, t = cfg.searcher, cfg.trainer
+        reference, _ = load_model(s.reference_model or t.model or s.model, None, t.dtype)
+        self.generator = HFGenerator(trainer.model, tokenizer, reference, t.temperature, s.max_new_tokens)
+        self.task = task
+        self.k = cfg.buffer.samples_per_prompt
+        self.b = t.prompts_per_step
+        self.rng = np.random.default_rng(t.seed)
+        self.trainer = trainer
+
+    def __call__(self) -> list[SampledPrompt]:
+        from schemas.records import Sample
+
+        self.trainer.model.eval()
+        problems = [self.task.train[i] for i in self.rng.choice(len(self.task.train), self.b, replace=False)]
+        prompts = [self.generator.prompt_ids(p.messages) for p in problems]
+        batch = []
+        for problem, ids, completions in zip(problems, prompts, self.generator.sample(prompts, self.k), strict=True):
+            samples = [
+                Sample(
+                    c.text, c.token_ids, c.logprobs, c.ref_logprobs, self.task.reward(problem, c.text), c.finish_reason
+                )
+                for c in completions
+            ]
+            batch.append(
+                SampledPrompt(
+                    problem.prompt_id, "", np.array(ids, np.int32), samples, [self.trainer.step] * self.k, True
+                )
+            )
+        return batch
+
+
+def _loop(cfg: TbaConfig, trainer: Trainer, next_batch, evaluate: Evaluator, stop: threading.Event) -> Trainer:
+    import json
+
+    t = cfg.trainer
     Path(t.run_dir).mkdir(parents=True, exist_ok=True)
     metrics = open(Path(t.run_dir) / "metrics.jsonl", "a")
     started = time.monotonic()
 
     def record(kind: str, **values) -> None:
-        row = {"kind": kind, "step": trainer.step, "policy_version": trainer.policy_version, "time": time.time(),
-               "wall_s": time.monotonic() - started, **values}  # fmt: skip
+        row = {"kind": kind, "mode": t.mode, "loss_name": t.loss, "step": trainer.step,
+               "policy_version": trainer.policy_version, "time": time.time(), "wall_s": time.monotonic() - started,
+               **values}  # fmt: skip
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
         log.info("%s", row)
 
     try:
         if trainer.step == 0:
-            record("eval", **evaluate(model))
+            record("eval", **evaluate(trainer.model))
         while not stop.is_set() and trainer.step < t.max_steps:
-            trainer.feed.poll(0)
-            trainer.wait_for_data(stop)
-            if stop.is_set():
+            fetch = time.monotonic()
+            batch = next_batch()
+            if batch is None:
                 break
-            result = trainer.train_step()
-            record("train", **{k: v for k, v in result.__dict__.items() if k != "step"}, buffer_groups=len(buffer),
+            fetch_s = time.monotonic() - fetch
+            result = trainer.train_step(batch)
+            record("train", **{k: v for k, v in result.__dict__.items() if k != "step"}, batch_s=fetch_s,
                    trainer_wait_fraction=trainer.waited_s / (time.monotonic() - started))  # fmt: skip
             if trainer.step % t.eval_every == 0:
-                record("eval", **evaluate(model))
+                record("eval", **evaluate(trainer.model))
             if trainer.step % t.checkpoint_every == 0:
                 trainer.save()
     finally:
         trainer.save()
         metrics.close()
         trainer.close()
-        server.stop()
     return trainer
