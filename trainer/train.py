@@ -9,6 +9,7 @@ optimizer, scheduler, RNG, step, policy version, consumed offsets and the buffer
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 
 from ops.config import TbaConfig
 from ops.errors import TbaError
@@ -78,6 +81,10 @@ class Trainer:
         warmup = max(1, self.t.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.waited_s = 0.0
+        # data parallel under torchrun: each process takes every world-th prompt of the batch
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.forward_model = DistributedDataParallel(model) if self.world > 1 else model
 
     def wait_for_data(self, stop: threading.Event | None = None) -> None:
         """Ingest from the feed until the buffer holds min_buffer_prompts prompts."""
@@ -90,24 +97,43 @@ class Trainer:
             self.feed.poll(200)
         self.waited_s += time.monotonic() - start
 
+    def broadcast(self, batch: list[SampledPrompt] | None) -> list[SampledPrompt] | None:
+        """Process 0's batch (or None: stop) to every process."""
+        box = [batch]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def train_step(self, batch: list[SampledPrompt] | None = None) -> StepResult:
-        """One optimizer step on batch (default: B prompts sampled from the replay buffer)."""
+        """One optimizer step on batch (default: B prompts sampled from the replay buffer).
+
+        Under DDP every process is given the same batch and trains on its share of the prompts;
+        averaging the gradients makes it the same update as one process on the whole batch.
+        """
         start = time.monotonic()
         self.model.train()
         if batch is None:
             batch = self.buffer.sample(self.t.prompts_per_step)
+        if len(batch) % self.world:
+            raise TbaError(f"trainer.prompts_per_step ({len(batch)}) must be divisible by the {self.world} processes")
+        local = batch[self.rank :: self.world]
         beta = linear_beta(self.step, self.t.beta_start, self.t.beta_end, self.t.beta_anneal_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for i in range(0, len(batch), self.t.micro_batch_prompts):
-            micro = batch[i : i + self.t.micro_batch_prompts]  # whole prompts: logZ never mixes prompts
-            seq, attn, ids, mask, width, ref, rewards = collate(micro, self.pad_id)
-            logits = completion_logits(self.model, seq, attn, width)  # (N, T, V)
-            token_logp = token_logprobs(logits, ids, self.t.temperature) * mask  # (N, T)
-            logp = token_logp.sum(-1).view_as(ref)  # (P, K)
-            loss = self._loss(logp, token_logp, mask, ref, rewards, beta) * len(micro) / len(batch)
-            loss.backward()
-            total += loss.item()
+        total = torch.zeros(())
+        micros = range(0, len(local), self.t.micro_batch_prompts)
+        for i in micros:
+            micro = local[i : i + self.t.micro_batch_prompts]  # whole prompts: logZ never mixes prompts
+            last = i == micros[-1]
+            with self.forward_model.no_sync() if self.world > 1 and not last else contextlib.nullcontext():
+                seq, attn, ids, mask, width, ref, rewards = collate(micro, self.pad_id)
+                logits = completion_logits(self.forward_model, seq, attn, width)  # (N, T, V)
+                token_logp = token_logprobs(logits, ids, self.t.temperature) * mask  # (N, T)
+                logp = token_logp.sum(-1).view_as(ref)  # (P, K)
+                loss = self._loss(logp, token_logp, mask, ref, rewards, beta) * len(micro) / len(local)
+                loss.backward()
+            total += loss.detach()
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -117,7 +143,7 @@ class Trainer:
         versions = [v for p in batch for v in p.policy_versions]
         return StepResult(
             step=self.step,
-            loss=total,
+            loss=float(total),
             beta=beta,
             mean_reward=float(np.mean([s.reward for p in batch for s in p.samples])),
             on_policy_fraction=float(np.mean([p.on_policy for p in batch])),
@@ -236,15 +262,22 @@ def run_trainer(cfg: TbaConfig, stop: threading.Event | None = None) -> Trainer:
 
     stop = stop or threading.Event()
     t = cfg.trainer
-    torch.manual_seed(t.seed)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # started by torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    torch.manual_seed(t.seed)  # the same initial weights in every process
     model, tokenizer = load_model(t.model or cfg.searcher.model, t.gguf_file or cfg.searcher.gguf_file, t.dtype)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     task = build_task(cfg.task)
     if t.mode == "sync":
         trainer = Trainer(cfg, model, None, pad)
         trainer.resume()
-        batches = SyncBatches(cfg, trainer, tokenizer, task)
+        batches = SyncBatches(cfg, trainer, tokenizer, task) if main else None
         return _loop(cfg, trainer, batches, Evaluator(cfg, task, tokenizer), stop)
+    if not main:  # the other processes only train on the batches process 0 sends them
+        trainer = Trainer(cfg, model, None, pad)
+        trainer.resume()
+        return _loop(cfg, trainer, None, Evaluator(cfg, task, tokenizer), stop)
     buffer = ReplayBuffer(cfg, SchemaStore(cfg), seed=t.seed)
     server = WeightSyncServer(cfg)
     server.start()
@@ -305,11 +338,14 @@ def _loop(cfg: TbaConfig, trainer: Trainer, next_batch, evaluate: Evaluator, sto
     import json
 
     t = cfg.trainer
+    main = trainer.rank == 0  # under DDP, process 0 samples, evaluates, records and checkpoints
     Path(t.run_dir).mkdir(parents=True, exist_ok=True)
-    metrics = open(Path(t.run_dir) / "metrics.jsonl", "a")
+    metrics = open(Path(t.run_dir) / "metrics.jsonl", "a") if main else None
     started = time.monotonic()
 
     def record(kind: str, **values) -> None:
+        if not main:
+            return
         row = {"kind": kind, "mode": t.mode, "loss_name": t.loss, "step": trainer.step,
                "policy_version": trainer.policy_version, "time": time.time(), "wall_s": time.monotonic() - started,
                **values}  # fmt: skip
@@ -318,23 +354,26 @@ def _loop(cfg: TbaConfig, trainer: Trainer, next_batch, evaluate: Evaluator, sto
         log.info("%s", row)
 
     try:
-        if trainer.step == 0:
+        if trainer.step == 0 and main:
             record("eval", **evaluate(trainer.model))
-        while not stop.is_set() and trainer.step < t.max_steps:
+        while trainer.step < t.max_steps:
             fetch = time.monotonic()
-            batch = next_batch()
+            batch = next_batch() if main and not stop.is_set() else None
+            if trainer.world > 1:
+                batch = trainer.broadcast(batch)
             if batch is None:
                 break
             fetch_s = time.monotonic() - fetch
             result = trainer.train_step(batch)
             record("train", **{k: v for k, v in result.__dict__.items() if k != "step"}, batch_s=fetch_s,
                    trainer_wait_fraction=trainer.waited_s / (time.monotonic() - started))  # fmt: skip
-            if trainer.step % t.eval_every == 0:
+            if trainer.step % t.eval_every == 0 and main:
                 record("eval", **evaluate(trainer.model))
-            if trainer.step % t.checkpoint_every == 0:
+            if trainer.step % t.checkpoint_every == 0 and main:
                 trainer.save()
     finally:
-        trainer.save()
-        metrics.close()
+        if main:
+            trainer.save()
+            metrics.close()
         trainer.close()
     return trainer

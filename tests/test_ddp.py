@@ -1,0 +1,52 @@
+"""Data parallel: 2 gloo processes, each on half the prompts, make the same update as one process on all."""
+
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ops.broker import free_port
+from ops.config import load_config
+from producers.synthetic import synthetic_group
+from tests.tiny_models import tiny_llama
+from trainer.replay_buffer import SampledPrompt
+from trainer.train import Trainer
+
+
+def batch() -> list[SampledPrompt]:
+    rng = np.random.default_rng(0)
+    groups = [synthetic_group(rng, i, samples=4, tokens=12, vocab=128) for i in range(4)]
+    return [SampledPrompt(g.prompt_id, g.prompt, g.prompt_token_ids, g.samples, [0] * 4, True) for g in groups]
+
+
+def config():
+    return load_config(environ={}, trainer={"prompts_per_step": 4, "micro_batch_prompts": 1, "lr": 1e-3})
+
+
+def one_step() -> dict[str, torch.Tensor]:
+    trainer = Trainer(config(), tiny_llama(0), None, pad_id=0)
+    result = trainer.train_step(batch())
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}, result.loss
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    state, loss = one_step()
+    torch.save({"state": state, "loss": loss}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_make_the_single_process_update(tmp_path):
+    mp.spawn(worker, args=(free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    single, single_loss = one_step()
+    before = tiny_llama(0).state_dict()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"ddp.{rank}")
+        assert abs(got["loss"] - single_loss) < 1e-4 * max(1.0, abs(single_loss))
+        for name, tensor in single.items():
+            assert not torch.equal(tensor, before[name]) or name.endswith("norm.weight")
+            torch.testing.assert_close(got["state"][name], tensor, rtol=1e-5, atol=1e-6)
