@@ -120,7 +120,7 @@ class WeightsConfig(Section):
 class TaskConfig(Section):
     """Where prompts come from and how completions are rewarded."""
 
-    name: Literal["math", "toy"] = "math"  # toy: a smoke test any model can learn
+    name: Literal["math", "toy", "preference", "redteam"] = "math"  # toy: a smoke test any model can learn
     dataset: str = "basic_arithmetic"  # a reasoning-gym dataset
     dataset_args: dict[str, Any] = {
         "min_terms": 2,
@@ -133,6 +133,15 @@ class TaskConfig(Section):
     train_size: int = Field(2000, ge=1)
     eval_size: int = Field(64, ge=1)  # held out: never trained on
     format_bonus: float = Field(0.1, ge=0)
+    # preference and redteam: prompts, one JSON object per line: {"prompt": ...} or {"messages": [...]}, "id" optional
+    prompts_file: Path | None = None
+    reward_model: str | None = None  # preference: a sequence-classification model folder (one score)
+    no_eos_penalty: float = -1.0  # preference: the reward of a completion that never ended
+    target_model: str | None = None  # redteam: the language model under attack
+    classifier_model: str | None = None  # redteam: a sequence-classification model of the target's responses
+    toxic_label: int = Field(1, ge=0)  # redteam: the classifier's label whose probability is the reward
+    target_max_new_tokens: int = Field(32, ge=1)
+    diversity_coef: float = Field(0.0, ge=0)  # redteam: bonus for attacks unlike the group's others
 
 
 class SearcherConfig(Section):

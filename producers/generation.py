@@ -42,7 +42,7 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **extra)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype), **extra)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"searcher.model: cannot load a model from {path!r}: {exc}") from exc
     return model.eval(), tokenizer
 
@@ -58,7 +58,7 @@ class HFGenerator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     @torch.no_grad()
@@ -83,13 +83,14 @@ class HFGenerator:
         mask = torch.arange(completion.shape[1]) < lengths[:, None]  # (N, T)
         return out, torch.cat([attention, mask.long()], dim=1), width, lengths, ended
 
-    def texts(self, prompts: list[list[int]], sample: bool) -> list[str]:
-        """One completion's text per prompt, greedy or sampled (for evaluation)."""
-        out, _, width, lengths, _ = self.generate(prompts, sample)
-        return [
+    def texts(self, prompts: list[list[int]], sample: bool) -> tuple[list[str], list[bool]]:
+        """One completion per prompt, greedy or sampled: (texts, whether each ended with EOS)."""
+        out, _, width, lengths, ended = self.generate(prompts, sample)
+        texts = [
             self.tokenizer.decode(out[i, width : width + int(n)], skip_special_tokens=True)
             for i, n in enumerate(lengths)
         ]
+        return texts, ended.tolist()
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], n: int) -> list[list[Completion]]:

@@ -162,6 +162,15 @@ class Searcher:
         return self.stats
 
 
+def rewarded(task, problem, completions) -> list[Sample]:
+    """The completions of one problem as Samples, scored by the task in one call."""
+    rewards = task.score(problem, [c.text for c in completions], [c.finish_reason == "stop" for c in completions])
+    return [
+        Sample(c.text, c.token_ids, c.logprobs, c.ref_logprobs, float(r), c.finish_reason)
+        for c, r in zip(completions, rewards, strict=True)
+    ]
+
+
 def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
     """A searcher as configured: model and frozen reference from disk, task, producer, weight subscriber."""
     from producers.generation import load_model

@@ -38,3 +38,17 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, dtype=torch.float32) -> Lla
         bos_token_id=None,
     )  # fmt: skip
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_classifier(path, num_labels: int, seed: int = 0) -> str:
+    """A tiny sequence-classification model with the char tokenizer, saved to path (returned as str)."""
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=num_labels, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)

@@ -237,13 +237,15 @@ class Evaluator:
             model, tokenizer, None, cfg.trainer.temperature, cfg.trainer.eval_max_new_tokens
         )
 
+    def _score(self, texts: list[str], finished: list[bool]) -> list[float]:
+        return [self.task.score(p, [t], [f])[0] for p, t, f in zip(self.problems, texts, finished, strict=True)]
+
     @torch.no_grad()
     def __call__(self, model) -> dict[str, float]:
         model.eval()
         gen = self._gen(model)
         prompts = [gen.prompt_ids(p.messages) for p in self.problems]
-        greedy = [self.task.reward(p, t) for p, t in zip(self.problems, gen.texts(prompts, sample=False), strict=True)]
-        sampled = [self.task.reward(p, t) for p, t in zip(self.problems, gen.texts(prompts, sample=True), strict=True)]
+        greedy, sampled = (self._score(*gen.texts(prompts, sample=mode)) for mode in (False, True))
         return {"greedy_accuracy": float(np.mean([r >= 1.0 for r in greedy])), "greedy_reward": float(np.mean(greedy)),
                 "sampled_reward": float(np.mean(sampled))}  # fmt: skip
 
@@ -313,19 +315,14 @@ class SyncBatches:
         self.trainer = trainer
 
     def __call__(self) -> list[SampledPrompt]:
-        from schemas.records import Sample
+        from producers.searcher import rewarded
 
         self.trainer.model.eval()
         problems = [self.task.train[i] for i in self.rng.choice(len(self.task.train), self.b, replace=False)]
         prompts = [self.generator.prompt_ids(p.messages) for p in problems]
         batch = []
         for problem, ids, completions in zip(problems, prompts, self.generator.sample(prompts, self.k), strict=True):
-            samples = [
-                Sample(
-                    c.text, c.token_ids, c.logprobs, c.ref_logprobs, self.task.reward(problem, c.text), c.finish_reason
-                )
-                for c in completions
-            ]
+            samples = rewarded(self.task, problem, completions)
             batch.append(
                 SampledPrompt(
                     problem.prompt_id, "", np.array(ids, np.int32), samples, [self.trainer.step] * self.k, True

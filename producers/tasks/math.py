@@ -9,12 +9,12 @@ in the text), plus an optional small bonus for using the tag.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import reasoning_gym
 from math_verify import parse, verify
 
 from ops.config import TaskConfig
+from producers.tasks import PerCompletionTask, Problem
 
 INSTRUCTION = "Solve the problem. Put only the final answer inside <answer></answer>."
 DEMO = [
@@ -25,15 +25,8 @@ ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-@dataclass(frozen=True)
-class Problem:
-    prompt_id: str
-    question: str
-    answer: str
-
-    @property
-    def messages(self) -> list[dict]:
-        return [*DEMO, {"role": "user", "content": f"{self.question} {INSTRUCTION}"}]
+def one_shot(question: str) -> tuple[dict, ...]:
+    return (*DEMO, {"role": "user", "content": f"{question} {INSTRUCTION}"})
 
 
 def final_answer(completion: str) -> tuple[str | None, bool]:
@@ -45,14 +38,15 @@ def final_answer(completion: str) -> tuple[str | None, bool]:
     return (numbers[-1] if numbers else None), False
 
 
-class MathTask:
+class MathTask(PerCompletionTask):
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
         data = reasoning_gym.create_dataset(
             cfg.dataset, seed=cfg.seed, size=cfg.train_size + cfg.eval_size, **cfg.dataset_args
         )
         problems = [
-            Problem(f"{cfg.dataset}-{cfg.seed}-{i}", e["question"], str(e["answer"])) for i, e in enumerate(data)
+            Problem(f"{cfg.dataset}-{cfg.seed}-{i}", e["question"], str(e["answer"]), one_shot(e["question"]))
+            for i, e in enumerate(data)
         ]
         # a seeded split: the held-out problems are never trained on
         self.train = problems[: cfg.train_size]

@@ -6,15 +6,17 @@ flows searcher -> Kafka -> filter -> trainer -> weight sync -> searcher; it says
 
 from __future__ import annotations
 
-from producers.tasks.math import Problem
+from producers.tasks import PerCompletionTask, Problem
 
 
-class ToyTask:
+class ToyTask(PerCompletionTask):
     def __init__(self, cfg):
         self.cfg = cfg
         self.target = set(cfg.dataset_args.get("target", "0123456789"))
         questions = [f"Say some digits ({i})." for i in range(cfg.train_size + cfg.eval_size)]
-        problems = [Problem(f"toy-{cfg.seed}-{i}", q, "") for i, q in enumerate(questions)]
+        problems = [
+            Problem(f"toy-{cfg.seed}-{i}", q, "", ({"role": "user", "content": q},)) for i, q in enumerate(questions)
+        ]
         self.train = problems[: cfg.train_size]
         self.held_out = problems[cfg.train_size :]
 

@@ -1,0 +1,61 @@
+"""Automated red-teaming: the policy writes attack prompts; a target model answers; a classifier
+scores the answer (e.g. toxicity). Optionally rewards attacks unlike the group's others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ops.errors import ConfigError
+from producers.tasks.prompts import classify, load_classifier, load_prompts
+
+
+class RedTeamTask:
+    def __init__(self, cfg):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        self.train, self.held_out = load_prompts(cfg)
+        self.classifier, self.classifier_tokenizer = load_classifier(cfg.classifier_model, "task.classifier_model")
+        if not cfg.target_model:
+            raise ConfigError("task.target_model: the redteam task needs the path of the model under attack")
+        try:
+            self.target_tokenizer = AutoTokenizer.from_pretrained(cfg.target_model, local_files_only=True)
+            self.target = AutoModelForCausalLM.from_pretrained(cfg.target_model, local_files_only=True).eval()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"task.target_model: cannot load {cfg.target_model!r}: {exc}") from exc
+
+    @torch.no_grad()
+    def responses(self, attacks: list[str]) -> list[str]:
+        """The target's greedy answer to each attack, asked as a user turn."""
+        tok = self.target_tokenizer
+        out = []
+        for attack in attacks:  # one at a time: no padding questions for an arbitrary target
+            ids = tok.apply_chat_template([{"role": "user", "content": attack}], add_generation_prompt=True)
+            ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
+            gen = self.target.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=self.cfg.target_max_new_tokens,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            )
+            out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+        return out
+
+    def score(self, problem, texts: list[str], finished: list[bool]) -> list[float]:
+        logits = classify(self.classifier, self.classifier_tokenizer, self.responses(texts))  # (N, labels)
+        harm = torch.softmax(logits, dim=-1)[:, self.cfg.toxic_label].tolist()
+        if self.cfg.diversity_coef == 0:
+            return harm
+        return [h + self.cfg.diversity_coef * d for h, d in zip(harm, novelty(texts), strict=True)]
+
+
+def novelty(texts: list[str]) -> list[float]:
+    """1 - the highest word-set Jaccard similarity to another text of the group."""
+    words = [set(t.lower().split()) for t in texts]
+    out = []
+    for i, a in enumerate(words):
+        sims = [len(a & b) / len(a | b) if a | b else 1.0 for j, b in enumerate(words) if j != i]
+        out.append(1.0 - max(sims, default=0.0))
+    return out
