@@ -147,7 +147,7 @@ class TaskConfig(Section):
 class SearcherConfig(Section):
     """Searchers: generate samples with the current policy and publish them to the raw topic."""
 
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "vllm"] = "hf"  # vllm needs a GPU and the .[vllm] extra
     model: str = ""  # a local model folder (or the folder of gguf_file)
     gguf_file: str | None = None
     reference_model: str | None = None  # default: the frozen initial policy (same as model)
@@ -159,6 +159,7 @@ class SearcherConfig(Section):
     searchers: int = Field(1, ge=1)  # each owns the prompts whose index % searchers == its index
     weights_target: str | None = None  # host:port of the weight-sync service; None: weights.host:port
     max_policy_lag: int = Field(4, ge=0)  # versions behind the newest announced one before pausing
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # vllm: the share of the GPU it may take
     seed: int = 0
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ops.errors import ConfigError
+from producers.weight_subscriber import load_into
 from trainer.tb_loss import completion_logits, token_logprobs
 
 
@@ -61,21 +62,33 @@ class HFGenerator:
         ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Swap in a published version (between batches)."""
+        load_into(self.model, state_dict)
+
+    def _sequences(self, input_ids: torch.Tensor, attention: torch.Tensor, sample: bool) -> torch.Tensor:
+        """(N, P + T): the left-padded prompts followed by their completions, padded after EOS."""
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
+        return self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            **(sampling if sample else {"do_sample": False}),
+        ).cpu()
+
     @torch.no_grad()
     def generate(self, rows: list[list[int]], sample: bool):
         """Left-padded batch generation: (sequences (N, P + T), attention incl. completion, P, lengths, ended)."""
         width = max(len(p) for p in rows)
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in rows])  # (N, P) left-padded
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
-        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention,
-            max_new_tokens=self.max_new_tokens,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
-            **(sampling if sample else {"do_sample": False}),
-        )  # (N, P + T)
+        out = self._sequences(input_ids, attention, sample)  # (N, P + T)
         completion = out[:, width:]  # (N, T)
         is_eos = completion == self.eos_id
         ended = is_eos.any(-1)
@@ -98,8 +111,14 @@ class HFGenerator:
         rows = [p for p in prompts for _ in range(n)]  # (N = len(prompts) * n)
         out, full_mask, width, lengths, ended = self.generate(rows, sample=True)
         completion = out[:, width:]  # (N, T)
-        policy = token_logprobs(completion_logits(self.model, out, full_mask, width), completion, self.temperature)
-        ref = token_logprobs(completion_logits(self.reference, out, full_mask, width), completion, self.temperature)
+        policy, ref = (
+            token_logprobs(
+                completion_logits(m, out.to(self.device), full_mask.to(self.device), width),
+                completion.to(self.device),
+                self.temperature,
+            ).cpu()
+            for m in (self.model, self.reference)
+        )
         results = []
         for i in range(len(rows)):
             t = int(lengths[i])

@@ -19,7 +19,7 @@ import torch
 from ops.config import TbaConfig
 from producers.generation import HFGenerator
 from producers.trajectory_producer import TrajectoryProducer
-from producers.weight_subscriber import WeightSubscriber, load_into
+from producers.weight_subscriber import WeightSubscriber
 from schemas.records import Sample, TrajectoryGroup
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Searcher:
         version = self.subscriber.take()  # only ever a version newer than the last one taken
         if version is None:
             return False
-        load_into(self.generator.model, version.state_dict())
+        self.generator.load_weights(version.state_dict())
         self.policy_version = version.version
         self.stats.swaps += 1
         return True
@@ -180,7 +180,19 @@ def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
     torch.manual_seed(s.seed + index)
     model, tokenizer = load_model(s.model, s.gguf_file, s.dtype)
     reference, _ = load_model(s.reference_model or s.model, s.gguf_file if not s.reference_model else None, s.dtype)
-    generator = HFGenerator(model, tokenizer, reference, s.temperature, s.max_new_tokens)
+    if s.backend == "vllm":
+        from producers.default_model import default_model_dir
+        from producers.vllm_backend import VLLMGenerator
+
+        device = torch.device("cuda")
+        model, reference = model.to(device), reference.to(device)
+        path = s.model or str(default_model_dir())
+        generator = VLLMGenerator(
+            path, model, tokenizer, reference, s.temperature, s.max_new_tokens,
+            dtype=s.dtype, gpu_memory_utilization=s.gpu_memory_utilization,
+        )  # fmt: skip
+    else:
+        generator = HFGenerator(model, tokenizer, reference, s.temperature, s.max_new_tokens)
     target = s.weights_target or f"{cfg.weights.host}:{cfg.weights.port}"
     subscriber = WeightSubscriber(cfg.weights, target, f"searcher-{index}").start()
     from producers.policy_watch import PolicyWatch
