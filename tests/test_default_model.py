@@ -13,5 +13,5 @@ def test_default_model_loads_with_its_chat_template_and_generates():
     gen = HFGenerator(model, tokenizer, None, temperature=0.7, max_new_tokens=8)
     prompt = gen.prompt_ids([{"role": "user", "content": "What is 2 + 3?"}])
     torch.manual_seed(0)
-    (text,) = gen.texts([prompt], sample=False)
+    (text,), (finished,) = gen.texts([prompt], sample=False)
     assert text.strip()  # fluent output from the real weights
