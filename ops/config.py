@@ -151,7 +151,7 @@ class SearcherConfig(Section):
     model: str = ""  # a local model folder (or the folder of gguf_file)
     gguf_file: str | None = None
     reference_model: str | None = None  # default: the frozen initial policy (same as model)
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     samples_per_prompt: int = Field(8, ge=2)  # S >= K: generated per prompt
     prompts_per_batch: int = Field(2, ge=1)
     temperature: float = Field(0.7, gt=0)
@@ -168,10 +168,13 @@ class TrainerConfig(Section):
 
     model: str = ""  # default: searcher.model
     gguf_file: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     mode: Literal["async", "sync"] = "async"  # sync: the on-policy baseline (generate, train, repeat; no replay)
     loss: Literal["tb", "rloo", "grpo"] = "tb"  # rloo / grpo: policy-gradient baselines, for comparisons
     kl_coef: float = Field(0.0, ge=0)  # rloo / grpo: KL penalty in the reward (TB uses beta instead)
+    lora_r: int = Field(0, ge=0)  # > 0: train LoRA adapters of this rank (peft) and publish only them
+    lora_alpha: int = Field(16, ge=1)
+    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     prompts_per_step: int = Field(4, ge=1)  # B; K is buffer.samples_per_prompt
     micro_batch_prompts: int = Field(2, ge=1)  # whole prompts per forward pass: logZ never mixes prompts
     lr: float = Field(1e-5, gt=0)

@@ -13,7 +13,7 @@ from consumers.filter import FilterConsumer
 from ops import kafka_clients
 from ops.broker import LocalBroker
 from ops.config import TbaConfig, with_overrides
-from ops.topics import create_topics, topic_names
+from ops.topics import create_topics, read_topic, topic_names
 from producers.synthetic import BAD_KINDS, synthetic_group
 from producers.trajectory_producer import TrajectoryProducer
 from schemas.codec import SchemaStore
@@ -110,17 +110,8 @@ def run_demo(cfg: TbaConfig) -> dict:
 def _dlq_reasons(cfg: TbaConfig, store: SchemaStore) -> dict[str, str]:
     """One example reason per scorer, read back from the dead-letter topic."""
     codec = DeadLetterCodec(store)
-    consumer = kafka_clients.consumer(cfg, consumer_timeout_ms=2000)
-    from kafka import TopicPartition
-
-    tp = TopicPartition(topic_names(cfg).dlq, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
-    end = consumer.end_offsets([tp])[tp]
     out: dict[str, str] = {}
-    while consumer.position(tp) < end:
-        for rec in consumer.poll(timeout_ms=500).get(tp, []):
-            letter = codec.decode(rec.value)
-            out.setdefault(letter.scorer, letter.reason)
-    consumer.close()
+    for rec in read_topic(cfg, topic_names(cfg).dlq):
+        letter = codec.decode(rec.value)
+        out.setdefault(letter.scorer, letter.reason)
     return out

@@ -31,6 +31,7 @@ case "${1:-}" in
     # pytest exits 5 when it collected nothing: a suite that ran no test has failed.
     [ "$rc" -eq 5 ] && echo "no tests were collected" >&2 && rc=1
     exit "$rc" ;;
-  bench) "$venv/bin/python" bench/dataplane.py && exec "$venv/bin/python" bench/weightsync.py ;;
+  bench) "$venv/bin/python" bench/dataplane.py && "$venv/bin/python" bench/weightsync.py \
+           && exec "$venv/bin/python" bench/learning_smoke.py ;;
   *) echo "usage: $0 demo|test|bench" >&2; exit 2 ;;
 esac

@@ -102,3 +102,21 @@ def describe_topics(cfg: TbaConfig) -> list[dict]:
     finally:
         consumer.close()
         admin.close()
+
+
+def read_topic(cfg: TbaConfig, topic: str, isolation: str = "read_committed") -> list:
+    """Every record of a topic from its start to its end as of now (ConsumerRecords, partition by partition)."""
+    consumer = kafka_clients.consumer(cfg, isolation_level=isolation)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        end = consumer.end_offsets(parts)
+        out = []
+        # position, not record count, says when we are done: transaction markers take offsets too
+        while any(consumer.position(tp) < end[tp] for tp in parts):
+            for records in consumer.poll(timeout_ms=500).values():
+                out.extend(records)
+        return out
+    finally:
+        consumer.close()

@@ -34,6 +34,8 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32"):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if dtype == "auto":  # bf16 where the device supports it
+        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     if not path:
         from producers.default_model import default_model_dir
 

@@ -18,6 +18,7 @@ import torch
 
 from ops.config import TbaConfig
 from producers.generation import HFGenerator
+from producers.policy_watch import PolicyWatch
 from producers.trajectory_producer import TrajectoryProducer
 from producers.weight_subscriber import WeightSubscriber
 from schemas.records import Sample, TrajectoryGroup
@@ -179,13 +180,17 @@ def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
     s = cfg.searcher
     torch.manual_seed(s.seed + index)
     model, tokenizer = load_model(s.model, s.gguf_file, s.dtype)
+    if cfg.trainer.lora_r:  # the trainer publishes adapters only: carry the same ones
+        from trainer.train import apply_lora
+
+        model = apply_lora(model, cfg.trainer)
     reference, _ = load_model(s.reference_model or s.model, s.gguf_file if not s.reference_model else None, s.dtype)
+    if torch.cuda.is_available():
+        model, reference = model.cuda(), reference.cuda()
     if s.backend == "vllm":
         from producers.default_model import default_model_dir
         from producers.vllm_backend import VLLMGenerator
 
-        device = torch.device("cuda")
-        model, reference = model.to(device), reference.to(device)
         path = s.model or str(default_model_dir())
         generator = VLLMGenerator(
             path, model, tokenizer, reference, s.temperature, s.max_new_tokens,
@@ -195,8 +200,6 @@ def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
         generator = HFGenerator(model, tokenizer, reference, s.temperature, s.max_new_tokens)
     target = s.weights_target or f"{cfg.weights.host}:{cfg.weights.port}"
     subscriber = WeightSubscriber(cfg.weights, target, f"searcher-{index}").start()
-    from producers.policy_watch import PolicyWatch
-
     producer = TrajectoryProducer(cfg)
     task = build_task(cfg.task)
     return Searcher(cfg, index, generator, task, producer, subscriber, model_id=s.model, watch=PolicyWatch(cfg))

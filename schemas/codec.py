@@ -82,28 +82,15 @@ class SchemaStore:
         return schema
 
     def _refresh(self) -> None:
-        from kafka import TopicPartition
+        from ops.topics import read_topic
 
-        from ops import kafka_clients
-
-        topic = self._topic()
-        consumer = kafka_clients.consumer(self._cfg, isolation_level="read_uncommitted")
-        try:
-            parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-            consumer.assign(parts)
-            consumer.seek_to_beginning(*parts)
-            end = consumer.end_offsets(parts)
-            while any(consumer.position(tp) < end[tp] for tp in parts):
-                for records in consumer.poll(timeout_ms=200).values():
-                    for rec in records:
-                        try:
-                            parsed = fastavro.parse_schema(json.loads(rec.value))
-                        except (ValueError, fastavro.schema.SchemaParseException):
-                            continue  # a foreign value in the store is not ours to trust
-                        with self._lock:
-                            self._schemas.setdefault(bytes.fromhex(rec.key.decode()), parsed)
-        finally:
-            consumer.close()
+        for rec in read_topic(self._cfg, self._topic(), isolation="read_uncommitted"):
+            try:
+                parsed = fastavro.parse_schema(json.loads(rec.value))
+            except (ValueError, fastavro.schema.SchemaParseException):
+                continue  # a foreign value in the store is not ours to trust
+            with self._lock:
+                self._schemas.setdefault(bytes.fromhex(rec.key.decode()), parsed)
 
 
 class Codec:

@@ -6,9 +6,7 @@ import uuid
 
 import numpy as np
 import pytest
-from kafka import TopicPartition
 
-from ops import kafka_clients
 from ops.broker import LocalBroker, free_port
 from ops.config import TbaConfig, load_config
 from ops.topics import create_topics
@@ -44,20 +42,3 @@ def store(cfg) -> SchemaStore:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
-
-
-def read_topic(cfg: TbaConfig, topic: str, isolation: str = "read_committed") -> list:
-    """Every record of a topic from the start to its current end (ConsumerRecords)."""
-    consumer = kafka_clients.consumer(cfg, isolation_level=isolation)
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        end = consumer.end_offsets(parts)
-        out = []
-        while any(consumer.position(tp) < end[tp] for tp in parts):
-            for records in consumer.poll(timeout_ms=500).values():
-                out.extend(records)
-        return out
-    finally:
-        consumer.close()

@@ -50,3 +50,37 @@ def test_two_gloo_processes_make_the_single_process_update(tmp_path):
         for name, tensor in single.items():
             assert not torch.equal(tensor, before[name]) or name.endswith("norm.weight")
             torch.testing.assert_close(got["state"][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_tba_train_under_torchrun_with_two_processes(tmp_path):
+    """The training job itself, data-parallel: 2 gloo processes, synchronous mode on the toy task."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from tests.tiny_models import char_tokenizer
+
+    tiny_llama(0).save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    cfg = load_config(
+        environ={},
+        task={"name": "toy", "train_size": 8, "eval_size": 2},
+        searcher={"model": str(tmp_path / "model"), "max_new_tokens": 4},
+        buffer={"samples_per_prompt": 3},
+        trainer={"mode": "sync", "prompts_per_step": 4, "micro_batch_prompts": 1, "max_steps": 3, "eval_prompts": 2,
+                 "eval_max_new_tokens": 4, "run_dir": str(tmp_path / "run")},
+    )  # fmt: skip
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "ops.cli",
+         "--config", str(tmp_path / "job.yaml"), "train"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trainer stopped at step 3") == 2  # both processes took every step
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"kind": "train"' in r for r in rows) == 3  # recorded once, by process 0
+    assert (tmp_path / "run" / "checkpoints" / "step-000003" / "model" / "model.safetensors").exists()

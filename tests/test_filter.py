@@ -10,12 +10,11 @@ from collections import Counter
 
 from consumers.filter import FilterConsumer
 from ops import kafka_clients
-from ops.topics import topic_names
+from ops.topics import read_topic, topic_names
 from producers.synthetic import BAD_KINDS, synthetic_group
 from producers.trajectory_producer import TrajectoryProducer
 from schemas.codec import Codec
 from schemas.records import DeadLetterCodec, TrajectoryCodec
-from tests.conftest import read_topic
 from trainer.replay_buffer import CuratedFeed, ReplayBuffer
 
 

@@ -11,9 +11,8 @@ import yaml
 
 from ops.broker import free_port
 from ops.config import with_overrides
-from ops.topics import topic_names
+from ops.topics import read_topic, topic_names
 from schemas.records import TrajectoryCodec
-from tests.conftest import read_topic
 from tests.tiny_models import char_tokenizer, tiny_llama
 from trainer.train import run_trainer
 

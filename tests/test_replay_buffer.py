@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from ops.config import with_overrides
-from ops.topics import topic_names
+from ops.topics import read_topic, topic_names
 from producers.synthetic import synthetic_group
 from producers.trajectory_producer import TrajectoryProducer
 from schemas.records import TrajectoryCodec
-from tests.conftest import read_topic
 from trainer.replay_buffer import CuratedFeed, ReplayBuffer
 
 

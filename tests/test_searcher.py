@@ -4,10 +4,9 @@ import numpy as np
 import torch
 
 from ops.config import with_overrides
-from ops.topics import topic_names
+from ops.topics import read_topic, topic_names
 from producers.searcher import build_searcher
 from schemas.records import TrajectoryCodec
-from tests.conftest import read_topic
 from tests.tiny_models import char_tokenizer, tiny_llama
 from trainer.tb_loss import token_logprobs
 from trainer.weight_sync import WeightSyncServer

@@ -88,3 +88,34 @@ def test_a_new_policy_version_is_published_every_k_steps(tcfg, store):
     sub.close()
     t.close()
     server.stop()
+
+
+def test_lora_trains_and_publishes_adapters_only_and_resumes(tcfg, store):
+    import torch
+
+    from producers.weight_subscriber import load_into
+    from trainer.train import apply_lora
+
+    cfg = with_overrides(tcfg, trainer={"lora_r": 4, "lora_targets": ["q_proj", "v_proj"]})
+    t = Trainer(cfg, apply_lora(tiny_llama(0), cfg.trainer), ReplayBuffer(cfg, store, seed=3), pad_id=0)
+    t.feed = CuratedFeed(cfg, t.buffer)
+    t.feed.fill()
+    t.train_step()
+    t.train_step()
+    published = t.published_state()
+    assert published and all(".lora_" in name for name in published)
+    searcher_model = apply_lora(tiny_llama(0), cfg.trainer)  # a searcher carries the same adapters
+    load_into(searcher_model, published)
+    prompt = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.allclose(searcher_model(prompt).logits, t.model(prompt).logits)
+        assert not torch.allclose(tiny_llama(0)(prompt).logits, t.model(prompt).logits)
+
+    t.save()
+    expected = t.train_step()
+    resumed = Trainer(cfg, apply_lora(tiny_llama(0), cfg.trainer), ReplayBuffer(cfg, store, seed=3), pad_id=0)
+    resumed.feed = CuratedFeed(cfg, resumed.buffer)
+    assert resumed.resume()
+    assert resumed.train_step().loss == pytest.approx(expected.loss, rel=1e-6, abs=1e-9)
+    t.close()
+    resumed.close()

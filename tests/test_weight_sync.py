@@ -9,11 +9,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ops.config import with_overrides
 from ops.errors import TbaError
-from ops.topics import topic_names
+from ops.topics import read_topic, topic_names
 from producers.weight_subscriber import WeightSubscriber, load_into
 from schemas.codec import SchemaStore
 from schemas.records import PolicyVersionCodec
-from tests.conftest import read_topic
 from trainer.weight_sync import WeightSyncServer, publish_remote
 
 

@@ -44,6 +44,14 @@ class StepResult:
     seconds: float
 
 
+def apply_lora(model, t):
+    """Wrap model with LoRA adapters per trainer config (searchers do the same, so names match)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=0.0, target_modules=list(t.lora_targets))
+    return get_peft_model(model, config)
+
+
 def collate(prompts: list[SampledPrompt], pad_id: int):
     """Left-padded prompts + right-padded completions of whole prompts.
 
@@ -85,6 +93,7 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.forward_model = DistributedDataParallel(model) if self.world > 1 else model
+        self.device = next(model.parameters()).device
 
     def wait_for_data(self, stop: threading.Event | None = None) -> None:
         """Ingest from the feed until the buffer holds min_buffer_prompts prompts."""
@@ -124,7 +133,9 @@ class Trainer:
             micro = local[i : i + self.t.micro_batch_prompts]  # whole prompts: logZ never mixes prompts
             last = i == micros[-1]
             with self.forward_model.no_sync() if self.world > 1 and not last else contextlib.nullcontext():
-                seq, attn, ids, mask, width, ref, rewards = collate(micro, self.pad_id)
+                seq, attn, ids, mask, width, ref, rewards = (
+                    x.to(self.device) if isinstance(x, torch.Tensor) else x for x in collate(micro, self.pad_id)
+                )
                 logits = completion_logits(self.forward_model, seq, attn, width)  # (N, T, V)
                 token_logp = token_logprobs(logits, ids, self.t.temperature) * mask  # (N, T)
                 logp = token_logp.sum(-1).view_as(ref)  # (P, K)
@@ -160,10 +171,16 @@ class Trainer:
         shape = (*ref.shape, -1)  # (P, K, T)
         return grpo_loss(token_logp.view(shape), mask.view(shape), rewards)
 
+    def published_state(self) -> dict[str, torch.Tensor]:
+        """What searchers need: every weight, or with LoRA only the trainable adapters."""
+        if self.t.lora_r:
+            return {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
+        return self.model.state_dict()
+
     def publish(self) -> int:
         """A new policy version from the current weights (the server copies them and returns)."""
         self.policy_version += 1
-        self.server.publish(self.model.state_dict(), step=self.step, version=self.policy_version)
+        self.server.publish(self.published_state(), step=self.step, version=self.policy_version)
         return self.policy_version
 
     def close(self) -> None:
@@ -207,9 +224,14 @@ class Trainer:
             return False
         path = root / (root / "latest").read_text().strip()
         weights = load_file(next((path / "model").glob("*.safetensors")))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
-            raise TbaError(f"checkpoint {path} does not fit this model: missing {missing}, unexpected {unexpected}")
+        if self.t.lora_r:  # save_pretrained of a peft model writes the adapters alone, in peft's naming
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, weights)
+        else:
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+            if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+                raise TbaError(f"checkpoint {path} does not fit this model: missing {missing}, unexpected {unexpected}")
         state = torch.load(path / "trainer.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -269,6 +291,10 @@ def run_trainer(cfg: TbaConfig, stop: threading.Event | None = None) -> Trainer:
     main = not dist.is_initialized() or dist.get_rank() == 0
     torch.manual_seed(t.seed)  # the same initial weights in every process
     model, tokenizer = load_model(t.model or cfg.searcher.model, t.gguf_file or cfg.searcher.gguf_file, t.dtype)
+    if torch.cuda.is_available():  # one GPU per process (torchrun sets LOCAL_RANK)
+        model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    if t.lora_r:
+        model = apply_lora(model, t)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     task = build_task(cfg.task)
     if t.mode == "sync":
@@ -286,7 +312,7 @@ def run_trainer(cfg: TbaConfig, stop: threading.Event | None = None) -> Trainer:
     trainer = Trainer(cfg, model, buffer, pad, server=server, feed=CuratedFeed(cfg, buffer))
     trainer.resume()
     # what searchers start from (the initial policy, or the resumed one)
-    server.publish(model.state_dict(), step=trainer.step, version=trainer.policy_version)
+    server.publish(trainer.published_state(), step=trainer.step, version=trainer.policy_version)
 
     def from_buffer() -> list[SampledPrompt] | None:
         trainer.feed.poll(0)
