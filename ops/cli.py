@@ -26,6 +26,14 @@ class Context:
         return self._cfg
 
 
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or Ctrl-C: long-running commands finish their unit of work and stop."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
 @click.group()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="TBA_CONFIG", help="YAML config file.")
 @click.pass_context
@@ -120,9 +128,7 @@ def filter_(obj: Context, instance: str, idle_exit: float | None) -> None:
     """Run one member of the filter group: raw -> scorers -> curated | dlq, exactly once."""
     from consumers.filter import FilterConsumer
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = stop_on_signals()
     worker = FilterConsumer(obj.cfg, instance=instance)
     try:
         stats = worker.run(stop, idle_exit_s=idle_exit)
@@ -143,9 +149,7 @@ def search(obj: Context, index: int, batches: int | None) -> None:
 
     if not 0 <= index < obj.cfg.searcher.searchers:
         raise click.BadParameter(f"must be in [0, {obj.cfg.searcher.searchers})", param_hint="--index")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = stop_on_signals()
     searcher = build_searcher(obj.cfg, index)
     try:
         stats = searcher.run(stop, max_batches=batches)
@@ -162,9 +166,7 @@ def train(obj: Context) -> None:
     """Run the TB trainer: curated -> replay buffer -> TB loss -> new policy versions; resumes from run_dir."""
     from trainer.train import run_trainer
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # checkpoint, then exit
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = stop_on_signals()  # the trainer checkpoints, then exits
     trainer = run_trainer(obj.cfg, stop)
     click.echo(f"trainer stopped at step {trainer.step}, policy version {trainer.policy_version}")
 
@@ -180,9 +182,7 @@ def weights_serve(obj: Context) -> None:
     """Serve policy versions on weights.host:weights.port until Ctrl-C / SIGTERM."""
     from trainer.weight_sync import serve
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = stop_on_signals()
     serve(obj.cfg, stop)
 
 
