@@ -186,6 +186,43 @@ def weights_serve(obj: Context) -> None:
     serve(obj.cfg, stop)
 
 
+@cli.command("inspect")
+@click.option("--scan", default=10_000, show_default=True, help="Records read from the end of each partition.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.pass_obj
+def inspect_(obj: Context, scan: int, as_json: bool) -> None:
+    """Topics, filter lag, groups and reward per policy version, dead letters by reason, weight versions."""
+    from ops.inspection import inspect_job
+
+    report = inspect_job(obj.cfg, scan)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for title, rows in (
+        ("topics", report["topics"]),
+        ("filter lag (raw partition: records)", [report["filter_lag"]]),
+        (
+            "curated groups by policy version",
+            [{"version": v, **x} for v, x in report["curated_by_policy_version"].items()],
+        ),
+        ("dead letters by scorer", [{"scorer": k, **x} for k, x in report["dlq_by_scorer"].items()]),
+        ("announced policy versions", report["policy_versions"]),
+    ):
+        table = Table(title=title)
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(
+                *(f"{row.get(c, ''):.3f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns)
+            )
+        console.print(table)
+
+
 @cli.command()
 @click.pass_obj
 def demo(obj: Context) -> None:

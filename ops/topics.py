@@ -104,14 +104,16 @@ def describe_topics(cfg: TbaConfig) -> list[dict]:
         admin.close()
 
 
-def read_topic(cfg: TbaConfig, topic: str, isolation: str = "read_committed") -> list:
-    """Every record of a topic from its start to its end as of now (ConsumerRecords, partition by partition)."""
+def read_topic(cfg: TbaConfig, topic: str, isolation: str = "read_committed", last: int | None = None) -> list:
+    """Every record of a topic (or its last `last` offsets of each partition) up to its end as of now."""
     consumer = kafka_clients.consumer(cfg, isolation_level=isolation)
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
         end = consumer.end_offsets(parts)
+        begin = consumer.beginning_offsets(parts)
+        for tp in parts:
+            consumer.seek(tp, begin[tp] if last is None else max(begin[tp], end[tp] - last))
         out = []
         # position, not record count, says when we are done: transaction markers take offsets too
         while any(consumer.position(tp) < end[tp] for tp in parts):
