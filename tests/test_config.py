@@ -41,3 +41,19 @@ def test_the_shipped_default_config_is_the_embedded_defaults():
 
     shipped = load_config(Path(__file__).parents[1] / "configs" / "default.yaml", environ={})
     assert shipped == load_config(environ={})
+
+
+def test_each_paper_setting_config_loads_and_names_what_to_fill_in():
+    from pathlib import Path
+
+    from producers.tasks import build_task
+
+    configs = Path(__file__).parents[1] / "configs"
+    math = load_config(configs / "math.yaml", environ={})
+    assert math.buffer.samples_per_prompt == 20 and math.searcher.samples_per_prompt == 24
+    assert build_task(math.task).train[0].answer  # real GSM-style problems with answers
+    for name, field in (("preference", "task.prompts_file"), ("redteam", "task.prompts_file")):
+        cfg = load_config(configs / f"{name}.yaml", environ={})
+        assert cfg.task.name == name
+        with pytest.raises(ConfigError, match=field):
+            build_task(cfg.task)  # the shipped paths are placeholders: the error says which field to fill in
