@@ -171,6 +171,34 @@ def train(obj: Context) -> None:
     click.echo(f"trainer stopped at step {trainer.step}, policy version {trainer.policy_version}")
 
 
+def _bound(value: str | None, name: str) -> dict:
+    """An offset (an integer) or a time (ISO 8601, e.g. 2026-11-29T12:00:00Z) as fill() arguments."""
+    from datetime import datetime
+
+    if value is None:
+        return {}
+    if value.lstrip("-").isdigit():
+        return {f"{name}_offset": int(value)}
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise click.BadParameter("an offset (integer) or an ISO 8601 time", param_hint=f"--{name}") from exc
+    return {f"{name}_time_ms": int(moment.timestamp() * 1000)}
+
+
+@cli.command()
+@click.option("--from", "start", default=None, help="First offset or time (ISO 8601) of curated; default: its start.")
+@click.option("--to", "end", default=None, help="Offset or time to stop before; default: its current end.")
+@click.option("--live", is_flag=True, help="Also keep reading new groups from live searchers.")
+@click.pass_obj
+def replay(obj: Context, start: str | None, end: str | None, live: bool) -> None:
+    """Train a new policy on a past range of the curated topic (from trainer.model or a checkpoint in run_dir)."""
+    from trainer.train import run_trainer
+
+    trainer = run_trainer(obj.cfg, stop_on_signals(), replay={**_bound(start, "from"), **_bound(end, "to")}, live=live)
+    click.echo(f"replay trained {trainer.step} steps on {len(trainer.buffer)} groups")
+
+
 @cli.group()
 def weights() -> None:
     """The weight-sync gRPC service (the trainer can also host it in-process)."""

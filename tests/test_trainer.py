@@ -119,3 +119,33 @@ def test_lora_trains_and_publishes_adapters_only_and_resumes(tcfg, store):
     assert resumed.train_step().loss == pytest.approx(expected.loss, rel=1e-6, abs=1e-9)
     t.close()
     resumed.close()
+
+
+def test_tba_replay_retrains_from_a_past_range_of_curated(tcfg, store, tmp_path, monkeypatch):
+    import yaml
+    from click.testing import CliRunner
+
+    from ops.cli import cli
+    from ops.topics import read_topic
+    from tests.tiny_models import char_tokenizer
+
+    tiny_llama(0).save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    cfg = with_overrides(
+        tcfg,
+        searcher={"model": str(tmp_path / "model")},
+        task={"name": "toy", "train_size": 4, "eval_size": 2},
+        trainer={"prompts_per_step": 2, "max_steps": 2, "min_buffer_prompts": 2, "eval_prompts": 2,
+                 "eval_max_new_tokens": 4, "run_dir": str(tmp_path / "replay-run")},
+    )  # fmt: skip
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    in_range = sum(r.offset < 4 for r in read_topic(cfg, topic_names(cfg).curated))
+    done = CliRunner().invoke(cli, ["--config", str(config), "replay", "--from", "0", "--to", "4"])
+    assert done.exit_code == 0, done.output
+    assert f"replay trained 2 steps on {in_range} groups" in done.output
+
+    later = with_overrides(cfg, trainer={"run_dir": str(tmp_path / "empty-run")})
+    config.write_text(yaml.safe_dump(later.model_dump(mode="json")))
+    empty = CliRunner().invoke(cli, ["--config", str(config), "replay", "--from", "2030-01-01T00:00:00Z"])
+    assert "fewer than trainer.min_buffer_prompts (2), and nothing more will arrive" in str(empty.exception)

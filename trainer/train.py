@@ -101,7 +101,8 @@ class Trainer:
         while self.buffer.num_prompts < self.t.min_buffer_prompts and not (stop and stop.is_set()):
             if self.feed is None:
                 raise TbaError(
-                    f"the replay buffer has {self.buffer.num_prompts} prompts, fewer than min_buffer_prompts"
+                    f"the replay buffer holds {self.buffer.num_prompts} prompts, fewer than "
+                    f"trainer.min_buffer_prompts ({self.t.min_buffer_prompts}), and nothing more will arrive"
                 )
             self.feed.poll(200)
         self.waited_s += time.monotonic() - start
@@ -272,9 +273,13 @@ class Evaluator:
                 "sampled_reward": float(np.mean(sampled))}  # fmt: skip
 
 
-def run_trainer(cfg: TbaConfig, stop: threading.Event | None = None) -> Trainer:
+def run_trainer(
+    cfg: TbaConfig, stop: threading.Event | None = None, replay: dict | None = None, live: bool = True
+) -> Trainer:
     """`tba train`: the training job, asynchronous (TBA: from the curated topic) or synchronous on-policy.
 
+    replay: a past range of the curated topic to ingest first (CuratedFeed.fill's arguments); with
+    live=False nothing else is read, so the job retrains from history alone (`tba replay`).
     Resumes from run_dir's latest checkpoint, checkpoints every checkpoint_every steps and on stop,
     evaluates on the held-out problems, and appends every step's metrics to run_dir/metrics.jsonl.
     """
@@ -310,12 +315,19 @@ def run_trainer(cfg: TbaConfig, stop: threading.Event | None = None) -> Trainer:
     server = WeightSyncServer(cfg)
     server.start()
     trainer = Trainer(cfg, model, buffer, pad, server=server, feed=CuratedFeed(cfg, buffer))
-    trainer.resume()
+    resumed = trainer.resume()
+    if replay is not None and not resumed:
+        added = trainer.feed.fill(**replay)
+        log.info("replay: %d groups of %d prompts from %s", added, buffer.num_prompts, replay)
+    if not live:
+        trainer.feed.close()
+        trainer.feed = None
     # what searchers start from (the initial policy, or the resumed one)
     server.publish(trainer.published_state(), step=trainer.step, version=trainer.policy_version)
 
     def from_buffer() -> list[SampledPrompt] | None:
-        trainer.feed.poll(0)
+        if trainer.feed is not None:
+            trainer.feed.poll(0)
         trainer.wait_for_data(stop)
         return None if stop.is_set() else buffer.sample(t.prompts_per_step)
 
