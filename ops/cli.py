@@ -123,10 +123,20 @@ def produce(obj: Context, path: str) -> None:
     "--instance", default="0", show_default=True, help="Distinct per running filter; also its transactional id."
 )
 @click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
+@click.option("--redrive", is_flag=True, help="Instead: send dead letters back to raw to be scored again, and exit.")
+@click.option("--scorer", default=None, help="With --redrive: only the letters this scorer rejected.")
 @click.pass_obj
-def filter_(obj: Context, instance: str, idle_exit: float | None) -> None:
+def filter_(obj: Context, instance: str, idle_exit: float | None, redrive: bool, scorer: str | None) -> None:
     """Run one member of the filter group: raw -> scorers -> curated | dlq, exactly once."""
     from consumers.filter import FilterConsumer
+
+    if redrive:
+        from consumers.redrive import redrive as send_back
+
+        click.echo(
+            f"re-drove {send_back(obj.cfg, scorer)} dead letter(s) to {obj.cfg.kafka.namespace}.trajectories.raw"
+        )
+        return
 
     stop = stop_on_signals()
     worker = FilterConsumer(obj.cfg, instance=instance)

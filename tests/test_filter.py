@@ -118,3 +118,26 @@ def _partitions(consumer, topic):
     from kafka import TopicPartition
 
     return [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+
+
+def test_dead_letters_are_redriven_once_and_rescored(cfg, store, rng, monkeypatch):
+    from click.testing import CliRunner
+
+    from ops.cli import cli
+    from ops.config import with_overrides
+
+    strict = with_overrides(cfg, filter={"max_completion_tokens": 40})
+    with TrajectoryProducer(strict, store) as producer:
+        long_ids = [producer.send(g) and g.group_id for g in (synthetic_group(rng, i, tokens=64) for i in range(4))]
+    run_filters(strict, store)
+    assert not read_topic(cfg, topic_names(cfg).curated)  # every group was too long for the strict filter
+    monkeypatch.setenv("TBA__KAFKA__BOOTSTRAP", cfg.kafka.bootstrap)
+    monkeypatch.setenv("TBA__KAFKA__NAMESPACE", cfg.kafka.namespace)
+    runner = CliRunner()
+    assert "re-drove 0 dead letter(s)" in runner.invoke(cli, ["filter", "--redrive", "--scorer", "safety"]).output
+    out = runner.invoke(cli, ["filter", "--redrive", "--scorer", "length_limits"])
+    assert "re-drove 4 dead letter(s)" in out.output, out.output
+    assert "re-drove 0 dead letter(s)" in runner.invoke(cli, ["filter", "--redrive"]).output  # once each
+    run_filters(cfg, store)  # the relaxed default limits accept them now
+    codec = TrajectoryCodec(store)
+    assert sorted(codec.decode(r.value).group_id for r in read_topic(cfg, topic_names(cfg).curated)) == sorted(long_ids)
