@@ -30,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import write_results  # noqa: E402
 from ops.broker import LocalBroker, classpath, free_port  # noqa: E402
 from ops.config import TbaConfig, load_config, with_overrides  # noqa: E402
 from ops.topics import create_topics, topic_names  # noqa: E402
@@ -232,9 +233,7 @@ def main() -> None:
     result.update(measure_index(200_000))
     result["compression"] = comp
     result["machine"] = f"{os.cpu_count()} cores"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import write_results  # noqa: E402
 from ops.broker import LocalBroker, free_port  # noqa: E402
 from ops.config import load_config  # noqa: E402
 from ops.topics import create_topics, read_topic, topic_names  # noqa: E402
@@ -114,9 +115,7 @@ def main() -> None:
         "trainer_wait_fraction": train[-1]["trainer_wait_fraction"] if train else None,
         "machine": f"{os.cpu_count()} cores, CPU only",
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ MB are 10^6 bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import socket
 import sys
@@ -25,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import write_results  # noqa: E402
 from ops.config import load_config  # noqa: E402
 from trainer.weight_sync import WeightSyncServer  # noqa: E402
 
@@ -146,9 +146,7 @@ def main() -> None:
     result["grpc_mb_s_4"] = 4 * nbytes / (max(t for _, t, _ in reports) - start) / 1e6
     result["machine"] = f"{mp.cpu_count()} cores, loopback"
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

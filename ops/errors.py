@@ -23,7 +23,3 @@ class DecodeError(TbaError):
 
 class DeliveryError(TbaError):
     """Kafka did not acknowledge a record the caller handed to a producer."""
-
-
-class InputError(TbaError):
-    """An input line or record from outside (e.g. an external generator) is invalid."""

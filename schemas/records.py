@@ -14,6 +14,7 @@ from datetime import datetime
 
 import numpy as np
 
+from ops.errors import DecodeError
 from schemas.codec import Codec, SchemaStore, load_schema
 
 I32 = np.dtype("<i4")
@@ -146,8 +147,6 @@ class TrajectoryCodec:
         return self.avro.encode(group.to_record())
 
     def decode(self, data: bytes) -> TrajectoryGroup:
-        from ops.errors import DecodeError
-
         rec = self.avro.decode(data)
         try:
             return TrajectoryGroup.from_record(rec)

@@ -140,10 +140,6 @@ class EncodedVersion:
     header: pb.VersionHeader
     payloads: tuple[memoryview | bytes, ...]  # per tensor
 
-    @property
-    def wire_nbytes(self) -> int:
-        return sum(len(p) for p in self.payloads)
-
 
 def encode(version: WeightVersion, base: WeightVersion | None = None, zstd_level: int = 1) -> EncodedVersion:
     """Full encoding, or per-tensor deltas against base where that is smaller."""

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from ops.broker import free_port
 from ops.config import load_config
 from producers.synthetic import synthetic_group
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import saved_tiny_llama, tiny_llama
 from trainer.replay_buffer import SampledPrompt
 from trainer.train import Trainer
 
@@ -60,10 +60,7 @@ def test_tba_train_under_torchrun_with_two_processes(tmp_path):
 
     import yaml
 
-    from tests.tiny_models import char_tokenizer
-
-    tiny_llama(0).save_pretrained(tmp_path / "model")
-    char_tokenizer().save_pretrained(tmp_path / "model")
+    saved_tiny_llama(tmp_path / "model")
     cfg = load_config(
         environ={},
         task={"name": "toy", "train_size": 8, "eval_size": 2},

@@ -13,13 +13,12 @@ from ops.broker import free_port
 from ops.config import with_overrides
 from ops.topics import read_topic, topic_names
 from schemas.records import TrajectoryCodec
-from tests.tiny_models import char_tokenizer, tiny_llama
+from tests.tiny_models import saved_tiny_llama
 from trainer.train import run_trainer
 
 
 def test_mean_reward_rises_through_the_full_path(cfg, store, tmp_path):
-    tiny_llama(0).save_pretrained(tmp_path / "model")
-    char_tokenizer().save_pretrained(tmp_path / "model")
+    saved_tiny_llama(tmp_path / "model")
     cfg = with_overrides(
         cfg,
         task={"name": "toy", "train_size": 16, "eval_size": 4},
@@ -65,8 +64,7 @@ def test_synchronous_on_policy_baseline_learns_the_toy_task(loss, tmp_path):
 
     from ops.config import load_config
 
-    tiny_llama(0).save_pretrained(tmp_path / "model")
-    char_tokenizer().save_pretrained(tmp_path / "model")
+    saved_tiny_llama(tmp_path / "model")
     cfg = load_config(
         environ={},
         task={"name": "toy", "train_size": 16, "eval_size": 4},

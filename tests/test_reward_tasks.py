@@ -9,7 +9,7 @@ from ops.config import load_config
 from ops.errors import ConfigError
 from producers.tasks import build_task
 from producers.tasks.redteam import novelty
-from tests.tiny_models import char_tokenizer, tiny_classifier, tiny_llama
+from tests.tiny_models import char_tokenizer, saved_tiny_llama, tiny_classifier
 
 
 @pytest.fixture
@@ -39,8 +39,7 @@ def test_preference_scores_with_the_reward_model_and_penalises_unfinished(tmp_pa
 
 
 def test_redteam_rewards_the_classifier_probability_of_the_targets_answer(tmp_path, prompts):
-    tiny_llama(3).save_pretrained(tmp_path / "target")
-    char_tokenizer().save_pretrained(tmp_path / "target")
+    saved_tiny_llama(tmp_path / "target", seed=3)
     classifier = tiny_classifier(tmp_path / "clf", num_labels=2)
     cfg = {
         "name": "redteam", "prompts_file": str(prompts), "target_model": str(tmp_path / "target"),

@@ -7,14 +7,13 @@ from ops.config import with_overrides
 from ops.topics import read_topic, topic_names
 from producers.searcher import build_searcher
 from schemas.records import TrajectoryCodec
-from tests.tiny_models import char_tokenizer, tiny_llama
+from tests.tiny_models import saved_tiny_llama, tiny_llama
 from trainer.tb_loss import token_logprobs
 from trainer.weight_sync import WeightSyncServer
 
 
 def test_searcher_publishes_groups_and_swaps_weights_between_batches(cfg, store, tmp_path):
-    tiny_llama(0).save_pretrained(tmp_path / "model")
-    char_tokenizer().save_pretrained(tmp_path / "model")
+    saved_tiny_llama(tmp_path / "model")
     cfg = with_overrides(
         cfg,
         weights={"port": 0, "subscription_s": 5},
@@ -62,8 +61,7 @@ def test_tba_search_runs_without_waiting_for_a_trainer(cfg, store, tmp_path):
 
     from ops.broker import free_port
 
-    tiny_llama(0).save_pretrained(tmp_path / "model")
-    char_tokenizer().save_pretrained(tmp_path / "model")
+    saved_tiny_llama(tmp_path / "model")
     env = {
         **os.environ,
         "TBA__KAFKA__BOOTSTRAP": cfg.kafka.bootstrap,
@@ -87,8 +85,7 @@ def test_tba_search_runs_without_waiting_for_a_trainer(cfg, store, tmp_path):
 def test_a_searcher_too_far_behind_pauses_instead_of_generating(cfg, store, tmp_path):
     from ops.broker import free_port
 
-    tiny_llama(0).save_pretrained(tmp_path / "model")
-    char_tokenizer().save_pretrained(tmp_path / "model")
+    saved_tiny_llama(tmp_path / "model")
     cfg = with_overrides(
         cfg,
         weights={"port": 0},

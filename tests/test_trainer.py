@@ -8,7 +8,7 @@ from ops.topics import topic_names
 from producers.synthetic import synthetic_group
 from producers.trajectory_producer import TrajectoryProducer
 from producers.weight_subscriber import WeightSubscriber
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import saved_tiny_llama, tiny_llama
 from trainer.replay_buffer import CuratedFeed, ReplayBuffer
 from trainer.train import Trainer
 from trainer.weight_sync import WeightSyncServer
@@ -127,10 +127,8 @@ def test_tba_replay_retrains_from_a_past_range_of_curated(tcfg, store, tmp_path,
 
     from ops.cli import cli
     from ops.topics import read_topic
-    from tests.tiny_models import char_tokenizer
 
-    tiny_llama(0).save_pretrained(tmp_path / "model")
-    char_tokenizer().save_pretrained(tmp_path / "model")
+    saved_tiny_llama(tmp_path / "model")
     cfg = with_overrides(
         tcfg,
         searcher={"model": str(tmp_path / "model")},

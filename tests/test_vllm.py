@@ -9,15 +9,14 @@ if not torch.cuda.is_available():
     pytest.skip("vLLM needs a CUDA GPU", allow_module_level=True)
 
 from producers.vllm_backend import VLLMGenerator  # noqa: E402
-from tests.tiny_models import char_tokenizer, tiny_llama  # noqa: E402
+from tests.tiny_models import char_tokenizer, saved_tiny_llama, tiny_llama  # noqa: E402
 from trainer.tb_loss import token_logprobs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
-    tiny_llama(0).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
+    saved_tiny_llama(path)
     cuda = torch.device("cuda")
     return VLLMGenerator(
         str(path), tiny_llama(0).to(cuda), char_tokenizer(), tiny_llama(0).to(cuda), 0.7, 8,

@@ -40,6 +40,13 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, dtype=torch.float32) -> Lla
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+def saved_tiny_llama(path, seed: int = 0) -> str:
+    """A tiny causal LM with the char tokenizer saved as a model folder (the way searchers load models)."""
+    tiny_llama(seed).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 def tiny_classifier(path, num_labels: int, seed: int = 0) -> str:
     """A tiny sequence-classification model with the char tokenizer, saved to path (returned as str)."""
     from transformers import LlamaForSequenceClassification
