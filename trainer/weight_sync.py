@@ -34,6 +34,7 @@ class WeightSyncServer(pb_grpc.WeightSyncServicer):
         self._encoded: dict[tuple[int, int], EncodedVersion] = {}  # (version, base) -> wire form
         self._changed = threading.Condition()
         self._encode_lock = threading.Lock()
+        self._release_lock = threading.Lock()  # releases, announcements included, happen one at a time, in order
         self._next_version = 0
         self._server: grpc.Server | None = None
         self._announcer = _Announcer(cfg) if announce else None
@@ -65,17 +66,18 @@ class WeightSyncServer(pb_grpc.WeightSyncServicer):
 
     def release(self, version: WeightVersion) -> None:
         """Make a sealed version the newest one (older ones that arrive late are dropped)."""
-        with self._changed:
-            if self._versions and version.version <= next(reversed(self._versions)):
-                return
-            self._versions[version.version] = version
-            self._next_version = max(self._next_version, version.version + 1)
-            while len(self._versions) > self.wcfg.keep_versions:
-                old, _ = self._versions.popitem(last=False)
-                self._encoded = {k: v for k, v in self._encoded.items() if old not in k}
-            self._changed.notify_all()
-        if self._announcer is not None:
-            self._announcer.announce(version)
+        with self._release_lock:
+            with self._changed:
+                if self._versions and version.version <= next(reversed(self._versions)):
+                    return
+                self._versions[version.version] = version
+                self._next_version = max(self._next_version, version.version + 1)
+                while len(self._versions) > self.wcfg.keep_versions:
+                    old, _ = self._versions.popitem(last=False)
+                    self._encoded = {k: v for k, v in self._encoded.items() if old not in k}
+                self._changed.notify_all()
+            if self._announcer is not None:
+                self._announcer.announce(version)
 
     def wait_published(self, version: int, timeout_s: float = 60) -> WeightVersion:
         with self._changed:
