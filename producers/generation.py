@@ -72,12 +72,22 @@ class HFGenerator:
         """Swap in a published version (between batches)."""
         load_into(self.model, state_dict)
 
-    def _sequences(self, input_ids: torch.Tensor, attention: torch.Tensor, sample: bool) -> torch.Tensor:
-        """(N, P + T): the left-padded prompts followed by their completions, padded after EOS."""
+    def _sequences(self, prompts: torch.Tensor, attention: torch.Tensor, n: int, sample: bool) -> torch.Tensor:
+        """(P*n, W + T): each left-padded prompt n times, followed by its completions, padded after EOS."""
+        prompts, attention = prompts.to(self.device), attention.to(self.device)
+        cache = None
+        if prompts.shape[1] > 1:  # each prompt's keys and values once, shared by its n samples
+            head, head_mask = prompts[:, :-1], attention[:, :-1]
+            positions = (head_mask.cumsum(-1) - 1).clamp(min=0)
+            cache = self.model(
+                input_ids=head, attention_mask=head_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            ).past_key_values
+            cache.batch_repeat_interleave(n)
         sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
         return self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention.to(self.device),
+            input_ids=prompts.repeat_interleave(n, dim=0),
+            attention_mask=attention.repeat_interleave(n, dim=0),
+            past_key_values=cache,
             max_new_tokens=self.max_new_tokens,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_id,
@@ -85,22 +95,23 @@ class HFGenerator:
         ).cpu()
 
     @torch.no_grad()
-    def generate(self, rows: list[list[int]], sample: bool):
-        """Left-padded batch generation: (sequences (N, P + T), attention incl. completion, P, lengths, ended)."""
-        width = max(len(p) for p in rows)
-        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in rows])  # (N, P) left-padded
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
-        out = self._sequences(input_ids, attention, sample)  # (N, P + T)
+    def generate(self, prompts: list[list[int]], n: int, sample: bool):
+        """n completions of each prompt, left-padded: (sequences (P*n, W + T), attention incl. completion,
+        W, lengths, ended); rows i*n .. i*n+n-1 belong to prompt i."""
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])  # (P, W) left-padded
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = self._sequences(input_ids, attention, n, sample)  # (P*n, W + T)
         completion = out[:, width:]  # (N, T)
         is_eos = completion == self.eos_id
         ended = is_eos.any(-1)
         lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, completion.shape[1])  # through the first EOS
         mask = torch.arange(completion.shape[1]) < lengths[:, None]  # (N, T)
-        return out, torch.cat([attention, mask.long()], dim=1), width, lengths, ended
+        return out, torch.cat([attention.repeat_interleave(n, dim=0), mask.long()], dim=1), width, lengths, ended
 
     def texts(self, prompts: list[list[int]], sample: bool) -> tuple[list[str], list[bool]]:
         """One completion per prompt, greedy or sampled: (texts, whether each ended with EOS)."""
-        out, _, width, lengths, ended = self.generate(prompts, sample)
+        out, _, width, lengths, ended = self.generate(prompts, 1, sample)
         texts = [
             self.tokenizer.decode(out[i, width : width + int(n)], skip_special_tokens=True)
             for i, n in enumerate(lengths)
@@ -110,19 +121,17 @@ class HFGenerator:
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], n: int) -> list[list[Completion]]:
         """n completions for each prompt (token ids), sampled at the temperature."""
-        rows = [p for p in prompts for _ in range(n)]  # (N = len(prompts) * n)
-        out, full_mask, width, lengths, ended = self.generate(rows, sample=True)
+        out, full_mask, width, lengths, ended = self.generate(prompts, n, sample=True)  # N = len(prompts) * n rows
         completion = out[:, width:]  # (N, T)
+        # each prompt once (rows j*n .. j*n+n-1 share it), its n completions after it
+        head, head_mask = out[::n, :width].to(self.device), full_mask[::n, :width].to(self.device)
+        tail, tail_mask = completion.to(self.device), full_mask[:, width:].to(self.device)
         policy, ref = (
-            token_logprobs(
-                completion_logits(m, out.to(self.device), full_mask.to(self.device), width),
-                completion.to(self.device),
-                self.temperature,
-            ).cpu()
+            token_logprobs(completion_logits(m, head, head_mask, tail, tail_mask), tail, self.temperature).cpu()
             for m in (self.model, self.reference)
         )
         results = []
-        for i in range(len(rows)):
+        for i in range(out.shape[0]):
             t = int(lengths[i])
             ids = completion[i, :t]
             results.append(

@@ -34,12 +34,14 @@ class VLLMGenerator(HFGenerator):
         super().load_weights(state_dict)
         self.llm.collective_rpc("load_published", args=(list(state_dict.items()),))
 
-    def _sequences(self, input_ids: torch.Tensor, attention: torch.Tensor, sample: bool) -> torch.Tensor:
+    def _sequences(self, input_ids: torch.Tensor, attention: torch.Tensor, n: int, sample: bool) -> torch.Tensor:
         from vllm import SamplingParams
 
         params = SamplingParams(
             temperature=self.temperature if sample else 0.0, top_p=1.0, top_k=-1, max_tokens=self.max_new_tokens
         )
+        input_ids, attention = input_ids.repeat_interleave(n, dim=0), attention.repeat_interleave(n, dim=0)
+        # vLLM's prefix cache shares each prompt's keys and values among its n samples
         prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention, strict=True)]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         completions = []

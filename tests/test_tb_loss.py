@@ -64,3 +64,34 @@ def test_beta_anneals_linearly_then_holds():
     assert linear_beta(0, 0.012, 0.004, 500) == 0.012
     assert linear_beta(250, 0.012, 0.004, 500) == pytest.approx(0.008)
     assert linear_beta(800, 0.012, 0.004, 500) == 0.004
+
+
+def test_a_prompt_shared_by_its_completions_gives_the_logits_and_gradients_of_whole_sequences():
+    from tests.tiny_models import tiny_llama
+    from trainer.tb_loss import completion_logits
+
+    model, k, pad = tiny_llama(3).train(), 3, 0
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]  # left-padded to width 5
+    completions = [[20, 21, 1], [22, 1, pad], [23, 24, 25], [30, 1, pad], [31, 32, 1], [33, 34, 35]]
+    lengths = [3, 2, 3, 2, 3, 3]
+    head = torch.tensor([[pad] * (5 - len(p)) + p for p in prompts])
+    head_mask = torch.tensor([[0] * (5 - len(p)) + [1] * len(p) for p in prompts])
+    tail = torch.tensor(completions)
+    tail_mask = torch.tensor([[1.0] * n + [0.0] * (3 - n) for n in lengths])
+
+    shared = completion_logits(model, head, head_mask, tail, tail_mask)
+    (shared * tail_mask[..., None]).sum().backward()
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    # the plain way: every completion after its own copy of the prompt, one forward pass
+    sequences = torch.cat([head.repeat_interleave(k, 0), tail], 1)
+    attention = torch.cat([head_mask.repeat_interleave(k, 0), tail_mask.long()], 1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    whole = model(input_ids=sequences, attention_mask=attention, position_ids=positions).logits[:, 4:-1]
+    (whole * tail_mask[..., None]).sum().backward()
+
+    real = tail_mask.bool()
+    assert torch.allclose(shared[real], whole[real], atol=1e-5)
+    for mine, theirs in zip(shared_grads, (p.grad for p in model.parameters()), strict=True):
+        assert torch.allclose(mine, theirs, atol=1e-4)

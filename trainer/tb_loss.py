@@ -31,14 +31,36 @@ def sequence_logprobs(
     return (token_logprobs(logits, completion_ids, temperature) * completion_mask).sum(-1)  # (N,)
 
 
-def completion_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Logits predicting each completion token of left-padded prompt + completion sequences.
+def completion_logits(
+    model,
+    prompts: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completions: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Logits predicting each completion token, with each prompt computed once for its K completions.
 
-    sequences, attention_mask: (N, P + T) with prompts left-padded to P. Returns (N, T, V).
+    prompts, prompt_mask: (P, W), left-padded; completions, completion_mask: (P*K, T), the K
+    completions of prompt i in rows i*K .. i*K+K-1. The prompt's keys and values are shared by its K
+    completions (gradients flow back through them, so this is exact), so a prompt costs W + K*T
+    token passes instead of K*(W + T): with short answers to long prompts, several times fewer.
+    Returns (P*K, T, V).
     """
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions).logits
-    return logits[:, prompt_len - 1 : -1]  # (N, T, V): position t predicts token t + 1
+    k = completions.shape[0] // prompts.shape[0]
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+    out = model(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:].repeat_interleave(k, dim=0)  # (N, 1, V): the prompt's end predicts token 0
+    if completions.shape[1] == 1:
+        return first
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)  # (P, ...) -> (P*K, ...), still in the autograd graph
+    start = prompt_mask.sum(-1).repeat_interleave(k)[:, None]  # (N, 1): real prompt tokens
+    positions = start + torch.arange(completions.shape[1] - 1, device=completions.device)  # (N, T-1)
+    attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), completion_mask[:, :-1].long()], dim=1)
+    rest = model(
+        input_ids=completions[:, :-1], attention_mask=attention, position_ids=positions, past_key_values=cache
+    ).logits  # (N, T-1, V): token t predicts token t + 1
+    return torch.cat([first, rest], dim=1)
 
 
 def tb_loss(logp: torch.Tensor, ref_logp: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:

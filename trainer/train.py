@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,25 +54,23 @@ def apply_lora(model, t):
 
 
 def collate(prompts: list[SampledPrompt], pad_id: int):
-    """Left-padded prompts + right-padded completions of whole prompts.
+    """Left-padded prompts and right-padded completions of whole prompts.
 
-    Returns sequences and attention (N, P + T), completion ids and mask (N, T), the prompt width P,
-    and the reference log-probs and rewards as (n_prompts, K).
+    Returns prompts and their mask (n_prompts, W), completion ids and mask (n_prompts * K, T), and the
+    reference log-probs and rewards as (n_prompts, K).
     """
-    rows = [(p.prompt_token_ids.tolist(), s) for p in prompts for s in p.samples]
-    width = max(len(ids) for ids, _ in rows)
-    length = max(s.token_ids.size for _, s in rows)
-    seq, attn, mask = [], [], []
-    for ids, s in rows:
-        n = s.token_ids.size
-        seq.append([pad_id] * (width - len(ids)) + ids + s.token_ids.tolist() + [pad_id] * (length - n))
-        attn.append([0] * (width - len(ids)) + [1] * (len(ids) + n) + [0] * (length - n))
-        mask.append([1.0] * n + [0.0] * (length - n))
+    width = max(p.prompt_token_ids.size for p in prompts)
+    length = max(s.token_ids.size for p in prompts for s in p.samples)
+    heads = [p.prompt_token_ids.tolist() for p in prompts]
+    head = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in heads])
+    head_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in heads])
+    samples = [s for p in prompts for s in p.samples]
+    tail = torch.tensor([s.token_ids.tolist() + [pad_id] * (length - s.token_ids.size) for s in samples])
+    tail_mask = torch.tensor([[1.0] * s.token_ids.size + [0.0] * (length - s.token_ids.size) for s in samples])
     k = len(prompts[0].samples)
-    ref = torch.tensor([float(s.ref_logprobs.sum()) for _, s in rows]).view(len(prompts), k)  # (P, K)
-    rewards = torch.tensor([float(s.reward) for _, s in rows]).view(len(prompts), k)  # (P, K)
-    sequences = torch.tensor(seq)
-    return sequences, torch.tensor(attn), sequences[:, width:], torch.tensor(mask), width, ref, rewards
+    ref = torch.tensor([float(s.ref_logprobs.sum()) for s in samples]).view(len(prompts), k)  # (P, K)
+    rewards = torch.tensor([float(s.reward) for s in samples]).view(len(prompts), k)  # (P, K)
+    return head, head_mask, tail, tail_mask, ref, rewards
 
 
 class Trainer:
@@ -89,6 +88,8 @@ class Trainer:
         warmup = max(1, self.t.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.waited_s = 0.0
+        self.staleness_counts: Counter[int] = Counter()  # trained samples by policy versions behind
+        self.last: dict[str, dict] = {}  # the last metrics row of each kind ("train", "eval")
         # data parallel under torchrun: each process takes every world-th prompt of the batch
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -134,10 +135,8 @@ class Trainer:
             micro = local[i : i + self.t.micro_batch_prompts]  # whole prompts: logZ never mixes prompts
             last = i == micros[-1]
             with self.forward_model.no_sync() if self.world > 1 and not last else contextlib.nullcontext():
-                seq, attn, ids, mask, width, ref, rewards = (
-                    x.to(self.device) if isinstance(x, torch.Tensor) else x for x in collate(micro, self.pad_id)
-                )
-                logits = completion_logits(self.forward_model, seq, attn, width)  # (N, T, V)
+                head, head_mask, ids, mask, ref, rewards = (x.to(self.device) for x in collate(micro, self.pad_id))
+                logits = completion_logits(self.forward_model, head, head_mask, ids, mask)  # (N, T, V)
                 token_logp = token_logprobs(logits, ids, self.t.temperature) * mask  # (N, T)
                 logp = token_logp.sum(-1).view_as(ref)  # (P, K)
                 loss = self._loss(logp, token_logp, mask, ref, rewards, beta) * len(micro) / len(local)
@@ -153,6 +152,7 @@ class Trainer:
         if self.server is not None and self.step % self.t.sync_every == 0:
             self.publish()
         versions = [v for p in batch for v in p.policy_versions]
+        self.staleness_counts.update(self.policy_version - v for v in versions)
         return StepResult(
             step=self.step,
             loss=float(total),
@@ -274,14 +274,19 @@ class Evaluator:
 
 
 def run_trainer(
-    cfg: TbaConfig, stop: threading.Event | None = None, replay: dict | None = None, live: bool = True
+    cfg: TbaConfig,
+    stop: threading.Event | None = None,
+    replay: dict | None = None,
+    live: bool = True,
+    metrics_port: int | None = None,
 ) -> Trainer:
     """`tba train`: the training job, asynchronous (TBA: from the curated topic) or synchronous on-policy.
 
     replay: a past range of the curated topic to ingest first (CuratedFeed.fill's arguments); with
     live=False nothing else is read, so the job retrains from history alone (`tba replay`).
     Resumes from run_dir's latest checkpoint, checkpoints every checkpoint_every steps and on stop,
-    evaluates on the held-out problems, and appends every step's metrics to run_dir/metrics.jsonl.
+    evaluates on the held-out problems, and appends every step's metrics to run_dir/metrics.jsonl
+    (and serves them on http://127.0.0.1:metrics_port/metrics when given).
     """
     from producers.generation import load_model
     from producers.tasks import build_task
@@ -306,11 +311,11 @@ def run_trainer(
         trainer = Trainer(cfg, model, None, pad)
         trainer.resume()
         batches = SyncBatches(cfg, trainer, tokenizer, task) if main else None
-        return _loop(cfg, trainer, batches, Evaluator(cfg, task, tokenizer), stop)
+        return _loop(cfg, trainer, batches, Evaluator(cfg, task, tokenizer), stop, metrics_port)
     if not main:  # the other processes only train on the batches process 0 sends them
         trainer = Trainer(cfg, model, None, pad)
         trainer.resume()
-        return _loop(cfg, trainer, None, Evaluator(cfg, task, tokenizer), stop)
+        return _loop(cfg, trainer, None, Evaluator(cfg, task, tokenizer), stop, metrics_port)
     buffer = ReplayBuffer(cfg, SchemaStore(cfg), seed=t.seed)
     server = WeightSyncServer(cfg)
     server.start()
@@ -332,7 +337,7 @@ def run_trainer(
         return None if stop.is_set() else buffer.sample(t.prompts_per_step)
 
     try:
-        return _loop(cfg, trainer, from_buffer, Evaluator(cfg, task, tokenizer), stop)
+        return _loop(cfg, trainer, from_buffer, Evaluator(cfg, task, tokenizer), stop, metrics_port)
     finally:
         server.stop()
 
@@ -369,13 +374,18 @@ class SyncBatches:
         return batch
 
 
-def _loop(cfg: TbaConfig, trainer: Trainer, next_batch, evaluate: Evaluator, stop: threading.Event) -> Trainer:
+def _loop(
+    cfg: TbaConfig, trainer: Trainer, next_batch, evaluate: Evaluator, stop: threading.Event, metrics_port=None
+) -> Trainer:
     import json
+
+    from ops.metrics import serve_metrics, trainer_metrics
 
     t = cfg.trainer
     main = trainer.rank == 0  # under DDP, process 0 samples, evaluates, records and checkpoints
     Path(t.run_dir).mkdir(parents=True, exist_ok=True)
     metrics = open(Path(t.run_dir) / "metrics.jsonl", "a") if main else None
+    endpoint = serve_metrics(metrics_port, lambda: trainer_metrics(trainer)) if main and metrics_port else None
     started = time.monotonic()
 
     def record(kind: str, **values) -> None:
@@ -384,6 +394,7 @@ def _loop(cfg: TbaConfig, trainer: Trainer, next_batch, evaluate: Evaluator, sto
         row = {"kind": kind, "mode": t.mode, "loss_name": t.loss, "step": trainer.step,
                "policy_version": trainer.policy_version, "time": time.time(), "wall_s": time.monotonic() - started,
                **values}  # fmt: skip
+        trainer.last[kind] = row
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
         log.info("%s", row)
@@ -410,5 +421,7 @@ def _loop(cfg: TbaConfig, trainer: Trainer, next_batch, evaluate: Evaluator, sto
         if main:
             trainer.save()
             metrics.close()
+        if endpoint is not None:
+            endpoint.shutdown()
         trainer.close()
     return trainer
