@@ -54,7 +54,7 @@ def main() -> None:
             searcher={"samples_per_prompt": 8, "prompts_per_batch": 2, "max_new_tokens": 32, "temperature": 0.7},
             # m = 0.5: with one CPU searcher the newest version holds only a prompt or two
             buffer={"samples_per_prompt": 8, "on_policy_prob": 0.5},
-            trainer={"prompts_per_step": 2, "micro_batch_prompts": 1, "lr": 1e-5, "warmup_steps": 2,
+            trainer={"prompts_per_step": 2, "micro_batch_prompts": 1, "lr": 1e-4, "warmup_steps": 2,
                      "beta_start": 0.012, "beta_end": 0.004, "beta_anneal_steps": 40, "sync_every": 1,
                      "min_buffer_prompts": 2, "max_steps": 100_000, "eval_every": 100_000, "checkpoint_every": 100_000,
                      "eval_prompts": 64, "eval_max_new_tokens": 32,

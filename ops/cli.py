@@ -26,12 +26,28 @@ class Context:
         return self._cfg
 
 
+def _serve_metrics(port: int | None, read):
+    from ops.metrics import serve_metrics
+
+    return serve_metrics(port, read) if port else None
+
+
+def _close(endpoint) -> None:
+    if endpoint is not None:
+        endpoint.shutdown()
+
+
 def stop_on_signals() -> threading.Event:
     """An event set by SIGTERM or Ctrl-C: long-running commands finish their unit of work and stop."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     return stop
+
+
+metrics_port_option = click.option(
+    "--metrics-port", type=int, default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics."
+)
 
 
 @click.group()
@@ -125,10 +141,14 @@ def produce(obj: Context, path: str) -> None:
 @click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
 @click.option("--redrive", is_flag=True, help="Instead: send dead letters back to raw to be scored again, and exit.")
 @click.option("--scorer", default=None, help="With --redrive: only the letters this scorer rejected.")
+@metrics_port_option
 @click.pass_obj
-def filter_(obj: Context, instance: str, idle_exit: float | None, redrive: bool, scorer: str | None) -> None:
+def filter_(
+    obj: Context, instance: str, idle_exit: float | None, redrive: bool, scorer: str | None, metrics_port: int | None
+) -> None:
     """Run one member of the filter group: raw -> scorers -> curated | dlq, exactly once."""
     from consumers.filter import FilterConsumer
+    from ops.metrics import filter_metrics
 
     if redrive:
         from consumers.redrive import redrive as send_back
@@ -140,10 +160,12 @@ def filter_(obj: Context, instance: str, idle_exit: float | None, redrive: bool,
 
     stop = stop_on_signals()
     worker = FilterConsumer(obj.cfg, instance=instance)
+    endpoint = _serve_metrics(metrics_port, lambda: filter_metrics(worker, instance))
     try:
         stats = worker.run(stop, idle_exit_s=idle_exit)
     finally:
         worker.close()
+        _close(endpoint)
     click.echo(
         f"filter {instance}: consumed {stats.consumed}, accepted {stats.accepted}, rejected {dict(stats.rejected)}"
     )
@@ -152,32 +174,37 @@ def filter_(obj: Context, instance: str, idle_exit: float | None, redrive: bool,
 @cli.command()
 @click.option("--index", default=0, show_default=True, help="This searcher's index, < searcher.searchers.")
 @click.option("--batches", type=int, default=None, help="Stop after this many batches (default: run until stopped).")
+@metrics_port_option
 @click.pass_obj
-def search(obj: Context, index: int, batches: int | None) -> None:
+def search(obj: Context, index: int, batches: int | None, metrics_port: int | None) -> None:
     """Run one searcher: sample its share of the prompts, reward, publish groups, swap in new weights."""
+    from ops.metrics import searcher_metrics
     from producers.searcher import build_searcher
 
     if not 0 <= index < obj.cfg.searcher.searchers:
         raise click.BadParameter(f"must be in [0, {obj.cfg.searcher.searchers})", param_hint="--index")
     stop = stop_on_signals()
     searcher = build_searcher(obj.cfg, index)
+    endpoint = _serve_metrics(metrics_port, lambda: searcher_metrics(searcher))
     try:
         stats = searcher.run(stop, max_batches=batches)
     finally:
         searcher.close()
+        _close(endpoint)
     click.echo(
         f"searcher {index}: {stats.groups} groups in {stats.batches} batches, mean reward {stats.mean_reward:.3f}"
     )
 
 
 @cli.command()
+@metrics_port_option
 @click.pass_obj
-def train(obj: Context) -> None:
+def train(obj: Context, metrics_port: int | None) -> None:
     """Run the TB trainer: curated -> replay buffer -> TB loss -> new policy versions; resumes from run_dir."""
     from trainer.train import run_trainer
 
     stop = stop_on_signals()  # the trainer checkpoints, then exits
-    trainer = run_trainer(obj.cfg, stop)
+    trainer = run_trainer(obj.cfg, stop, metrics_port=metrics_port)
     click.echo(f"trainer stopped at step {trainer.step}, policy version {trainer.policy_version}")
 
 
@@ -200,12 +227,14 @@ def _bound(value: str | None, name: str) -> dict:
 @click.option("--from", "start", default=None, help="First offset or time (ISO 8601) of curated; default: its start.")
 @click.option("--to", "end", default=None, help="Offset or time to stop before; default: its current end.")
 @click.option("--live", is_flag=True, help="Also keep reading new groups from live searchers.")
+@metrics_port_option
 @click.pass_obj
-def replay(obj: Context, start: str | None, end: str | None, live: bool) -> None:
+def replay(obj: Context, start: str | None, end: str | None, live: bool, metrics_port: int | None) -> None:
     """Train a new policy on a past range of the curated topic (from trainer.model or a checkpoint in run_dir)."""
     from trainer.train import run_trainer
 
-    trainer = run_trainer(obj.cfg, stop_on_signals(), replay={**_bound(start, "from"), **_bound(end, "to")}, live=live)
+    trainer = run_trainer(obj.cfg, stop_on_signals(), replay={**_bound(start, "from"), **_bound(end, "to")}, live=live,
+                          metrics_port=metrics_port)  # fmt: skip
     click.echo(f"replay trained {trainer.step} steps on {len(trainer.buffer)} groups")
 
 
@@ -259,6 +288,71 @@ def inspect_(obj: Context, scan: int, as_json: bool) -> None:
                 *(f"{row.get(c, ''):.3f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns)
             )
         console.print(table)
+
+
+@cli.command("run")
+@click.argument("config", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.pass_obj
+def run_(obj: Context, config: str | None) -> None:
+    """The whole job on one machine: broker, topics, trainer + weight sync, searchers, filters, supervised.
+
+    Ctrl-C / SIGTERM (or run.budget_s) stops it in order, the trainer checkpointing first; run it again
+    with the same trainer.run_dir to resume. CONFIG defaults to --config, else the embedded defaults.
+    """
+    import logging
+
+    from ops.live_view import JobView
+    from ops.supervisor import run_job
+
+    cfg = load_config(config) if config else obj.cfg
+    stop = stop_on_signals()
+    view = JobView(cfg)
+    if cfg.run.live_view and sys.stdout.isatty():
+        from rich.live import Live
+        from rich.logging import RichHandler
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
+        with Live(view.renderable, refresh_per_second=1) as live:
+
+            def refresh(supervisor) -> None:
+                view(supervisor)
+                live.update(view.renderable)
+
+            state = run_job(cfg, stop, refresh)
+    else:  # logs, CI, tests: the same view as text every 30 s
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        state = run_job(cfg, stop, _every(30.0, lambda supervisor: _print_view(view, supervisor)))
+    click.echo(f"job stopped after {state['elapsed_s']:.0f}s; logs and metrics in {cfg.trainer.run_dir}")
+
+
+def _every(seconds: float, action):
+    last = [0.0]
+
+    def maybe(*args) -> None:
+        import time
+
+        if time.monotonic() - last[0] >= seconds:
+            last[0] = time.monotonic()
+            action(*args)
+
+    return maybe
+
+
+def _print_view(view, supervisor) -> None:
+    from rich.console import Console
+
+    view(supervisor)
+    Console(width=120).print(view.renderable)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, help="Where to write (default: RUN_DIR/report).")
+def report(run_dir: str, out: str | None) -> None:
+    """PNG plots (reward and held-out accuracy vs wall time and step, throughput, staleness, rejects) + report.md."""
+    from ops.report import write_report
+
+    click.echo(f"wrote {write_report(run_dir, out) / 'report.md'}")
 
 
 @cli.command()

@@ -196,6 +196,20 @@ class TrainerConfig(Section):
     seed: int = 0
 
 
+class RunConfig(Section):
+    """`tba run`: the whole job on one machine, each role its own supervised process."""
+
+    filters: int = Field(1, ge=1)  # filter processes (searcher.searchers says how many searchers)
+    budget_s: float = Field(0, ge=0)  # wall budget of one `tba run`, then a clean stop; 0: until max_steps
+    # the local broker is started when kafka.bootstrap is 127.0.0.1 (or localhost) at broker.port
+    metrics_port: int = Field(9400, ge=0, le=65535)  # trainer here, then searchers, then filters; 0: off
+    restart_initial_s: float = Field(1.0, gt=0)  # a crashed process restarts after this, doubling ...
+    restart_max_s: float = Field(30.0, gt=0)  # ... up to this
+    max_restarts: int = Field(5, ge=0)  # per process; one more crash stops the job with an error
+    stop_timeout_s: float = Field(120.0, gt=0)  # how long the trainer may take to checkpoint and exit
+    live_view: bool = True  # the rich terminal view (only when stdout is a terminal)
+
+
 class DemoConfig(Section):
     """The data-plane demo that `tba demo` runs."""
 
@@ -216,6 +230,7 @@ class TbaConfig(Section):
     task: TaskConfig = TaskConfig()
     searcher: SearcherConfig = SearcherConfig()
     trainer: TrainerConfig = TrainerConfig()
+    run: RunConfig = RunConfig()
     demo: DemoConfig = DemoConfig()
 
 

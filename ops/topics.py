@@ -104,6 +104,19 @@ def describe_topics(cfg: TbaConfig) -> list[dict]:
         admin.close()
 
 
+def end_offsets(cfg: TbaConfig, topics: list[str]) -> dict[str, int]:
+    """Each topic's end offsets summed over its partitions (records written, transaction markers included)."""
+    consumer = kafka_clients.consumer(cfg)
+    try:
+        parts = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        totals = dict.fromkeys(topics, 0)
+        for tp, end in consumer.end_offsets(parts).items():
+            totals[tp.topic] += end
+        return totals
+    finally:
+        consumer.close()
+
+
 def read_topic(cfg: TbaConfig, topic: str, isolation: str = "read_committed", last: int | None = None) -> list:
     """Every record of a topic (or its last `last` offsets of each partition) up to its end as of now."""
     consumer = kafka_clients.consumer(cfg, isolation_level=isolation)

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 class SearcherStats:
     batches: int = 0
     groups: int = 0
+    samples: int = 0
+    tokens: int = 0  # completion tokens
     swaps: int = 0
     paused: int = 0  # batches skipped for being more than max_policy_lag versions behind
     mean_reward: float = 0.0
@@ -139,6 +141,8 @@ class Searcher:
         batch_reward = float(np.mean([s.reward for g in groups for s in g.samples]))
         self.stats.mean_reward = (self.stats.mean_reward * n + batch_reward * len(groups)) / (n + len(groups))
         self.stats.groups += len(groups)
+        self.stats.samples += sum(len(g.samples) for g in groups)
+        self.stats.tokens += sum(s.token_ids.size for g in groups for s in g.samples)
         self.stats.batches += 1
         return groups
 

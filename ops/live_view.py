@@ -1,0 +1,148 @@
+"""The live terminal view of `tba run` (rich): processes, throughput, Kafka lag, learning.
+
+It reads what anyone could read from outside: each process's /metrics endpoint, the topics' end
+offsets and the filter group's committed offsets, and the trainer's run_dir/metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+KAFKA_EVERY_S = 5.0  # end offsets and group offsets cost a few round trips: not every second
+
+
+def scrape(port: int, timeout_s: float = 0.5) -> dict[str, float]:
+    """name -> value summed over labels (histograms: their buckets as name{le}); {} if unreachable."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    values: dict[str, float] = defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name if "le" not in sample.labels else f"{sample.name}{{{sample.labels['le']}}}"
+            values[name] += sample.value
+    return dict(values)
+
+
+class JobView:
+    """Call it with the supervisor once a second; its `renderable` is what rich.live shows."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.previous: dict[str, tuple[float, dict[str, float]]] = {}  # name -> (time, scrape)
+        self.rates: dict[str, dict[str, float]] = {}
+        self.kafka: dict = {}
+        self.kafka_at = 0.0
+        self.renderable = Text("starting...")
+
+    def __call__(self, supervisor) -> None:
+        now = time.monotonic()
+        scraped = {}
+        for p in supervisor.processes:
+            if p.metrics_port and p.running:
+                scraped[p.name] = current = scrape(p.metrics_port)
+                then, before = self.previous.get(p.name, (now, current))
+                if now > then:
+                    self.rates[p.name] = {k: (v - before.get(k, 0.0)) / (now - then) for k, v in current.items()}
+                self.previous[p.name] = (now, current)
+        if now - self.kafka_at >= KAFKA_EVERY_S:
+            self.kafka, self.kafka_at = self._read_kafka(), now
+        self.renderable = self.render(supervisor.state(), scraped)
+
+    def _read_kafka(self) -> dict:
+        from ops.inspection import filter_lag
+        from ops.topics import end_offsets, topic_names
+
+        try:
+            names = topic_names(self.cfg)
+            ends = end_offsets(self.cfg, [names.raw, names.curated, names.dlq])
+            return {"ends": ends, "filter_lag": sum(filter_lag(self.cfg).values())}
+        except Exception as exc:  # the broker may be restarting: show it, keep going
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def render(self, state: dict, scraped: dict[str, dict[str, float]]) -> Group:
+        elapsed, budget = state["elapsed_s"], state["budget_s"]
+        eta = f", {budget - elapsed:.0f}s of the budget left" if budget else ""
+        header = Text(f"tba run · {state['namespace']} @ {state['bootstrap']} · {elapsed:.0f}s{eta}", style="bold")
+
+        procs = Table(title="processes", expand=True)
+        for column in ("process", "status", "pid", "restarts", "throughput"):
+            procs.add_column(column)
+        for p in state["processes"]:
+            procs.add_row(p["name"], p["status"], str(p["pid"] or ""), str(p["restarts"]), self._throughput(p))
+
+        trainer = scraped.get("trainer", {})
+        learning = Table(title="learning", expand=True)
+        for column in ("step", "policy version", "loss", "batch reward", "held-out accuracy", "buffer groups"):
+            learning.add_column(column)
+        learning.add_row(
+            f"{trainer.get('tba_trainer_steps_total', 0):.0f}",
+            f"{trainer.get('tba_trainer_policy_version', 0):.0f}",
+            f"{trainer.get('tba_trainer_loss', float('nan')):.3g}",
+            f"{trainer.get('tba_trainer_mean_reward', float('nan')):.3f}",
+            self._accuracy_trend(),
+            f"{trainer.get('tba_trainer_buffer_groups', 0):.0f}",
+        )
+
+        kafka = Table(title="kafka", expand=True)
+        if "error" in self.kafka:
+            kafka.add_column("broker")
+            kafka.add_row(self.kafka["error"])
+        elif self.kafka:
+            ends = self.kafka["ends"]
+            curated_end = ends[self._topic("curated")]
+            for column in ("raw end", "filter lag", "curated end", "trainer lag", "dlq end"):
+                kafka.add_column(column)
+            kafka.add_row(
+                str(ends[self._topic("raw")]),
+                str(self.kafka["filter_lag"]),
+                str(curated_end),
+                # the trainer keeps its offsets in its checkpoint, not in a group (a transaction marker counts 1)
+                str(max(0, curated_end - int(trainer.get("tba_trainer_curated_offset", 0)))) if trainer else "",
+                str(ends[self._topic("dlq")]),
+            )
+        return Group(header, procs, learning, kafka, self._staleness(trainer))
+
+    def _topic(self, kind: str) -> str:
+        from ops.topics import topic_names
+
+        return getattr(topic_names(self.cfg), kind)
+
+    def _throughput(self, p: dict) -> str:
+        rate = self.rates.get(p["name"], {})
+        if p["role"] == "searcher":
+            groups, tokens = rate.get("tba_searcher_groups_total", 0), rate.get("tba_searcher_tokens_total", 0)
+            return f"{groups:.2f} groups/s, {tokens:.0f} tok/s"
+        if p["role"] == "filter":
+            return f"{rate.get('tba_filter_consumed_total', 0):.1f} records/s"
+        return f"{60 * rate.get('tba_trainer_steps_total', 0):.1f} steps/min"
+
+    def _accuracy_trend(self) -> str:
+        path = Path(self.cfg.trainer.run_dir) / "metrics.jsonl"
+        if not path.exists():
+            return ""
+        evals = [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "eval"]
+        return " -> ".join(f"{r['greedy_accuracy']:.2f}" for r in evals[-5:])
+
+    @staticmethod
+    def _staleness(trainer: dict[str, float]) -> Text:
+        """Trained samples by policy versions behind (bucket counts from the trainer's histogram)."""
+        bounds = ["0", "1", "2", "4", "8", "16", "+Inf"]
+        cumulative = [trainer.get(f"tba_trainer_sample_staleness_bucket{{{b}}}", 0.0) for b in bounds]
+        counts = [c - p for c, p in zip(cumulative, [0.0, *cumulative[:-1]], strict=True)]
+        total = max(1.0, cumulative[-1])
+        lines = ["staleness of trained samples (policy versions behind)"]
+        for bound, count in zip(["0", "1", "2", "3-4", "5-8", "9-16", ">16"], counts, strict=True):
+            lines.append(f"  {bound:>5} {'█' * int(40 * count / total):<40} {count:.0f}")
+        return Text("\n".join(lines))

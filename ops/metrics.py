@@ -1,0 +1,98 @@
+"""Prometheus metrics on /metrics, one endpoint per role process (names and labels: README).
+
+Each role already counts what it does in a plain stats object; a collector reads those at scrape
+time, so the hot paths carry no metrics code and the numbers cannot drift from the logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+PREFIX = "tba"
+
+
+class RoleCollector:
+    """Turns a role's stats into metric families at every scrape."""
+
+    def __init__(self, read: Callable[[], Iterable[Metric]]):
+        self.read = read
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self.read()
+
+
+def serve_metrics(port: int, read: Callable[[], Iterable[Metric]], host: str = "127.0.0.1"):
+    """Serve read()'s metrics on http://host:port/metrics in a daemon thread; returns the server."""
+    registry = CollectorRegistry()
+    registry.register(RoleCollector(read))
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server
+
+
+def _gauge(name: str, doc: str, value: float, labels: dict[str, str]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+def _counter(name: str, doc: str, value: float, labels: dict[str, str]) -> CounterMetricFamily:
+    family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+def searcher_metrics(searcher) -> Iterable[Metric]:
+    s, labels = searcher.stats, {"searcher": str(searcher.index)}
+    yield _counter("searcher_groups", "Trajectory groups published", s.groups, labels)
+    yield _counter("searcher_samples", "Completions generated", s.samples, labels)
+    yield _counter("searcher_tokens", "Completion tokens generated", s.tokens, labels)
+    yield _counter("searcher_batches", "Generation batches", s.batches, labels)
+    yield _counter("searcher_paused_batches", "Batches skipped for max policy lag", s.paused, labels)
+    yield _counter("searcher_weight_swaps", "Policy versions loaded", s.swaps, labels)
+    yield _gauge("searcher_policy_version", "Version it generates with", searcher.policy_version, labels)
+    yield _gauge("searcher_mean_reward", "Mean reward of all its samples", s.mean_reward, labels)
+
+
+def filter_metrics(consumer, instance: str) -> Iterable[Metric]:
+    s = consumer.stats
+    yield _counter("filter_consumed", "Raw records routed", s.consumed, {"instance": instance})
+    yield _counter("filter_accepted", "Groups published to curated", s.accepted, {"instance": instance})
+    labels = ["instance", "scorer"]
+    rejected = CounterMetricFamily(f"{PREFIX}_filter_rejected", "Records sent to the dlq", labels=labels)
+    for scorer, n in sorted(s.rejected.items()):
+        rejected.add_metric([instance, scorer], n)
+    yield rejected
+    yield _counter("filter_transactions", "Committed transactions", s.transactions, {"instance": instance})
+    yield _counter("filter_aborts", "Aborted transactions (batches re-read)", s.aborts, {"instance": instance})
+
+
+def trainer_metrics(trainer) -> Iterable[Metric]:
+    labels: dict[str, str] = {}
+    yield _counter("trainer_steps", "Optimizer steps", trainer.step, labels)
+    yield _gauge("trainer_policy_version", "Newest published policy version", trainer.policy_version, labels)
+    yield _counter("trainer_wait_seconds", "Seconds spent waiting for data", trainer.waited_s, labels)
+    if trainer.buffer is not None:
+        yield _gauge("trainer_buffer_groups", "Groups in the replay buffer", len(trainer.buffer), labels)
+        yield _gauge("trainer_buffer_prompts", "Prompts in the replay buffer", trainer.buffer.num_prompts, labels)
+        ingested = sum(trainer.buffer.next_offsets.values())
+        yield _gauge("trainer_curated_offset", "Next curated offsets to ingest (sum)", ingested, labels)
+    last = trainer.last.get("train", {})
+    for key, doc in (("loss", "Loss of the last step"), ("mean_reward", "Mean reward of the last batch"),
+                     ("beta", "TB beta of the last step"), ("seconds", "Seconds of the last step")):  # fmt: skip
+        if key in last:
+            yield _gauge(f"trainer_{key}", doc, last[key], labels)
+    evaluation = trainer.last.get("eval", {})
+    for key in ("greedy_accuracy", "sampled_reward"):
+        if key in evaluation:
+            yield _gauge(f"eval_{key}", f"Held-out {key.replace('_', ' ')} (last evaluation)", evaluation[key], labels)
+    # staleness of every trained sample, in policy versions, as a cumulative histogram
+    bounds = [0, 1, 2, 4, 8, 16]
+    counts = trainer.staleness_counts
+    buckets = [(str(b), sum(n for v, n in counts.items() if v <= b)) for b in bounds]
+    buckets.append(("+Inf", sum(counts.values())))
+    histogram = HistogramMetricFamily(f"{PREFIX}_trainer_sample_staleness", "Policy versions behind, per sample")
+    histogram.add_metric([], buckets, sum_value=float(sum(v * n for v, n in counts.items())))
+    yield histogram

@@ -1,0 +1,113 @@
+"""`tba run`: the whole job supervised: metrics endpoints, a crashed searcher restarted, an ordered
+stop with a checkpoint, a resume, and `tba report` on what the run left behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from ops.broker import free_port
+from ops.config import with_overrides
+from ops.live_view import scrape
+from tests.tiny_models import saved_tiny_llama
+
+
+def wait_until(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def job_state(run_dir):
+    try:
+        return json.loads((run_dir / "job.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def process(state, name):
+    return next(p for p in state["processes"] if p["name"] == name)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp_path):
+    saved_tiny_llama(tmp_path / "model")
+    run_dir = tmp_path / "run"
+    metrics_port = free_port()
+    cfg = with_overrides(
+        cfg,
+        task={"name": "toy", "train_size": 16, "eval_size": 4},
+        searcher={"model": str(tmp_path / "model"), "samples_per_prompt": 4, "prompts_per_batch": 2,
+                  "max_new_tokens": 6, "temperature": 1.0},
+        filter={"scorers": ["structure", "finite_rewards", "lengths"]},
+        buffer={"samples_per_prompt": 4},
+        trainer={"prompts_per_step": 2, "lr": 1e-3, "warmup_steps": 1, "sync_every": 1, "min_buffer_prompts": 2,
+                 "max_steps": 100_000, "eval_every": 5, "checkpoint_every": 1000, "run_dir": str(run_dir),
+                 "eval_prompts": 4, "eval_max_new_tokens": 6},
+        weights={"port": 0, "subscription_s": 10},
+        run={"metrics_port": metrics_port, "restart_initial_s": 0.5},
+    )  # fmt: skip
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    tba = [sys.executable, "-m", "ops.cli"]
+    job = subprocess.Popen([*tba, "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # every role serves its metrics; the trainer trains on what the searcher made and the filter passed
+        wait_until(lambda: scrape(metrics_port).get("tba_trainer_steps_total", 0) >= 3, 240, "three trainer steps")
+        trainer = scrape(metrics_port)
+        assert trainer["tba_trainer_buffer_groups"] >= 2
+        assert scrape(metrics_port + 1)["tba_searcher_groups_total"] >= 2
+        assert scrape(metrics_port + 2)["tba_filter_accepted_total"] >= 2
+
+        # a searcher killed as by a crash comes back, with a back-off
+        searcher = process(job_state(run_dir), "searcher-0")
+        os.kill(searcher["pid"], signal.SIGKILL)
+        restarted = wait_until(
+            lambda: (s := job_state(run_dir)) and process(s, "searcher-0")["restarts"] == 1
+            and process(s, "searcher-0")["pid"] not in (None, searcher["pid"]) and s,
+            60, "the searcher's restart",
+        )  # fmt: skip
+        assert process(restarted, "searcher-0")["exit_codes"] == [-signal.SIGKILL]
+        pids = [p["pid"] for p in restarted["processes"]]
+
+        job.send_signal(signal.SIGTERM)  # the trainer checkpoints, then everything stops
+        output, _ = job.communicate(timeout=180)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, output
+    assert not any(alive(pid) for pid in pids)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last_step = max(r["step"] for r in rows)
+    assert last_step >= 3 and (run_dir / "inspect.json").exists()
+
+    # run again: the job resumes from the checkpoint and ends by itself at max_steps
+    config.write_text(yaml.safe_dump(with_overrides(cfg, trainer={"max_steps": last_step + 2}).model_dump(mode="json")))
+    again = subprocess.run([*tba, "run", str(config)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert steps[-2:] == [last_step + 1, last_step + 2]
+    assert process(job_state(run_dir), "trainer")["status"] == "finished"
+
+    report = subprocess.run([*tba, "report", str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    summary = (run_dir / "report" / "report.md").read_text()
+    assert f"steps: {last_step + 2}" in summary and "held-out greedy accuracy" in summary
+    for figure in ("learning", "throughput", "staleness"):
+        assert (run_dir / "report" / f"{figure}.png").stat().st_size > 10_000
