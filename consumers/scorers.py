@@ -209,6 +209,20 @@ def _import(path: str) -> Callable:
         ) from exc
 
 
+class Informative:
+    """A group whose rewards all lie within min_reward_range carries no signal for a group-relative
+    objective (TB's logZ, RLOO, GRPO): training on it only spends a step. Off unless configured."""
+
+    def __init__(self, cfg: FilterConfig):
+        self.min_range = cfg.min_reward_range
+
+    def __call__(self, group: TrajectoryGroup) -> Verdict:
+        spread = float(np.ptp(group.rewards)) if group.samples else 0.0
+        if spread < self.min_range:
+            return Verdict(spread, f"rewards span {spread:.3g} < filter.min_reward_range {self.min_range}: no signal")
+        return Verdict(spread)
+
+
 SCORERS: dict[str, Callable[[FilterConfig], Scorer]] = {
     "structure": lambda cfg: structure,
     "finite_rewards": lambda cfg: finite_rewards,
@@ -217,6 +231,7 @@ SCORERS: dict[str, Callable[[FilterConfig], Scorer]] = {
     "length_limits": LengthLimits,
     "dedupe": Dedupe,
     "safety": Safety,
+    "informative": Informative,
 }
 
 

@@ -88,11 +88,23 @@ class BrokerStatus:
 class LocalBroker:
     """One KRaft node (broker + controller) listening on 127.0.0.1:port."""
 
-    def __init__(self, data_dir: str | Path, port: int = 9092, node_id: int = 1, heap: str = "1g"):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        port: int = 9092,
+        node_id: int = 1,
+        heap: str = "1g",
+        sasl_port: int | None = None,
+        sasl_users: dict[str, str] | None = None,
+    ):
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.node_id = node_id
         self.heap = heap
+        # an extra SASL_PLAINTEXT listener (mechanism PLAIN) for these users -> passwords; the
+        # PLAINTEXT listener stays for the brokers themselves
+        self.sasl_port = sasl_port
+        self.sasl_users = sasl_users or {}
         self._state = self.data_dir / "node.json"
 
     @property
@@ -143,8 +155,22 @@ class LocalBroker:
             "log.segment.bytes": 64 * 1024 * 1024,
             "transaction.abort.timed.out.transaction.cleanup.interval.ms": 10_000,
         }
+        if self.sasl_port:
+            users = " ".join(f'user_{name}="{password}"' for name, password in self.sasl_users.items())
+            sasl = f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+            lines.update({
+                # CONTROLLER stays last: launch() reads the controller port from the end of this line
+                "listeners": f"PLAINTEXT://127.0.0.1:{self.port},{sasl},CONTROLLER://127.0.0.1:{voters[self.node_id]}",
+                "advertised.listeners": f"{lines['advertised.listeners']},{sasl}",
+                "listener.security.protocol.map":
+                    "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "sasl.enabled.mechanisms": "PLAIN",
+                "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+                    f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
+            })  # fmt: skip
         tmp = props.with_suffix(".tmp")
         tmp.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+        tmp.chmod(0o600)  # it may hold SASL passwords
         proc = subprocess.run(
             self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(tmp), "--ignore-formatted"),
             capture_output=True,

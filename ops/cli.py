@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -311,16 +312,22 @@ def run_(obj: Context, config: str | None) -> None:
         from rich.live import Live
         from rich.logging import RichHandler
 
-        logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
-        with Live(view.renderable, refresh_per_second=1) as live:
+        handler = RichHandler(show_path=False)
+        logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
+        with Live(view.renderable, refresh_per_second=2) as live:
 
             def refresh(supervisor) -> None:
                 view(supervisor)
                 live.update(view.renderable)
 
-            state = run_job(cfg, stop, refresh)
+            def progress(message: str):  # a spinner in the live area while a long wait lasts
+                from rich.spinner import Spinner
+
+                live.update(Spinner("dots", message))
+                return contextlib.nullcontext()
+
+            state = run_job(cfg, stop, refresh, progress)
     else:  # logs, CI, tests: the same view as text every 30 s
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         state = run_job(cfg, stop, _every(30.0, lambda supervisor: _print_view(view, supervisor)))
     click.echo(f"job stopped after {state['elapsed_s']:.0f}s; logs and metrics in {cfg.trainer.run_dir}")
 
@@ -365,6 +372,13 @@ def demo(obj: Context) -> None:
 
 
 def main() -> None:
+    import logging
+    import os
+
+    logging.basicConfig(
+        level=os.environ.get("TBA_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python narrates every connection at INFO
     try:
         cli(standalone_mode=True)
     except TbaError as exc:

@@ -27,6 +27,15 @@ class KafkaConfig(Section):
     client_timeout_s: float = Field(30.0, gt=0)
     # Kafka's 1 MiB default is too small for 20-sample groups of long completions.
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024)
+    # security, for every producer, consumer and admin client; secrets never live in this file
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password_env: str = "TBA_KAFKA_PASSWORD"  # the password: this environment variable ...
+    sasl_password_file: Path | None = None  # ... or the first line of this file
+    ssl_cafile: Path | None = None  # CA to trust (SSL, SASL_SSL)
+    ssl_certfile: Path | None = None  # client certificate and key, when the brokers ask for one
+    ssl_keyfile: Path | None = None
 
 
 class TopicsConfig(Section):
@@ -50,7 +59,9 @@ class BrokerConfig(Section):
     heap: str = Field("1g", pattern=r"^\d+[mg]$")
 
 
-ScorerName = Literal["structure", "finite_rewards", "lengths", "degenerate", "length_limits", "dedupe", "safety"]
+ScorerName = Literal[
+    "structure", "finite_rewards", "lengths", "degenerate", "length_limits", "dedupe", "safety", "informative"
+]
 
 
 class FilterConfig(Section):
@@ -64,6 +75,7 @@ class FilterConfig(Section):
         "length_limits",
         "dedupe",
         "safety",
+        "informative",
     ]
     group: str = "filter"
     max_poll_records: int = Field(500, ge=1)
@@ -81,12 +93,15 @@ class FilterConfig(Section):
     # "module:function" taking a list of completion texts, returning unsafe probabilities.
     safety_classifier: str | None = None
     safety_threshold: float = Field(0.5, ge=0, le=1)
+    # informative: groups whose rewards span less than this are rejected (no learning signal); 0: keep all
+    min_reward_range: float = Field(1e-6, ge=0)
 
 
 class BufferConfig(Section):
     """The trainer's replay buffer and its TBA sampling."""
 
-    on_policy_prob: float = Field(0.95, ge=0, le=1)  # m in the paper
+    # m in the paper (0.95 with many searchers); one CPU searcher makes few groups per version
+    on_policy_prob: float = Field(0.5, ge=0, le=1)
     reward_inv_temp: float = Field(0.0, ge=0)  # 0 = uniform within a prompt
     per_prompt_cap: int = Field(100, ge=1)  # newest samples kept per prompt
     cache_groups: int = Field(10_000, ge=0)  # decoded groups kept in memory
@@ -155,7 +170,7 @@ class SearcherConfig(Section):
     samples_per_prompt: int = Field(8, ge=2)  # S >= K: generated per prompt
     prompts_per_batch: int = Field(2, ge=1)
     temperature: float = Field(0.7, gt=0)
-    max_new_tokens: int = Field(48, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
     searchers: int = Field(1, ge=1)  # each owns the prompts whose index % searchers == its index
     weights_target: str | None = None  # host:port of the weight-sync service; None: weights.host:port
     max_policy_lag: int = Field(4, ge=0)  # versions behind the newest announced one before pausing
@@ -172,26 +187,28 @@ class TrainerConfig(Section):
     mode: Literal["async", "sync"] = "async"  # sync: the on-policy baseline (generate, train, repeat; no replay)
     loss: Literal["tb", "rloo", "grpo"] = "tb"  # rloo / grpo: policy-gradient baselines, for comparisons
     kl_coef: float = Field(0.0, ge=0)  # rloo / grpo: KL penalty in the reward (TB uses beta instead)
-    lora_r: int = Field(0, ge=0)  # > 0: train LoRA adapters of this rank (peft) and publish only them
-    lora_alpha: int = Field(16, ge=1)
-    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # > 0: train LoRA adapters of this rank (peft) and publish only them. On a CPU budget of ~100 small
+    # steps, full fine-tuning at any rate that moves the policy also drifts it; adapters move less at random
+    lora_r: int = Field(32, ge=0)
+    lora_alpha: int = Field(32, ge=1)
+    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     prompts_per_step: int = Field(4, ge=1)  # B; K is buffer.samples_per_prompt
     micro_batch_prompts: int = Field(2, ge=1)  # whole prompts per forward pass: logZ never mixes prompts
-    lr: float = Field(1e-5, gt=0)
-    warmup_steps: int = Field(10, ge=0)
+    lr: float = Field(2e-4, gt=0)  # for the LoRA adapters; the paper (full weights, 700 steps): 1e-5
+    warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     temperature: float = Field(0.7, gt=0)  # the sampling temperature: log-probs are taken at it
     beta_start: float = Field(0.012, gt=0)  # KL coefficient, annealed linearly ...
     beta_end: float = Field(0.004, gt=0)
-    beta_anneal_steps: int = Field(500, ge=0)  # ... over this many steps
+    beta_anneal_steps: int = Field(100, ge=0)  # ... over this many steps
     sync_every: int = Field(2, ge=1)  # k: publish a policy version every k steps
     min_buffer_prompts: int = Field(4, ge=1)  # wait for this many prompts before the first step
     max_steps: int = Field(1000, ge=1)
     checkpoint_every: int = Field(50, ge=1)
-    eval_every: int = Field(25, ge=1)
-    eval_prompts: int = Field(32, ge=1)  # held-out problems per evaluation
-    eval_max_new_tokens: int = Field(48, ge=1)
+    eval_every: int = Field(20, ge=1)
+    eval_prompts: int = Field(64, ge=1)  # held-out problems per evaluation
+    eval_max_new_tokens: int = Field(32, ge=1)
     run_dir: Path = Path(".tba/run")
     seed: int = 0
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up once (virtualenv, pinned packages, Kafka jars on first broker start) and run one thing:
-#   ./ops/dev.sh demo    the main job on the embedded defaults
+#   ./ops/dev.sh run     the main job: `tba run` on the embedded defaults for 12 minutes, then `tba report`
+#   ./ops/dev.sh demo    the data-plane demo (no model: synthetic groups through Kafka and the filter)
 #   ./ops/dev.sh test    the test suite (starts and stops its own Kafka broker)
-#   ./ops/dev.sh bench   the benchmarks -> bench/results/*.json
+#   ./ops/dev.sh bench   the benchmarks -> bench/results/*.json (learning.py needs: pip install -e '.[bench]')
 # An existing virtualenv is reused: packages are installed again only when setup.cfg changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,11 @@ if [ ! -f "$stamp" ]; then
 fi
 
 case "${1:-}" in
+  run)
+    shift
+    # Ctrl-C stops the job in order (the trainer checkpoints); running it again resumes
+    TBA__RUN__BUDGET_S="${TBA__RUN__BUDGET_S:-720}" "$venv/bin/tba" run "$@"
+    exec "$venv/bin/tba" report "${TBA__TRAINER__RUN_DIR:-.tba/run}" ;;
   demo) shift; exec "$venv/bin/tba" "$@" demo ;;
   test)
     shift
@@ -33,5 +39,5 @@ case "${1:-}" in
     exit "$rc" ;;
   bench) "$venv/bin/python" bench/dataplane.py && "$venv/bin/python" bench/weightsync.py \
            && exec "$venv/bin/python" bench/learning_smoke.py ;;
-  *) echo "usage: $0 demo|test|bench" >&2; exit 2 ;;
+  *) echo "usage: $0 run|demo|test|bench" >&2; exit 2 ;;
 esac

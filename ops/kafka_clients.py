@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaTimeoutError, SaslAuthenticationFailedError
 
 from ops.config import TbaConfig
+from ops.errors import BrokerError, ConfigError
 
 
 def _common(cfg: TbaConfig) -> dict[str, Any]:
-    return {
-        "bootstrap_servers": cfg.kafka.bootstrap.split(","),
-        "request_timeout_ms": int(cfg.kafka.client_timeout_s * 1000),
+    k = cfg.kafka
+    settings: dict[str, Any] = {
+        "bootstrap_servers": k.bootstrap.split(","),
+        "request_timeout_ms": int(k.client_timeout_s * 1000),
+        "bootstrap_timeout_ms": int(k.client_timeout_s * 1000),
+        "security_protocol": k.security_protocol,
     }
+    if k.security_protocol.startswith("SASL"):
+        if not k.sasl_username:
+            raise ConfigError(f"kafka.sasl_username: required with kafka.security_protocol {k.security_protocol}")
+        settings.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username,
+                        sasl_plain_password=kafka_password(cfg))  # fmt: skip
+    if k.security_protocol.endswith("SSL"):
+        files = {"ssl_cafile": k.ssl_cafile, "ssl_certfile": k.ssl_certfile, "ssl_keyfile": k.ssl_keyfile}
+        settings.update({name: str(path) for name, path in files.items() if path is not None})
+    return settings
+
+
+def kafka_password(cfg: TbaConfig) -> str:
+    """The SASL password, from kafka.sasl_password_file or the variable kafka.sasl_password_env (never logged)."""
+    k = cfg.kafka
+    if k.sasl_password_file is not None:
+        try:
+            return k.sasl_password_file.read_text().splitlines()[0]
+        except (OSError, IndexError) as exc:
+            raise ConfigError(f"kafka.sasl_password_file: cannot read a password from {k.sasl_password_file}") from exc
+    password = os.environ.get(k.sasl_password_env)
+    if not password:
+        raise ConfigError(
+            f"kafka.sasl_password_env: set the environment variable {k.sasl_password_env} "
+            "(or kafka.sasl_password_file) to the SASL password"
+        )
+    return password
 
 
 def producer(cfg: TbaConfig, **overrides: Any) -> KafkaProducer:
@@ -33,7 +66,7 @@ def producer(cfg: TbaConfig, **overrides: Any) -> KafkaProducer:
         "delivery_timeout_ms": int(cfg.kafka.client_timeout_s * 1000) + 5000,
     }
     settings.update(overrides)
-    return KafkaProducer(**settings)
+    return _connect(cfg, KafkaProducer, **settings)
 
 
 def consumer(cfg: TbaConfig, *topics: str, **overrides: Any) -> KafkaConsumer:
@@ -50,9 +83,41 @@ def consumer(cfg: TbaConfig, *topics: str, **overrides: Any) -> KafkaConsumer:
         "heartbeat_interval_ms": 1_000,
     }
     settings.update(overrides)
-    return KafkaConsumer(*topics, **settings)
+    return _connect(cfg, KafkaConsumer, *topics, **settings)
 
 
 def admin(cfg: TbaConfig, **overrides: Any) -> KafkaAdminClient:
     settings = {**_common(cfg), **overrides}
-    return KafkaAdminClient(**settings)
+    return _connect(cfg, KafkaAdminClient, **settings)
+
+
+def _connect(cfg: TbaConfig, client, *args: Any, **settings: Any):
+    """A client, or one error line saying what to fix (clients connect, and authenticate, as they start)."""
+    k = cfg.kafka
+    try:
+        return client(*args, **settings)
+    except (SaslAuthenticationFailedError, KafkaTimeoutError) as exc:  # timeout: no first metadata answer
+        if isinstance(exc, KafkaTimeoutError) and not (k.security_protocol.startswith("SASL") and _listening(k)):
+            raise BrokerError(
+                f"no Kafka broker answered at kafka.bootstrap={k.bootstrap} (security {k.security_protocol}) "
+                f"within {k.client_timeout_s:.0f}s: start one (`tba kafka start`) or fix kafka.bootstrap"
+            ) from exc
+        # kafka-python retries a refused login until its bootstrap timeout: a listening port that never
+        # let us in means the credentials
+        source = k.sasl_password_file or f"${k.sasl_password_env}"
+        raise BrokerError(
+            f"Kafka at {k.bootstrap} refused user {k.sasl_username!r} ({k.sasl_mechanism}): "
+            f"check kafka.sasl_username and the password in {source}"
+        ) from exc
+
+
+def _listening(k) -> bool:
+    """Whether any bootstrap address accepts a TCP connection."""
+    for address in k.bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return True
+        except (OSError, ValueError):
+            continue
+    return False

@@ -14,6 +14,7 @@ run_dir/job.json every tick, for the live view and for anyone watching from outs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -74,6 +75,14 @@ class RoleProcess:
         }
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it if the supervisor dies (even by kill -9), so no role outlives it."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def local_broker(cfg: TbaConfig):
     """The LocalBroker that kafka.bootstrap names, or None when it points at another cluster."""
     from ops.broker import LocalBroker
@@ -117,18 +126,28 @@ class Supervisor:
         self.trainer = self.processes[0]
         self.started = time.monotonic()
         self.failed: str | None = None  # why the job stopped early, if it did
+        self.broker = None  # the local broker, when this job runs it
+        self.broker_restarts = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Broker (if local), topics, and the resolved config every process reads."""
+    def prepare(self, progress=None) -> None:
+        """Broker (if local), topics, the default model (once, before any process wants it) and the
+        resolved config every process reads. progress(message) gives a context to wait in (a spinner)."""
         from ops.topics import create_topics
 
-        broker = local_broker(self.cfg)
-        if broker is not None:
-            status = broker.start()
-            log.info("broker at %s (pid %d, data in %s)", broker.bootstrap, status.pid, broker.data_dir)
+        progress = progress or (lambda message: contextlib.nullcontext())
+        self.broker = local_broker(self.cfg)
+        if self.broker is not None:
+            with progress(f"starting the local Kafka broker on {self.broker.bootstrap} (jars resolved once)"):
+                status = self.broker.start()
+            log.info("broker at %s (pid %d, data in %s)", self.broker.bootstrap, status.pid, self.broker.data_dir)
         create_topics(self.cfg)
+        if not self.cfg.searcher.model or not self.cfg.trainer.model:
+            from producers.default_model import default_model_dir
+
+            with progress("preparing the default model (converted once)"):
+                default_model_dir()
         self.logs.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
 
@@ -140,13 +159,17 @@ class Supervisor:
         with open(self.logs / f"{p.name}.log", "ab") as out:
             # own session: a Ctrl-C in the terminal reaches the supervisor alone, which stops in order
             p.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)  # fmt: skip
+                                      start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
         p.started_at = time.monotonic()
         log.info("started %s (pid %d)", p.name, p.proc.pid)
 
     def tick(self) -> bool:
         """Start what should run, notice exits, schedule restarts. False once the job is over."""
         now = time.monotonic()
+        if self.broker is not None and self.broker.status() is None:  # same data dir: nothing acked is lost
+            self.broker_restarts += 1
+            log.warning("the local broker is gone; restarting it on %s", self.broker.data_dir)
+            self.broker.start()
         for p in self.processes:
             if p.done or p.running:
                 continue
@@ -199,6 +222,7 @@ class Supervisor:
             "elapsed_s": time.monotonic() - self.started,
             "budget_s": self.cfg.run.budget_s,
             "failed": self.failed,
+            "broker_restarts": self.broker_restarts,
             "processes": [p.state() for p in self.processes],
         }
 
@@ -208,13 +232,14 @@ class Supervisor:
         path.with_suffix(".tmp").replace(path)
 
 
-def run_job(cfg: TbaConfig, stop: threading.Event, view=None) -> dict:
+def run_job(cfg: TbaConfig, stop: threading.Event, view=None, progress=None) -> dict:
     """`tba run`: prepare, supervise until stop / budget / max_steps / too many crashes, stop in order.
 
-    view: called with the supervisor once a second (the live view); returns the final job state.
+    view: called with the supervisor once a second (the live view); progress: see prepare().
+    Returns the final job state.
     """
     supervisor = Supervisor(cfg)
-    supervisor.prepare()
+    supervisor.prepare(progress)
     try:
         while supervisor.tick() and not stop.wait(1.0):
             if view is not None:

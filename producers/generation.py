@@ -72,16 +72,28 @@ class HFGenerator:
         """Swap in a published version (between batches)."""
         load_into(self.model, state_dict)
 
-    def _sequences(self, prompts: torch.Tensor, attention: torch.Tensor, n: int, sample: bool) -> torch.Tensor:
-        """(P*n, W + T): each left-padded prompt n times, followed by its completions, padded after EOS."""
+    def _sequences(
+        self, prompts: torch.Tensor, attention: torch.Tensor, common: int, n: int, sample: bool
+    ) -> torch.Tensor:
+        """(P*n, W + T): each padded prompt n times, followed by its completions, padded after EOS.
+
+        The first `common` tokens are the same in every prompt (the system prompt, the few-shot
+        example): their keys and values are computed once for the batch, each prompt's rest once for
+        its n samples, and generate() then only decodes.
+        """
         prompts, attention = prompts.to(self.device), attention.to(self.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
         cache = None
-        if prompts.shape[1] > 1:  # each prompt's keys and values once, shared by its n samples
-            head, head_mask = prompts[:, :-1], attention[:, :-1]
-            positions = (head_mask.cumsum(-1) - 1).clamp(min=0)
+        if common > 0:
+            cache = self.model(input_ids=prompts[:1, :common], use_cache=True, logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(prompts.shape[0])
+        if prompts.shape[1] - 1 > common:  # the rest, but the last token, which generate() feeds itself
+            rest = slice(common, prompts.shape[1] - 1)
             cache = self.model(
-                input_ids=head, attention_mask=head_mask, position_ids=positions, use_cache=True, logits_to_keep=1
-            ).past_key_values
+                input_ids=prompts[:, rest], attention_mask=attention[:, : rest.stop], position_ids=positions[:, rest],
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            ).past_key_values  # fmt: skip
+        if cache is not None:
             cache.batch_repeat_interleave(n)
         sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
         return self.model.generate(
@@ -96,12 +108,22 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sample: bool):
-        """n completions of each prompt, left-padded: (sequences (P*n, W + T), attention incl. completion,
-        W, lengths, ended); rows i*n .. i*n+n-1 belong to prompt i."""
+        """n completions of each prompt: (sequences (P*n, W + T), attention incl. completion, W, lengths, ended);
+        rows i*n .. i*n+n-1 belong to prompt i.
+
+        Prompts are padded to W after the prefix they all share (at least one token stays after it),
+        so that prefix is one block of the batch; attention masks and positions skip the padding.
+        """
+        common = 0
+        for column in zip(*prompts, strict=False):
+            if any(t != column[0] for t in column):
+                break
+            common += 1
+        common = min(common, min(len(p) for p in prompts) - 1)
         width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])  # (P, W) left-padded
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        out = self._sequences(input_ids, attention, n, sample)  # (P*n, W + T)
+        input_ids = torch.tensor([p[:common] + [self.pad_id] * (width - len(p)) + p[common:] for p in prompts])
+        attention = torch.tensor([[1] * common + [0] * (width - len(p)) + [1] * (len(p) - common) for p in prompts])
+        out = self._sequences(input_ids, attention, common, n, sample)  # (P*n, W + T)
         completion = out[:, width:]  # (N, T)
         is_eos = completion == self.eos_id
         ended = is_eos.any(-1)

@@ -25,9 +25,10 @@ def synthetic_group(
     """One group for prompt `prompt_index`: `samples` completions of about `tokens` tokens each."""
     a, b = prompt_index % 97, (prompt_index * 7) % 89
     out = []
-    for _ in range(samples):
+    for j in range(samples):
         n = int(rng.integers(max(1, tokens // 2), tokens + 1))
-        guess = a + b + int(rng.integers(-2, 3))
+        # the first sample right and the second wrong: every group carries a learning signal
+        guess = a + b + (int(rng.integers(-2, 3)) if j > 1 else j)
         out.append(
             Sample(
                 completion=f"{a} + {b} = {guess}",

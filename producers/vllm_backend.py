@@ -34,7 +34,9 @@ class VLLMGenerator(HFGenerator):
         super().load_weights(state_dict)
         self.llm.collective_rpc("load_published", args=(list(state_dict.items()),))
 
-    def _sequences(self, input_ids: torch.Tensor, attention: torch.Tensor, n: int, sample: bool) -> torch.Tensor:
+    def _sequences(
+        self, input_ids: torch.Tensor, attention: torch.Tensor, common: int, n: int, sample: bool
+    ) -> torch.Tensor:
         from vllm import SamplingParams
 
         params = SamplingParams(

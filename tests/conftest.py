@@ -23,6 +23,8 @@ def broker(tmp_path_factory):
 
 def make_config(bootstrap: str, **sections) -> TbaConfig:
     sections.setdefault("topics", {"partitions": 3})
+    # tests train full weights of tiny models unless they ask for LoRA (the CPU job's default)
+    sections["trainer"] = {"lora_r": 0, **sections.get("trainer", {})}
     kafka = {"bootstrap": bootstrap, "namespace": f"t{uuid.uuid4().hex[:10]}", "client_timeout_s": 20}
     return load_config(environ={}, kafka=kafka, **sections)
 

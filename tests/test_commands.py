@@ -63,7 +63,7 @@ def test_a_bad_config_names_the_field_and_exits_non_zero(tmp_path):
 
 
 def test_the_demo_runs_end_to_end(broker, monkeypatch):
-    """What README's main command runs, on a smaller stream."""
+    """The data-plane demo (`tba demo`), on a smaller stream."""
     from ops.config import load_config
     from ops.demo import run_demo
 
@@ -79,3 +79,12 @@ def test_the_demo_runs_end_to_end(broker, monkeypatch):
     assert result["accepted"] == 300 - sum(expected_bad.values()) + 1  # +1: the undecodable record is extra
     assert result["buffer"] == result["accepted"]
     assert topic_names(cfg).raw == "demotest.trajectories.raw"
+
+
+def test_a_missing_model_path_is_one_clear_error(broker, tmp_path):
+    config = tmp_path / "tba.yaml"
+    config.write_text(f"kafka:\n  bootstrap: {broker.bootstrap}\nsearcher:\n  model: {tmp_path / 'nowhere'}\n")
+    result = tba("--config", str(config), "search", "--batches", "1")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: searcher.model: cannot load a model from") and "nowhere" in last

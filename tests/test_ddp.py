@@ -22,7 +22,7 @@ def batch() -> list[SampledPrompt]:
 
 
 def config():
-    return load_config(environ={}, trainer={"prompts_per_step": 4, "micro_batch_prompts": 1, "lr": 1e-3})
+    return load_config(environ={}, trainer={"prompts_per_step": 4, "micro_batch_prompts": 1, "lr": 1e-3, "lora_r": 0})
 
 
 def one_step() -> dict[str, torch.Tensor]:
@@ -66,8 +66,8 @@ def test_tba_train_under_torchrun_with_two_processes(tmp_path):
         task={"name": "toy", "train_size": 8, "eval_size": 2},
         searcher={"model": str(tmp_path / "model"), "max_new_tokens": 4},
         buffer={"samples_per_prompt": 3},
-        trainer={"mode": "sync", "prompts_per_step": 4, "micro_batch_prompts": 1, "max_steps": 3, "eval_prompts": 2,
-                 "eval_max_new_tokens": 4, "run_dir": str(tmp_path / "run")},
+        trainer={"mode": "sync", "lora_r": 0, "prompts_per_step": 4, "micro_batch_prompts": 1, "max_steps": 3,
+                 "eval_prompts": 2, "eval_max_new_tokens": 4, "run_dir": str(tmp_path / "run")},
     )  # fmt: skip
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     torchrun = Path(sys.executable).with_name("torchrun")

@@ -70,7 +70,7 @@ def test_synchronous_on_policy_baseline_learns_the_toy_task(loss, tmp_path):
         task={"name": "toy", "train_size": 16, "eval_size": 4},
         searcher={"model": str(tmp_path / "model"), "max_new_tokens": 6},
         buffer={"samples_per_prompt": 6},
-        trainer={"mode": "sync", "loss": loss, "prompts_per_step": 2, "micro_batch_prompts": 1, "lr": 1e-2,
+        trainer={"mode": "sync", "loss": loss, "lora_r": 0, "prompts_per_step": 2, "micro_batch_prompts": 1, "lr": 1e-2,
                  "warmup_steps": 1, "beta_start": 0.05, "beta_end": 0.05, "temperature": 1.0, "max_steps": 60,
                  "eval_every": 30, "checkpoint_every": 1000, "run_dir": str(tmp_path / "run"), "eval_prompts": 4,
                  "eval_max_new_tokens": 6},

@@ -89,7 +89,10 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
         output, _ = job.communicate(timeout=180)
     finally:
         if job.poll() is None:
-            job.kill()
+            job.kill()  # as a crash would: its processes must not outlive it
+            job.wait()
+            wait_until(lambda: not any(alive(p["pid"]) for p in job_state(run_dir)["processes"] if p["pid"]),
+                       60, "the processes of a killed supervisor to stop")  # fmt: skip
     assert job.returncode == 0, output
     assert not any(alive(pid) for pid in pids)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

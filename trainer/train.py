@@ -402,6 +402,8 @@ def _loop(
     try:
         if trainer.step == 0 and main:
             record("eval", **evaluate(trainer.model))
+        elif main:  # resumed from a checkpoint: say where, so a restart can be checked against it
+            record("resume", buffer_groups=len(trainer.buffer) if trainer.buffer is not None else 0)
         while trainer.step < t.max_steps:
             fetch = time.monotonic()
             batch = next_batch() if main and not stop.is_set() else None

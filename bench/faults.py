@@ -1,0 +1,204 @@
+"""Fault injection: kill -9 the roles of a running `tba run` job at random times under a steady load of
+groups, let the supervisor restart them (the broker on its own data dir), then check from the topics,
+read from the start, that nothing acked was lost and nothing was admitted twice.
+
+    python bench/faults.py [--kills 20] [--interval-s 6]  ->  bench/results/faults.json
+
+Roles killed: the searcher, each filter, the trainer (which hosts the weight-sync service, so that
+is killed with it) and the broker. The job uses a tiny random model and the toy task: the point is
+the data path, not learning. tests/test_faults.py runs a short version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ops import kafka_clients  # noqa: E402
+from ops.broker import free_port  # noqa: E402
+from ops.config import TbaConfig, load_config  # noqa: E402
+from ops.inspection import filter_lag  # noqa: E402
+from ops.supervisor import Supervisor, local_broker  # noqa: E402
+from ops.topics import read_topic, topic_names  # noqa: E402
+from producers.synthetic import synthetic_group  # noqa: E402
+from schemas.codec import SchemaStore  # noqa: E402
+from schemas.records import DeadLetterCodec, TrajectoryCodec  # noqa: E402
+
+ROLES = ["searcher-0", "filter-0", "filter-1", "trainer", "broker"]
+
+
+def job_config(tmp: Path, model: str) -> TbaConfig:
+    port = free_port()
+    return load_config(
+        environ={},
+        kafka={"bootstrap": f"127.0.0.1:{port}", "namespace": "faults", "client_timeout_s": 15},
+        broker={"port": port, "data_dir": str(tmp / "kafka"), "heap": "768m"},
+        topics={"partitions": 2},
+        task={"name": "toy", "train_size": 32, "eval_size": 4},
+        searcher={"model": model, "samples_per_prompt": 4, "prompts_per_batch": 2, "max_new_tokens": 6},
+        buffer={"samples_per_prompt": 4},
+        trainer={"prompts_per_step": 2, "lora_r": 0, "lr": 1e-3, "warmup_steps": 1, "sync_every": 1,
+                 "min_buffer_prompts": 2, "max_steps": 1_000_000, "eval_every": 1_000_000, "checkpoint_every": 5,
+                 "eval_prompts": 4, "eval_max_new_tokens": 6, "run_dir": str(tmp / "run")},
+        weights={"port": free_port(), "subscription_s": 10},
+        run={"filters": 2, "metrics_port": 0, "restart_initial_s": 0.5, "restart_max_s": 4, "max_restarts": 1000},
+    )  # fmt: skip
+
+
+class Load:
+    """A steady stream of groups to raw from this process, remembering which ones were acked."""
+
+    def __init__(self, cfg: TbaConfig, per_s: float, vocab: int):
+        self.cfg, self.per_s, self.vocab = cfg, per_s, vocab
+        self.acked: set[str] = set()
+        self.failed = 0
+        self.sent = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        rng = np.random.default_rng(7)
+        codec = TrajectoryCodec(SchemaStore(self.cfg))
+        producer = kafka_clients.producer(self.cfg, linger_ms=5)
+        raw = topic_names(self.cfg).raw
+        while not self.stop.is_set():
+            group = synthetic_group(rng, self.sent, samples=4, tokens=8, generator_id="load", vocab=self.vocab)
+            try:
+                future = producer.send(raw, key=group.prompt_id.encode(), value=codec.encode(group))
+                future.add_callback(lambda _, gid=group.group_id: self.acked.add(gid))
+                future.add_errback(lambda _: self._fail())
+            except Exception:  # the broker is down and the buffer full: not acked, allowed to be missing
+                self._fail()
+            self.sent += 1
+            time.sleep(1 / self.per_s)
+        producer.flush(timeout=60)
+        producer.close()
+
+    def _fail(self) -> None:
+        self.failed += 1
+
+
+def _latest_checkpoint(run_dir: Path) -> int:
+    latest = run_dir / "checkpoints" / "latest"
+    return int(latest.read_text().strip().split("-")[1]) if latest.exists() else 0
+
+
+def _pid(supervisor: Supervisor, role: str) -> int | None:
+    if role == "broker":
+        status = supervisor.broker.status()
+        return status.pid if status else None
+    process = next(p for p in supervisor.processes if p.name == role)
+    return process.proc.pid if process.running else None
+
+
+def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, load_per_s: float = 20) -> dict:
+    rng = np.random.default_rng(seed)
+    supervisor = Supervisor(cfg)
+    supervisor.prepare()
+    stop = threading.Event()
+
+    def supervise() -> None:  # what run_job does, in a thread, so this one can kill
+        while not stop.wait(0.5):
+            supervisor.tick()
+
+    ticker = threading.Thread(target=supervise)
+    ticker.start()
+    load = Load(cfg, load_per_s, vocab=128)
+    load.thread.start()
+    run_dir = Path(cfg.trainer.run_dir)
+    killed, expected_resumes, stalls = Counter(), [], []
+    try:
+        time.sleep(3 * interval_s)  # let every role start and the trainer take a few steps
+        for i in range(kills):
+            role = ROLES[i % len(ROLES)] if i < len(ROLES) else str(rng.choice(ROLES))
+            pid = _pid(supervisor, role)
+            if pid is None:  # still restarting from the last kill
+                time.sleep(interval_s)
+                continue
+            if role == "trainer":
+                expected_resumes.append(_latest_checkpoint(run_dir))
+            os.kill(pid, signal.SIGKILL)
+            killed[role] += 1
+            started = time.monotonic()
+            while _pid(supervisor, role) in (None, pid) and time.monotonic() - started < 120:
+                time.sleep(0.1)
+            stalls.append(time.monotonic() - started)
+            time.sleep(float(rng.uniform(0.5, 1.5)) * interval_s)
+        load.stop.set()
+        load.thread.join(120)
+        deadline = time.monotonic() + 180  # the filters drain what is left
+        while any(filter_lag(cfg).values()) and time.monotonic() < deadline:
+            time.sleep(1)
+        time.sleep(2 * interval_s)  # and the trainer ingests it
+    finally:
+        stop.set()
+        ticker.join()
+        supervisor.stop()
+    return {"kills": dict(killed), "runs": sum(killed.values()), "max_stall_seconds": max(stalls, default=0.0),
+            "load_sent": load.sent, "load_failed": load.failed,
+            **check(cfg, load.acked, expected_resumes)}  # fmt: skip
+
+
+def check(cfg: TbaConfig, acked: set[str], expected_resumes: list[int]) -> dict:
+    """Read every topic from the start and the trainer's record, and count what went wrong."""
+    names, store = topic_names(cfg), SchemaStore(cfg)
+    codec, letters = TrajectoryCodec(store), DeadLetterCodec(store)
+    raw = Counter(codec.decode(r.value).group_id for r in read_topic(cfg, names.raw))
+    curated = Counter(codec.decode(r.value).group_id for r in read_topic(cfg, names.curated))
+    dlq = Counter(codec.decode(letters.decode(r.value).value).group_id for r in read_topic(cfg, names.dlq))
+    routed = curated + dlq
+    rows = [json.loads(line) for line in (Path(cfg.trainer.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    # each trainer start is an eval at step 0 (nothing to resume) or a resume row; the first is the initial start
+    starts = [r["step"] for r in rows if r["kind"] == "resume" or (r["kind"] == "eval" and r["step"] == 0)][1:]
+    mismatches = sum(a != b for a, b in zip(starts, expected_resumes, strict=False))
+    mismatches += abs(len(starts) - len(expected_resumes))
+    latest = Path(cfg.trainer.run_dir) / "checkpoints"
+    with np.load(latest / (latest / "latest").read_text().strip() / "buffer.npz", allow_pickle=True) as buffer:
+        admitted = Counter(zip(buffer["partition"].tolist(), buffer["offset"].tolist(), strict=True))
+    return {
+        "acked": len(acked),
+        "lost": len(acked - set(raw)),
+        "raw_groups": len(raw),
+        "duplicates_in_raw": sum(n - 1 for n in raw.values()),
+        "duplicates_in_curated": sum(n - 1 for n in curated.values()),
+        "routed_twice": sum(n - 1 for n in routed.values()),
+        "not_routed": len(set(raw) - set(routed)),
+        "trainer_restarts_checked": len(expected_resumes),
+        "trainer_resume_mismatches": mismatches,
+        "admitted_twice": sum(n - 1 for n in admitted.values()),
+    }
+
+
+def main() -> None:
+    from bench.results import write_results
+    from tests.tiny_models import saved_tiny_llama
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--interval-s", type=float, default=6.0)
+    parser.add_argument("--out", default=str(ROOT / "bench/results/faults.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = job_config(Path(tmp), saved_tiny_llama(Path(tmp) / "model"))
+        try:
+            result = run_faults(cfg, args.kills, args.interval_s)
+        finally:
+            local_broker(cfg).stop()
+    write_results(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
