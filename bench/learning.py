@@ -36,8 +36,8 @@ def _seeded(cfg: TbaConfig, seed: int) -> TbaConfig:
     return with_overrides(cfg, trainer={"seed": seed}, searcher={"seed": seed})
 
 
-def tba_async(tmp: Path, budget_s: float, seed: int) -> tuple[list[dict], dict]:
-    cfg = _seeded(job_config(tmp, budget_s), seed)
+def tba_async(tmp: Path, budget_s: float, seed: int, **sections) -> tuple[list[dict], dict]:
+    cfg = _seeded(job_config(tmp, budget_s, **sections), seed)
     started = time.time()
     run = run_tba(cfg)
     points = [_point(r["time"] - started, r) for r in run["rows"] if r["kind"] == "eval"]
@@ -46,12 +46,13 @@ def tba_async(tmp: Path, budget_s: float, seed: int) -> tuple[list[dict], dict]:
     return points + [_point(run["wall_s"], run["end_eval"])], extra
 
 
-def tba_sync(tmp: Path, budget_s: float, seed: int) -> tuple[list[dict], dict]:
+def tba_sync(tmp: Path, budget_s: float, seed: int, **sections) -> tuple[list[dict], dict]:
     from producers.generation import load_model
     from producers.tasks import build_task
     from trainer.train import Evaluator, run_trainer
 
-    cfg = _seeded(job_config(tmp, budget_s, trainer={"mode": "sync", "loss": "grpo"}), seed)
+    trainer = {**sections.pop("trainer", {}), "mode": "sync", "loss": "grpo"}
+    cfg = _seeded(job_config(tmp, budget_s, trainer=trainer, **sections), seed)
     torch.set_num_threads(os.cpu_count() or 1)
     stop = threading.Event()
     timer = threading.Timer(budget_s, stop.set)
@@ -66,7 +67,7 @@ def tba_sync(tmp: Path, budget_s: float, seed: int) -> tuple[list[dict], dict]:
     return [_point(r["time"] - started, r) for r in rows if r["kind"] == "eval"] + [_point(wall, end)], {}
 
 
-def trl_grpo(tmp: Path, budget_s: float, seed: int) -> tuple[list[dict], dict]:
+def trl_grpo(tmp: Path, budget_s: float, seed: int, **sections) -> tuple[list[dict], dict]:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -75,7 +76,7 @@ def trl_grpo(tmp: Path, budget_s: float, seed: int) -> tuple[list[dict], dict]:
     from producers.tasks import build_task
     from trainer.train import Evaluator
 
-    cfg = job_config(tmp, budget_s)
+    cfg = job_config(tmp, budget_s, **sections)
     s, t, k = cfg.searcher, cfg.trainer, cfg.buffer.samples_per_prompt
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.time()
@@ -104,9 +105,14 @@ def trl_grpo(tmp: Path, budget_s: float, seed: int) -> tuple[list[dict], dict]:
         max_completion_length=s.max_new_tokens, temperature=s.temperature, top_p=1.0, top_k=0,
         beta=0.0, loss_type="grpo", max_steps=1_000_000, disable_dropout=True,
     )  # fmt: skip
+    lora = None
+    if t.lora_r:  # the same adapters as (a) and (b)
+        from peft import LoraConfig
+
+        lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=0.0, target_modules=list(t.lora_targets))
     trainer = GRPOTrainer(
         model=model, reward_funcs=[reward], args=args, train_dataset=data, processing_class=tokenizer,
-        callbacks=[Clock()],
+        callbacks=[Clock()], peft_config=lora,
     )  # fmt: skip
     trainer.train()
     return points + [_point(time.time() - started, evaluate(model))], {}
@@ -182,14 +188,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
     parser.add_argument("--target-gain", type=float, default=0.05, help="target = mean start accuracy + this")
+    parser.add_argument("--eval-problems", type=int, default=128)
+    parser.add_argument("--eval-every", type=int, default=40, help="steps between evaluations")
     parser.add_argument("--out", default=str(ROOT / "bench/results/learning.json"))
     args = parser.parse_args()
 
     runs: dict[str, list[dict]] = {name: [] for name in args.systems}
+    evaluation = {"task": {"eval_size": args.eval_problems},
+                  "trainer": {"eval_prompts": args.eval_problems, "eval_every": args.eval_every}}  # fmt: skip
     for seed in args.seeds:
         for name in args.systems:
             with tempfile.TemporaryDirectory() as tmp:
-                points, extra = SYSTEMS[name](Path(tmp), args.budget_s, seed)
+                points, extra = SYSTEMS[name](Path(tmp), args.budget_s, seed, **evaluation)
             runs[name].append({"seed": seed, "points": points, "extra": extra})
             print(f"{name} seed {seed}: " + ", ".join(f"{p['t_s']:.0f}s {p['greedy_accuracy']:.3f}" for p in points))
     plot(runs, Path(args.out).with_suffix(".png"))

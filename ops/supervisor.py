@@ -197,23 +197,25 @@ class Supervisor:
 
     def stop(self) -> None:
         """The trainer first (it checkpoints on SIGTERM), then searchers and filters; SIGKILL if they hang."""
-        self._terminate([self.trainer], self.cfg.run.stop_timeout_s)
-        self._terminate(self.processes[1:], 30.0)
+        self.terminate([self.trainer], self.cfg.run.stop_timeout_s)
+        self.terminate(self.processes[1:], 30.0)
         self.write_state()
 
-    def _terminate(self, processes: list[RoleProcess], timeout_s: float) -> None:
-        running = [p for p in processes if p.running]
-        for p in running:
-            p.proc.send_signal(signal.SIGTERM)
+    def terminate(self, processes: list[RoleProcess], timeout_s: float) -> None:
+        """SIGTERM these processes, wait up to timeout_s, then SIGKILL. They are not restarted."""
+        running = [(p, p.proc) for p in processes if p.running]
+        for p, proc in running:
+            p.done = True
+            proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        for p in running:
+        for p, proc in running:
             try:
-                p.proc.wait(max(0.1, deadline - time.monotonic()))
+                proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop within %.0fs; killing it", p.name, timeout_s)
-                p.proc.kill()
-                p.proc.wait()
-            p.exit_codes.append(p.proc.returncode)
+                proc.kill()
+                proc.wait()
+            p.exit_codes.append(proc.returncode)
 
     def state(self) -> dict:
         return {
