@@ -87,7 +87,10 @@ class Load:
             except Exception:  # not acked: allowed to be missing
                 self._fail()
                 if producer is not None:
-                    producer.close(timeout=0)
+                    try:
+                        producer.close(timeout=0)  # abandons what it holds (not acked, so not counted)
+                    except Exception:
+                        pass
                 producer = None
                 time.sleep(1)
             time.sleep(1 / self.per_s)
