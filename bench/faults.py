@@ -51,7 +51,7 @@ def job_config(tmp: Path, model: str) -> TbaConfig:
         searcher={"model": model, "samples_per_prompt": 4, "prompts_per_batch": 2, "max_new_tokens": 6},
         buffer={"samples_per_prompt": 4},
         trainer={"prompts_per_step": 2, "lora_r": 0, "lr": 1e-3, "warmup_steps": 1, "sync_every": 1,
-                 "min_buffer_prompts": 2, "max_steps": 1_000_000, "eval_every": 1_000_000, "checkpoint_every": 5,
+                 "min_buffer_prompts": 2, "max_steps": 1_000_000, "eval_every": 1_000_000, "checkpoint_every": 20,
                  "eval_prompts": 4, "eval_max_new_tokens": 6, "run_dir": str(tmp / "run")},
         weights={"port": free_port(), "subscription_s": 10},
         run={"filters": 2, "metrics_port": 0, "restart_initial_s": 0.5, "restart_max_s": 4, "max_restarts": 1000},
@@ -107,6 +107,25 @@ def _latest_checkpoint(run_dir: Path) -> int:
     return int(latest.read_text().strip().split("-")[1]) if latest.exists() else 0
 
 
+def _starts(cfg: TbaConfig) -> list[tuple[float, int]]:
+    """(time, step) of each trainer start: an eval at step 0 (nothing to resume) or a resume row."""
+    path = Path(cfg.trainer.run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [(r["time"], r["step"]) for r in rows if r["kind"] == "resume" or (r["kind"] == "eval" and r["step"] == 0)]
+
+
+def _wait_dead(pid: int) -> None:
+    """Until the process has stopped running (gone, or a zombie waiting to be reaped)."""
+    stat = Path(f"/proc/{pid}/stat")
+    while stat.exists():
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] in "ZX":
+                return
+        except (OSError, IndexError):
+            return
+        time.sleep(0.01)
+
+
 def _pid(supervisor: Supervisor, role: str) -> int | None:
     if role == "broker":
         status = supervisor.broker.status()
@@ -130,7 +149,7 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
     load = Load(cfg, load_per_s, vocab=128)
     load.thread.start()
     run_dir = Path(cfg.trainer.run_dir)
-    killed, expected_resumes, stalls = Counter(), [], []
+    killed, expected_resumes, searcher_kills, stalls = Counter(), [], [], []
     try:
         time.sleep(3 * interval_s)  # let every role start and the trainer take a few steps
         for i in range(kills):
@@ -139,10 +158,14 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
             if pid is None:  # still restarting from the last kill
                 time.sleep(interval_s)
                 continue
-            if role == "trainer":  # it must come back at the checkpoint it had when killed
-                expected_resumes.append((time.time(), _latest_checkpoint(run_dir)))
+            if role.startswith("searcher"):
+                searcher_kills.append(time.time())
+            killed_at = time.time()
             os.kill(pid, signal.SIGKILL)
             killed[role] += 1
+            if role == "trainer":  # it must come back at the last checkpoint it wrote before it died
+                _wait_dead(pid)
+                expected_resumes.append((killed_at, _latest_checkpoint(run_dir)))
             started = time.monotonic()
             while _pid(supervisor, role) in (None, pid) and time.monotonic() - started < 120:
                 time.sleep(0.1)
@@ -156,20 +179,25 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
         while any(filter_lag(cfg).values()) and time.monotonic() < deadline:
             time.sleep(1)
         time.sleep(2 * interval_s)  # and the trainer ingests it
+        if expected_resumes:  # a trainer killed shortly before the broker may still be on its way back
+            deadline = time.monotonic() + 120
+            while _starts(cfg)[-1][0] < expected_resumes[-1][0] and time.monotonic() < deadline:
+                time.sleep(1)
     finally:
         stop.set()
         ticker.join()
         supervisor.stop()
     return {"kills": dict(killed), "runs": sum(killed.values()), "max_stall_seconds": max(stalls, default=0.0),
             "load_sent": load.sent, "load_failed": load.failed,
-            **check(cfg, load.acked, expected_resumes)}  # fmt: skip
+            **check(cfg, load.acked, expected_resumes, searcher_kills)}  # fmt: skip
 
 
-def check(cfg: TbaConfig, acked: set[str], expected_resumes: list[int]) -> dict:
+def check(cfg: TbaConfig, acked: set[str], expected_resumes: list, searcher_kills: list[float]) -> dict:
     """Read every topic from the start and the trainer's record, and count what went wrong."""
     names, store = topic_names(cfg), SchemaStore(cfg)
     codec, letters = TrajectoryCodec(store), DeadLetterCodec(store)
-    raw = Counter(codec.decode(r.value).group_id for r in read_topic(cfg, names.raw))
+    groups = [codec.decode(r.value) for r in read_topic(cfg, names.raw)]
+    raw = Counter(g.group_id for g in groups)
     curated = Counter(codec.decode(r.value).group_id for r in read_topic(cfg, names.curated))
     dlq = Counter(codec.decode(letters.decode(r.value).value).group_id for r in read_topic(cfg, names.dlq))
     routed = curated + dlq
@@ -177,11 +205,21 @@ def check(cfg: TbaConfig, acked: set[str], expected_resumes: list[int]) -> dict:
     # a trainer start is an eval at step 0 (nothing to resume) or a resume row; after a kill -9 at time t
     # the next start must be at the checkpoint that was the latest at t (the trainer also restarts after
     # the broker's death, having checkpointed as it went: those starts are not checked here)
-    starts = [(r["time"], r["step"]) for r in rows if r["kind"] == "resume" or (r["kind"] == "eval" and r["step"] == 0)]
+    starts = _starts(cfg)
     mismatches = 0
     for killed_at, expected in expected_resumes:
         after = next((step for t, step in starts if t > killed_at), None)
         mismatches += after != expected
+    # a restarted searcher's first group must come from (nearly) the newest policy, not from version 0:
+    # at least the version the trainer had published when the searcher was killed, less max_policy_lag
+    published = [(r["time"], r["policy_version"]) for r in rows if r["kind"] == "train"]
+    searched = sorted((g.created_at / 1000, g.policy_version) for g in groups if g.generator_id.startswith("searcher"))
+    searcher_lags = []
+    for killed_at in searcher_kills:
+        newest = max((v for t, v in published if t <= killed_at), default=0)
+        first = next((v for t, v in searched if t > killed_at), None)
+        if first is not None:
+            searcher_lags.append(max(0, newest - first))
     latest = Path(cfg.trainer.run_dir) / "checkpoints"
     with np.load(latest / (latest / "latest").read_text().strip() / "buffer.npz", allow_pickle=True) as buffer:
         admitted = Counter(zip(buffer["partition"].tolist(), buffer["offset"].tolist(), strict=True))
@@ -196,6 +234,8 @@ def check(cfg: TbaConfig, acked: set[str], expected_resumes: list[int]) -> dict:
         "trainer_restarts_checked": len(expected_resumes),
         "trainer_resume_mismatches": mismatches,
         "admitted_twice": sum(n - 1 for n in admitted.values()),
+        "searcher_restarts_checked": len(searcher_lags),
+        "searcher_resume_version_lag_max": max(searcher_lags, default=0),  # goal <= searcher.max_policy_lag
     }
 
 

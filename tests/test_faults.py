@@ -20,3 +20,5 @@ def test_a_kill_of_each_role_loses_nothing_and_duplicates_nothing(tmp_path):
     assert result["not_routed"] == 0
     assert result["trainer_restarts_checked"] == 1 and result["trainer_resume_mismatches"] == 0
     assert result["admitted_twice"] == 0
+    assert result["searcher_restarts_checked"] == 1
+    assert result["searcher_resume_version_lag_max"] <= cfg.searcher.max_policy_lag
