@@ -108,7 +108,11 @@ class WeightSubscriber:
                         self._arrived.notify_all()
                     return
                 self.stats.reconnects += 1
-                log.info("weight sync at %s: %s; reconnecting in %.1fs", self.target, exc.code().name, backoff)
+                # once per outage, a line that says what to check; the retries themselves at info
+                level = logging.WARNING if backoff == self.cfg.reconnect_initial_s else logging.INFO
+                log.log(level, "weight sync at %s: %s; generating with the weights held until it answers "
+                        "(check searcher.weights_target or weights.host/port); retrying in %.1fs",
+                        self.target, exc.code().name, backoff)  # fmt: skip
                 self._stop.wait(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, self.cfg.reconnect_max_s)
 
