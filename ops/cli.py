@@ -27,17 +27,6 @@ class Context:
         return self._cfg
 
 
-def _serve_metrics(port: int | None, read):
-    from ops.metrics import serve_metrics
-
-    return serve_metrics(port, read) if port else None
-
-
-def _close(endpoint) -> None:
-    if endpoint is not None:
-        endpoint.shutdown()
-
-
 def stop_on_signals() -> threading.Event:
     """An event set by SIGTERM or Ctrl-C: long-running commands finish their unit of work and stop."""
     stop = threading.Event()
@@ -149,7 +138,7 @@ def filter_(
 ) -> None:
     """Run one member of the filter group: raw -> scorers -> curated | dlq, exactly once."""
     from consumers.filter import FilterConsumer
-    from ops.metrics import filter_metrics
+    from ops.metrics import filter_metrics, metrics_served
 
     if redrive:
         from consumers.redrive import redrive as send_back
@@ -161,12 +150,11 @@ def filter_(
 
     stop = stop_on_signals()
     worker = FilterConsumer(obj.cfg, instance=instance)
-    endpoint = _serve_metrics(metrics_port, lambda: filter_metrics(worker, instance))
     try:
-        stats = worker.run(stop, idle_exit_s=idle_exit)
+        with metrics_served(metrics_port, lambda: filter_metrics(worker, instance)):
+            stats = worker.run(stop, idle_exit_s=idle_exit)
     finally:
         worker.close()
-        _close(endpoint)
     click.echo(
         f"filter {instance}: consumed {stats.consumed}, accepted {stats.accepted}, rejected {dict(stats.rejected)}"
     )
@@ -179,19 +167,18 @@ def filter_(
 @click.pass_obj
 def search(obj: Context, index: int, batches: int | None, metrics_port: int | None) -> None:
     """Run one searcher: sample its share of the prompts, reward, publish groups, swap in new weights."""
-    from ops.metrics import searcher_metrics
+    from ops.metrics import metrics_served, searcher_metrics
     from producers.searcher import build_searcher
 
     if not 0 <= index < obj.cfg.searcher.searchers:
         raise click.BadParameter(f"must be in [0, {obj.cfg.searcher.searchers})", param_hint="--index")
     stop = stop_on_signals()
     searcher = build_searcher(obj.cfg, index)
-    endpoint = _serve_metrics(metrics_port, lambda: searcher_metrics(searcher))
     try:
-        stats = searcher.run(stop, max_batches=batches)
+        with metrics_served(metrics_port, lambda: searcher_metrics(searcher)):
+            stats = searcher.run(stop, max_batches=batches)
     finally:
         searcher.close()
-        _close(endpoint)
     click.echo(
         f"searcher {index}: {stats.groups} groups in {stats.batches} batches, mean reward {stats.mean_reward:.3f}"
     )

@@ -7,6 +7,7 @@ time, so the hot paths carry no metrics code and the numbers cannot drift from t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -30,6 +31,17 @@ def serve_metrics(port: int, read: Callable[[], Iterable[Metric]], host: str = "
     registry.register(RoleCollector(read))
     server, _ = start_http_server(port, addr=host, registry=registry)
     return server
+
+
+@contextmanager
+def metrics_served(port: int | None, read: Callable[[], Iterable[Metric]]):
+    """serve_metrics for the duration of a with-block; nothing when port is None or 0."""
+    server = serve_metrics(port, read) if port else None
+    try:
+        yield server
+    finally:
+        if server is not None:
+            server.shutdown()
 
 
 def _gauge(name: str, doc: str, value: float, labels: dict[str, str]) -> GaugeMetricFamily:

@@ -379,13 +379,12 @@ def _loop(
 ) -> Trainer:
     import json
 
-    from ops.metrics import serve_metrics, trainer_metrics
+    from ops.metrics import metrics_served, trainer_metrics
 
     t = cfg.trainer
     main = trainer.rank == 0  # under DDP, process 0 samples, evaluates, records and checkpoints
     Path(t.run_dir).mkdir(parents=True, exist_ok=True)
     metrics = open(Path(t.run_dir) / "metrics.jsonl", "a") if main else None
-    endpoint = serve_metrics(metrics_port, lambda: trainer_metrics(trainer)) if main and metrics_port else None
     started = time.monotonic()
 
     def record(kind: str, **values) -> None:
@@ -400,30 +399,29 @@ def _loop(
         log.info("%s", row)
 
     try:
-        if trainer.step == 0 and main:
-            record("eval", **evaluate(trainer.model))
-        elif main:  # resumed from a checkpoint: say where, so a restart can be checked against it
-            record("resume", buffer_groups=len(trainer.buffer) if trainer.buffer is not None else 0)
-        while trainer.step < t.max_steps:
-            fetch = time.monotonic()
-            batch = next_batch() if main and not stop.is_set() else None
-            if trainer.world > 1:
-                batch = trainer.broadcast(batch)
-            if batch is None:
-                break
-            fetch_s = time.monotonic() - fetch
-            result = trainer.train_step(batch)
-            record("train", **{k: v for k, v in result.__dict__.items() if k != "step"}, batch_s=fetch_s,
-                   trainer_wait_fraction=trainer.waited_s / (time.monotonic() - started))  # fmt: skip
-            if trainer.step % t.eval_every == 0 and main:
+        with metrics_served(metrics_port if main else None, lambda: trainer_metrics(trainer)):
+            if trainer.step == 0 and main:
                 record("eval", **evaluate(trainer.model))
-            if trainer.step % t.checkpoint_every == 0 and main:
-                trainer.save()
+            elif main:  # resumed from a checkpoint: say where, so a restart can be checked against it
+                record("resume", buffer_groups=len(trainer.buffer) if trainer.buffer is not None else 0)
+            while trainer.step < t.max_steps:
+                fetch = time.monotonic()
+                batch = next_batch() if main and not stop.is_set() else None
+                if trainer.world > 1:
+                    batch = trainer.broadcast(batch)
+                if batch is None:
+                    break
+                fetch_s = time.monotonic() - fetch
+                result = trainer.train_step(batch)
+                record("train", **{k: v for k, v in result.__dict__.items() if k != "step"}, batch_s=fetch_s,
+                       trainer_wait_fraction=trainer.waited_s / (time.monotonic() - started))  # fmt: skip
+                if trainer.step % t.eval_every == 0 and main:
+                    record("eval", **evaluate(trainer.model))
+                if trainer.step % t.checkpoint_every == 0 and main:
+                    trainer.save()
     finally:
         if main:
             trainer.save()
             metrics.close()
-        if endpoint is not None:
-            endpoint.shutdown()
         trainer.close()
     return trainer
