@@ -176,7 +176,7 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
         searcher = next(p for p in supervisor.processes if p.role == "searcher")
         supervisor.terminate([searcher], 60)  # no new groups: what raw holds can be drained
         deadline = time.monotonic() + 180  # the filters drain what is left
-        while any(filter_lag(cfg).values()) and time.monotonic() < deadline:
+        while sum(lag := filter_lag(cfg).values()) and time.monotonic() < deadline:
             time.sleep(1)
         time.sleep(2 * interval_s)  # and the trainer ingests it
         if expected_resumes:  # a trainer killed shortly before the broker may still be on its way back
@@ -188,6 +188,7 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
         ticker.join()
         supervisor.stop()
     return {"kills": dict(killed), "runs": sum(killed.values()), "max_stall_seconds": max(stalls, default=0.0),
+            "filter_lag_at_end": sum(lag),
             "load_sent": load.sent, "load_failed": load.failed,
             **check(cfg, load.acked, expected_resumes, searcher_kills)}  # fmt: skip
 
@@ -196,11 +197,15 @@ def check(cfg: TbaConfig, acked: set[str], expected_resumes: list, searcher_kill
     """Read every topic from the start and the trainer's record, and count what went wrong."""
     names, store = topic_names(cfg), SchemaStore(cfg)
     codec, letters = TrajectoryCodec(store), DeadLetterCodec(store)
-    groups = [codec.decode(r.value) for r in read_topic(cfg, names.raw)]
+    raw_records = read_topic(cfg, names.raw)
+    groups = [codec.decode(r.value) for r in raw_records]
     raw = Counter(g.group_id for g in groups)
     curated = Counter(codec.decode(r.value).group_id for r in read_topic(cfg, names.curated))
     dlq = Counter(codec.decode(letters.decode(r.value).value).group_id for r in read_topic(cfg, names.dlq))
     routed = curated + dlq
+    unrouted = [
+        f"{r.partition}:{r.offset}" for r, g in zip(raw_records, groups, strict=True) if g.group_id not in routed
+    ]
     rows = [json.loads(line) for line in (Path(cfg.trainer.run_dir) / "metrics.jsonl").read_text().splitlines()]
     # a trainer start is an eval at step 0 (nothing to resume) or a resume row; after a kill -9 at time t
     # the next start must be at the checkpoint that was the latest at t (the trainer also restarts after
@@ -231,6 +236,7 @@ def check(cfg: TbaConfig, acked: set[str], expected_resumes: list, searcher_kill
         "duplicates_in_curated": sum(n - 1 for n in curated.values()),
         "routed_twice": sum(n - 1 for n in routed.values()),
         "not_routed": len(set(raw) - set(routed)),
+        "not_routed_at": unrouted[:10],  # partition:offset in raw, to look them up
         "trainer_restarts_checked": len(expected_resumes),
         "trainer_resume_mismatches": mismatches,
         "admitted_twice": sum(n - 1 for n in admitted.values()),

@@ -122,22 +122,27 @@ class FilterConsumer:
     def _process(self, batch: dict[TopicPartition, list]) -> None:
         self.producer.begin_transaction()
         try:
-            routed = 0
+            routed = Counter()
+            sends = []
             for tp, records in batch.items():
                 for rec in records:
                     out = self.filter.route(rec.value, rec.key, tp.partition, rec.offset)
                     topic = self.topics.curated if out.accepted else self.topics.dlq
                     # keep the generation time: curated time ranges (replays) then mean when groups were made
-                    self.producer.send(topic, key=rec.key, value=out.value, timestamp_ms=rec.timestamp)
-                    if out.accepted:
-                        self.stats.accepted += 1
-                    else:
-                        self.stats.rejected[out.scorer] += 1
-                    routed += 1
+                    sends.append(self.producer.send(topic, key=rec.key, value=out.value, timestamp_ms=rec.timestamp))
+                    routed["accepted" if out.accepted else out.scorer] += 1
+            # a send that fails past its delivery timeout leaves kafka-python's transaction committable
+            # (the Java client aborts it): wait for every send, and abort unless all were written
+            self.producer.flush()
+            failed = [f.exception for f in sends if f.failed()]
+            if failed:
+                raise KafkaError(f"{len(failed)} of {len(sends)} sends failed, first: {failed[0]}")
             offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1) for tp, records in batch.items()}
             self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
             self.producer.commit_transaction()
-            self.stats.consumed += routed
+            self.stats.consumed += len(sends)  # counted once committed: an aborted batch is read again
+            self.stats.accepted += routed.pop("accepted", 0)
+            self.stats.rejected.update(routed)
             self.stats.transactions += 1
         except ProducerFencedError as exc:
             raise TbaError(
