@@ -137,11 +137,15 @@ class TaskConfig(Section):
 
     name: Literal["math", "toy", "preference", "redteam"] = "math"  # toy: a smoke test any model can learn
     dataset: str = "basic_arithmetic"  # a reasoning-gym dataset
+    # sums and differences of two 1-2 digit numbers: SmolLM2-135M gets ~40% right greedily and ~75% of
+    # prompts at least once in 8 samples, so most groups carry a signal (with * and / it is ~20% and ~38%)
     dataset_args: dict[str, Any] = {
         "min_terms": 2,
         "max_terms": 2,
         "min_digits": 1,
         "max_digits": 2,
+        "operators": ["+", "-"],
+        "allow_parentheses": False,
         "allow_negation": False,
     }
     seed: int = 0
@@ -199,8 +203,8 @@ class TrainerConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     temperature: float = Field(0.7, gt=0)  # the sampling temperature: log-probs are taken at it
-    beta_start: float = Field(0.012, gt=0)  # KL coefficient, annealed linearly ...
-    beta_end: float = Field(0.004, gt=0)
+    beta_start: float = Field(0.2, gt=0)  # KL coefficient, annealed linearly ...
+    beta_end: float = Field(0.2, gt=0)
     beta_anneal_steps: int = Field(100, ge=0)  # ... over this many steps
     sync_every: int = Field(2, ge=1)  # k: publish a policy version every k steps
     min_buffer_prompts: int = Field(4, ge=1)  # wait for this many prompts before the first step
