@@ -104,9 +104,10 @@ def describe_topics(cfg: TbaConfig) -> list[dict]:
         admin.close()
 
 
-def end_offsets(cfg: TbaConfig, topics: list[str]) -> dict[str, int]:
-    """Each topic's end offsets summed over its partitions (records written, transaction markers included)."""
-    consumer = kafka_clients.consumer(cfg)
+def end_offsets(cfg: TbaConfig, topics: list[str], isolation: str = "read_committed") -> dict[str, int]:
+    """Each topic's end offsets summed over its partitions (records written, transaction markers included);
+    read_committed ends at a partition's first open transaction, read_uncommitted at its last record."""
+    consumer = kafka_clients.consumer(cfg, isolation_level=isolation)
     try:
         parts = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
         totals = dict.fromkeys(topics, 0)
