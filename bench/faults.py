@@ -179,6 +179,8 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
         deadline = time.monotonic() + 180  # the filters drain what is left
         while sum(lag := filter_lag(cfg).values()) and time.monotonic() < deadline:
             time.sleep(1)
+        raw = topic_names(cfg).raw
+        drained = end_offsets(cfg, [raw])[raw]  # nothing may write to raw after this (else unrouted by design)
         time.sleep(2 * interval_s)  # and the trainer ingests it
         # a transaction open when the broker died is aborted only once it times out; until then it hides
         # every later committed record of its partitions from read_committed readers (the check's too)
@@ -195,7 +197,8 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
         supervisor.stop()
     return {"kills": dict(killed), "runs": sum(killed.values()), "max_stall_seconds": max(stalls, default=0.0),
             "filter_lag_at_end": sum(lag), "open_transactions_at_end": open_transactions(cfg),
-            "load_sent": load.sent, "load_failed": load.failed,
+            "load_sent": load.sent, "load_failed": load.failed, "load_still_sending": load.thread.is_alive(),
+            "raw_written_after_drain": end_offsets(cfg, [raw])[raw] - drained,
             **check(cfg, load.acked, expected_resumes, searcher_kills)}  # fmt: skip
 
 

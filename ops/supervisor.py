@@ -49,7 +49,7 @@ class RoleProcess:
     restarts: int = 0
     next_start: float = 0.0  # monotonic time of the next (re)start; 0: now
     exit_codes: list[int] = field(default_factory=list)
-    done: bool = False  # exited by itself with status 0 (the trainer reaching max_steps)
+    done: bool = False  # not to be started again: finished (the trainer at max_steps) or stopped
 
     @property
     def running(self) -> bool:
@@ -203,9 +203,10 @@ class Supervisor:
 
     def terminate(self, processes: list[RoleProcess], timeout_s: float) -> None:
         """SIGTERM these processes, wait up to timeout_s, then SIGKILL. They are not restarted."""
-        running = [(p, p.proc) for p in processes if p.running]
-        for p, proc in running:
+        for p in processes:  # one waiting out a restart back-off must not start after this either
             p.done = True
+        running = [(p, p.proc) for p in processes if p.running]
+        for _, proc in running:
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for p, proc in running:

@@ -17,6 +17,7 @@ def test_a_kill_of_each_role_loses_nothing_and_duplicates_nothing(tmp_path):
     assert result["kills"] == dict.fromkeys(ROLES, 1)
     assert result["acked"] > 100 and result["lost"] == 0
     assert result["duplicates_in_raw"] == result["duplicates_in_curated"] == result["routed_twice"] == 0
+    assert result["raw_written_after_drain"] == 0 and not result["load_still_sending"]  # what the drain saw is all
     # every raw group is routed, unless the broker itself left a filter transaction hanging after its
     # kill -9 (bench/faults.py, SKIPPED_MARKERS): then the filter waits on that partition, named here
     if not result["hanging_transactions"]:

@@ -18,11 +18,18 @@ from schemas.records import DeadLetterCodec, TrajectoryCodec
 from trainer.replay_buffer import CuratedFeed, ReplayBuffer
 
 
-def run_filters(cfg, store, instances=1, idle_exit_s=3.0):
+def run_filters(cfg, store, instances=1, idle_exit_s=3.0, then=None):
+    """Filter instances in threads until raw goes idle; then() runs once each instance owns partitions."""
     workers = [FilterConsumer(cfg, instance=str(i), store=store) for i in range(instances)]
     threads = [threading.Thread(target=w.run, kwargs={"idle_exit_s": idle_exit_s}) for w in workers]
     for t in threads:
         t.start()
+    if then is not None:
+        deadline = time.monotonic() + 60
+        while not all(w.consumer.assignment() for w in workers):
+            assert time.monotonic() < deadline, "the filter instances did not all join the group"
+            time.sleep(0.1)
+        then()
     for t in threads:
         t.join(timeout=120)
     for w in workers:
@@ -33,26 +40,29 @@ def run_filters(cfg, store, instances=1, idle_exit_s=3.0):
 def test_round_trip_with_malformed_records_interleaved(cfg, store, rng):
     names = topic_names(cfg)
     valid, bad = [], {}
-    raw = kafka_clients.producer(cfg)
     foreign = Codec({"type": "record", "name": "Other", "fields": [{"name": "n", "type": "int"}]}, store)
-    with TrajectoryProducer(cfg, store) as producer:
-        for i in range(300):
-            group = synthetic_group(rng, i % 40, policy_version=i // 100)
-            if i % 50 == 7:  # the three malformed-group kinds, in turn
-                kind = list(BAD_KINDS)[(i // 50) % 3]
-                group = BAD_KINDS[kind](group)
-                bad[group.group_id] = kind
-            else:
-                valid.append(group.group_id)
-            producer.send(group)
-            if i == 100:
-                raw.send(names.raw, key=b"junk", value=rng.bytes(300))
-            if i == 200:
-                raw.send(names.raw, key=b"foreign", value=foreign.encode({"n": 1}))
-    raw.flush()
-    raw.close()
 
-    workers = run_filters(cfg, store, instances=2)
+    def produce():
+        raw = kafka_clients.producer(cfg)
+        with TrajectoryProducer(cfg, store) as producer:
+            for i in range(300):
+                group = synthetic_group(rng, i % 40, policy_version=i // 100)
+                if i % 50 == 7:  # the three malformed-group kinds, in turn
+                    kind = list(BAD_KINDS)[(i // 50) % 3]
+                    group = BAD_KINDS[kind](group)
+                    bad[group.group_id] = kind
+                else:
+                    valid.append(group.group_id)
+                producer.send(group)
+                if i == 100:
+                    raw.send(names.raw, key=b"junk", value=rng.bytes(300))
+                if i == 200:
+                    raw.send(names.raw, key=b"foreign", value=foreign.encode({"n": 1}))
+        raw.flush()
+        raw.close()
+
+    # produced once both instances have joined, so that each owns a partition of what arrives
+    workers = run_filters(cfg, store, instances=2, idle_exit_s=10, then=produce)
     assert sum(w.stats.consumed for w in workers) == 302
     assert all(w.stats.consumed > 0 for w in workers)  # the two instances shared the partitions
 

@@ -13,6 +13,7 @@ import yaml
 from ops.broker import free_port
 from ops.config import with_overrides
 from ops.live_view import scrape
+from ops.supervisor import Supervisor
 from tests.tiny_models import saved_tiny_llama
 
 
@@ -114,3 +115,20 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
     assert f"steps: {last_step + 2}" in summary and "held-out greedy accuracy" in summary
     for figure in ("learning", "throughput", "staleness"):
         assert (run_dir / "report" / f"{figure}.png").stat().st_size > 10_000
+
+
+def test_a_stopped_process_is_not_restarted_even_while_it_waits_out_a_back_off(cfg, tmp_path):
+    cfg = with_overrides(cfg, trainer={"run_dir": str(tmp_path)}, run={"restart_initial_s": 60})
+    supervisor = Supervisor(cfg)
+    searcher = next(p for p in supervisor.processes if p.role == "searcher")
+    for p in supervisor.processes:
+        p.done = p is not searcher  # only the searcher is supervised here
+    searcher.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])  # as a crash
+    searcher.proc.wait()
+    supervisor.tick()
+    assert searcher.proc is None and searcher.exit_codes == [3] and searcher.next_start > time.monotonic()
+
+    supervisor.terminate([searcher], 1)  # e.g. the job stops while the searcher waits to come back
+    searcher.next_start = 0.0  # its back-off is over
+    supervisor.tick()
+    assert searcher.proc is None and process(supervisor.state(), searcher.name)["status"] == "finished"
