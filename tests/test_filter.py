@@ -15,6 +15,7 @@ from producers.synthetic import BAD_KINDS, synthetic_group
 from producers.trajectory_producer import TrajectoryProducer
 from schemas.codec import Codec
 from schemas.records import DeadLetterCodec, TrajectoryCodec
+from tests.test_run import wait_until
 from trainer.replay_buffer import CuratedFeed, ReplayBuffer
 
 
@@ -25,10 +26,7 @@ def run_filters(cfg, store, instances=1, idle_exit_s=3.0, then=None):
     for t in threads:
         t.start()
     if then is not None:
-        deadline = time.monotonic() + 60
-        while not all(w.consumer.assignment() for w in workers):
-            assert time.monotonic() < deadline, "the filter instances did not all join the group"
-            time.sleep(0.1)
+        wait_until(lambda: all(w.consumer.assignment() for w in workers), 60, "every filter instance to join")
         then()
     for t in threads:
         t.join(timeout=120)
