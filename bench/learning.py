@@ -7,6 +7,8 @@ x K samples), temperature, completion length and wall budget; every evaluation c
 
     python bench/learning.py [--budget-s 900] [--seeds 0 1 2] [--systems tba sync trl]
         ->  bench/results/learning.json, bench/results/learning.png
+
+TBA__SECTION__FIELD variables set change every system's configuration alike, and are recorded.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.learning_smoke import job_config, run_tba  # noqa: E402
+from bench.learning_smoke import job_config, overrides, run_tba  # noqa: E402
 from bench.results import write_results  # noqa: E402
 from ops.config import TbaConfig, with_overrides  # noqa: E402
 
@@ -209,6 +211,7 @@ def main() -> None:
             "model": "SmolLM2-135M-Instruct",
             "budget_s": args.budget_s,
             "seeds": args.seeds,
+            "overrides": overrides(),
             "machine": f"{os.cpu_count()} cores, CPU only",
             **summarise(runs, args.target_gain),
             "runs": runs,

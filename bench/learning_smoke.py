@@ -4,6 +4,9 @@ accuracy at the start and of the final checkpoint.
 
     python bench/learning_smoke.py [--budget-s 1200] [--eval-problems 192]  ->  bench/results/learning_smoke.json
 
+Any TBA__SECTION__FIELD variables set (e.g. TBA__TRAINER__BETA_START=0.1) change the defaults as they
+would for `tba run`, and are recorded in the results.
+
 The job runs exactly as a user's would: the supervisor starts a fresh broker of its own, the trainer
 (hosting weight sync), one searcher and one filter process, and stops them in order at the budget.
 """
@@ -26,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results import write_results  # noqa: E402
 from ops.broker import free_port  # noqa: E402
-from ops.config import TbaConfig, load_config  # noqa: E402
+from ops.config import ENV_PREFIX, TbaConfig, load_config  # noqa: E402
 from ops.supervisor import local_broker, run_job  # noqa: E402
 from ops.topics import read_topic, topic_names  # noqa: E402
 from schemas.codec import SchemaStore  # noqa: E402
@@ -34,16 +37,20 @@ from schemas.records import TrajectoryCodec  # noqa: E402
 
 
 def job_config(tmp: Path, budget_s: float, **sections) -> TbaConfig:
-    """The embedded defaults on a broker and ports of their own, stopping after budget_s."""
+    """The embedded defaults (and any TBA__ variables set), on a broker and ports of their own, for budget_s."""
     port = free_port()
     return load_config(
-        environ={},
         kafka={"bootstrap": f"127.0.0.1:{port}", "namespace": "bench"},
         broker={"port": port, "data_dir": str(tmp / "kafka"), "heap": "768m"},
         weights={"port": free_port()},
         run={"budget_s": budget_s, "live_view": False, "metrics_port": 0},
         **{**sections, "trainer": {"run_dir": str(tmp / "run"), **sections.get("trainer", {})}},
     )
+
+
+def overrides() -> dict[str, str]:
+    """The TBA__SECTION__FIELD variables in effect: what differs from the embedded defaults."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIX)}
 
 
 def final_evaluation(cfg: TbaConfig) -> dict:
@@ -96,6 +103,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct",
         "task": f"{cfg.task.dataset} {cfg.task.dataset_args}",
         "config": "embedded defaults",
+        "overrides": overrides(),
         "budget_s": args.budget_s,
         "wall_s": run["wall_s"],
         "steps": train[-1]["step"] if train else 0,
