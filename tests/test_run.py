@@ -133,3 +133,11 @@ def test_a_stopped_process_is_not_restarted_even_while_it_waits_out_a_back_off(c
     searcher.next_start = 0.0  # its back-off is over
     supervisor.tick()
     assert searcher.proc is None and process(supervisor.state(), searcher.name)["status"] == "stopped"
+
+
+def test_metric_rows_leave_out_a_last_line_cut_short_by_a_kill(tmp_path):
+    from ops.metrics import metric_rows
+
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "eval", "step": 1}\n{"kind": "tr')
+    assert [r["kind"] for r in metric_rows(tmp_path)] == ["train", "eval"]
+    assert metric_rows(tmp_path / "absent") == []
