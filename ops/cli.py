@@ -141,7 +141,11 @@ def filter_(
     from ops.metrics import filter_metrics, metrics_served
 
     if redrive:
+        from consumers.redrive import SCORERS
         from consumers.redrive import redrive as send_back
+
+        if scorer is not None and scorer not in SCORERS:
+            raise click.BadParameter(f"{scorer!r} is none of {', '.join(SCORERS)}", param_hint="--scorer")
 
         click.echo(
             f"re-drove {send_back(obj.cfg, scorer)} dead letter(s) to {obj.cfg.kafka.namespace}.trajectories.raw"
@@ -197,32 +201,41 @@ def train(obj: Context, metrics_port: int | None) -> None:
 
 
 def _bound(value: str | None, name: str) -> dict:
-    """An offset (an integer) or a time (ISO 8601, e.g. 2026-11-29T12:00:00Z) as fill() arguments."""
-    from datetime import datetime
+    """An offset (an integer >= 0) or a time (ISO 8601, UTC unless it says otherwise) as fill() arguments."""
+    from datetime import UTC, datetime
 
     if value is None:
         return {}
     if value.lstrip("-").isdigit():
+        if int(value) < 0:
+            raise click.BadParameter("an offset is 0 or more", param_hint=f"--{name}")
         return {f"{name}_offset": int(value)}
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as exc:
         raise click.BadParameter("an offset (integer) or an ISO 8601 time", param_hint=f"--{name}") from exc
-    return {f"{name}_time_ms": int(moment.timestamp() * 1000)}
+    return {f"{name}_time_ms": int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp() * 1000)}
 
 
 @cli.command()
-@click.option("--from", "start", default=None, help="First offset or time (ISO 8601) of curated; default: its start.")
-@click.option("--to", "end", default=None, help="Offset or time to stop before; default: its current end.")
-@click.option("--live", is_flag=True, help="Also keep reading new groups from live searchers.")
+@click.option("--from", "start", default=None, help="First offset (of each partition) or time (ISO 8601) of curated.")
+@click.option("--to", "end", default=None, help="Offset or time to stop before; default: curated's current end.")
+@click.option("--live", is_flag=True, help="Also keep reading the groups live searchers write from now on.")
+@click.option("--init", default=None, help="Start from this checkpoint's weights (a checkpoint folder or a run dir).")
 @metrics_port_option
 @click.pass_obj
-def replay(obj: Context, start: str | None, end: str | None, live: bool, metrics_port: int | None) -> None:
-    """Train a new policy on a past range of the curated topic (from trainer.model or a checkpoint in run_dir)."""
-    from trainer.train import run_trainer
+def replay(
+    obj: Context, start: str | None, end: str | None, live: bool, init: str | None, metrics_port: int | None
+) -> None:
+    """Train a new policy on a past range of the curated topic, in trainer.run_dir (which must be its own)."""
+    from trainer.train import checkpoint_at, run_trainer
 
-    trainer = run_trainer(obj.cfg, stop_on_signals(), replay={**_bound(start, "from"), **_bound(end, "to")}, live=live,
-                          metrics_port=metrics_port)  # fmt: skip
+    bounds = {**_bound(start, "from"), **_bound(end, "to")}
+    for unit in ("offset", "time_ms"):
+        if bounds.get(f"from_{unit}", -1) >= bounds.get(f"to_{unit}", float("inf")):
+            raise click.BadParameter(f"{end} is not after --from {start}: the range is empty", param_hint="--to")
+    trainer = run_trainer(obj.cfg, stop_on_signals(), replay=bounds, live=live, metrics_port=metrics_port,
+                          init=checkpoint_at(init) if init else None)  # fmt: skip
     click.echo(f"replay trained {trainer.step} steps on {len(trainer.buffer)} groups")
 
 

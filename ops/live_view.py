@@ -6,7 +6,6 @@ offsets and the filter group's committed offsets, and the trainer's run_dir/metr
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.request
 from collections import defaultdict
@@ -16,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
+
+from ops.metrics import metric_rows
 
 KAFKA_EVERY_S = 5.0  # end offsets and group offsets cost a few round trips: not every second
 
@@ -129,10 +130,7 @@ class JobView:
         return f"{60 * rate.get('tba_trainer_steps_total', 0):.1f} steps/min"
 
     def _accuracy_trend(self) -> str:
-        path = Path(self.cfg.trainer.run_dir) / "metrics.jsonl"
-        if not path.exists():
-            return ""
-        evals = [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "eval"]
+        evals = [r for r in metric_rows(Path(self.cfg.trainer.run_dir)) if r["kind"] == "eval"]
         return " -> ".join(f"{r['greedy_accuracy']:.2f}" for r in evals[-5:])
 
     @staticmethod

@@ -6,13 +6,30 @@ time, so the hot paths carry no metrics code and the numbers cannot drift from t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 PREFIX = "tba"
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """The rows the trainer appended to run_dir/metrics.jsonl (none if there is no such file yet).
+
+    A last line still being written, or cut short by a kill, is left out rather than failing the reader.
+    """
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 class RoleCollector:

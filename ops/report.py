@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ops.errors import TbaError  # noqa: E402
+from ops.metrics import metric_rows  # noqa: E402
 
 
 def load_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -23,7 +24,7 @@ def load_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise TbaError(f"{path} does not exist: is {run_dir} a trainer run directory (trainer.run_dir)?")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = metric_rows(run_dir)
     return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
 
 

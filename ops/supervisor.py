@@ -49,7 +49,7 @@ class RoleProcess:
     restarts: int = 0
     next_start: float = 0.0  # monotonic time of the next (re)start; 0: now
     exit_codes: list[int] = field(default_factory=list)
-    done: bool = False  # not to be started again: finished (the trainer at max_steps) or stopped
+    done: str = ""  # why it is not to be started again: "finished" (the trainer at max_steps) or "stopped"
 
     @property
     def running(self) -> bool:
@@ -60,7 +60,7 @@ class RoleProcess:
         if self.running:
             status = "running"
         elif self.done:
-            status = "finished"
+            status = self.done
         else:
             status = f"restarting in {max(0.0, self.next_start - now):.0f}s" if self.exit_codes else "starting"
         return {
@@ -178,7 +178,7 @@ class Supervisor:
                 p.proc = None
                 p.exit_codes.append(code)
                 if code == 0 and p is self.trainer:
-                    p.done = True
+                    p.done = "finished"
                     log.info("trainer finished (trainer.max_steps reached)")
                     return False
                 if p.restarts >= self.cfg.run.max_restarts:
@@ -204,7 +204,7 @@ class Supervisor:
     def terminate(self, processes: list[RoleProcess], timeout_s: float) -> None:
         """SIGTERM these processes, wait up to timeout_s, then SIGKILL. They are not restarted."""
         for p in processes:  # one waiting out a restart back-off must not start after this either
-            p.done = True
+            p.done = p.done or "stopped"
         running = [(p, p.proc) for p in processes if p.running]
         for _, proc in running:
             proc.send_signal(signal.SIGTERM)

@@ -27,10 +27,10 @@ class Completion:
     finish_reason: str  # "stop" (EOS) or "length"
 
 
-def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32"):
+def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32", field: str = "searcher.model"):
     """(model, tokenizer) from a local folder (or a GGUF file in it); "" is the default model.
 
-    Nothing is downloaded from a model hub.
+    Nothing is downloaded from a model hub; field is the setting named when the folder cannot be loaded.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,7 +46,7 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32"):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **extra)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype), **extra)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"searcher.model: cannot load a model from {path!r}: {exc}") from exc
+        raise ConfigError(f"{field}: cannot load a model from {path!r}: {exc}") from exc
     return model.eval(), tokenizer
 
 

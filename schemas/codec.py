@@ -57,14 +57,21 @@ class SchemaStore:
             self._schemas.setdefault(fp, fastavro.parse_schema(schema))
             if fp in self._registered or self._cfg is None:
                 return fp
+        from kafka.errors import KafkaTimeoutError
+
         from ops import kafka_clients
+        from ops.errors import TbaError
 
         canonical = to_parsing_canonical_form(fastavro.parse_schema(schema))
         producer = kafka_clients.producer(self._cfg, compression_type=None, linger_ms=0)
+        timeout = self._cfg.kafka.client_timeout_s
         try:
-            producer.send(self._topic(), key=fp.hex().encode(), value=canonical.encode()).get(
-                timeout=self._cfg.kafka.client_timeout_s
-            )
+            producer.send(self._topic(), key=fp.hex().encode(), value=canonical.encode()).get(timeout=timeout)
+        except KafkaTimeoutError as exc:  # the broker answers, but not for this topic: it was never created
+            raise TbaError(
+                f"could not publish a schema to {self._topic()} within {timeout:.0f}s: "
+                f"were the namespace's topics created (`tba topics create`)?"
+            ) from exc
         finally:
             producer.close()
         with self._lock:

@@ -75,3 +75,12 @@ def test_bad_bytes_raise_decode_error_with_a_reason(cfg, rng):
     for expected, data in cases.items():
         with pytest.raises(DecodeError, match=expected):
             codec.decode(data)
+
+
+def test_a_namespace_without_topics_is_a_clear_error_not_a_timeout_trace(cfg):
+    from ops.config import with_overrides
+    from ops.errors import TbaError
+
+    absent = with_overrides(cfg, kafka={"namespace": cfg.kafka.namespace + "-absent", "client_timeout_s": 2})
+    with pytest.raises(TbaError, match=r"-absent\.schemas within 2s: were the namespace's topics created"):
+        TrajectoryCodec(SchemaStore(absent))

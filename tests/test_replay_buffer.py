@@ -49,6 +49,23 @@ def test_replay_from_a_timestamp_and_from_offsets_returns_exactly_that_range(cfg
     assert group_ids(filled(cfg, store, from_offset=5, to_offset=20)) == expected
 
 
+def test_a_live_feed_after_a_replayed_range_reads_what_arrives_next_and_nothing_else(cfg, store, rng):
+    publish_curated(cfg, store, [synthetic_group(rng, i % 7) for i in range(40)])
+    codec = TrajectoryCodec(store)
+    in_range = sorted(codec.decode(r.value).group_id for r in read_topic(cfg, topic_names(cfg).curated) if r.offset < 3)
+    buffer = ReplayBuffer(cfg, store)
+    feed = CuratedFeed(cfg, buffer)
+    feed.fill(to_offset=3)  # `tba replay --to 3 --live`
+    fresh = [synthetic_group(rng, i % 7) for i in range(6)]
+    publish_curated(cfg, store, fresh)
+    deadline = time.monotonic() + 30
+    while len(buffer) < len(in_range) + len(fresh) and time.monotonic() < deadline:
+        feed.poll(200)
+    feed.poll(500)  # and nothing more: history after the range stays out
+    feed.close()
+    assert group_ids(buffer) == sorted(in_range + [g.group_id for g in fresh])
+
+
 def test_on_policy_fraction_is_m(cfg, store, rng):
     cfg = with_overrides(cfg, buffer={"on_policy_prob": 0.7, "samples_per_prompt": 4})
     buffer = ReplayBuffer(cfg, store, seed=7)

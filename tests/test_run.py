@@ -108,6 +108,7 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps[-2:] == [last_step + 1, last_step + 2]
     assert process(job_state(run_dir), "trainer")["status"] == "finished"
+    assert {p["status"] for p in job_state(run_dir)["processes"] if p["role"] != "trainer"} == {"stopped"}
 
     report = subprocess.run([*tba, "report", str(run_dir)], capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
@@ -122,7 +123,7 @@ def test_a_stopped_process_is_not_restarted_even_while_it_waits_out_a_back_off(c
     supervisor = Supervisor(cfg)
     searcher = next(p for p in supervisor.processes if p.role == "searcher")
     for p in supervisor.processes:
-        p.done = p is not searcher  # only the searcher is supervised here
+        p.done = "" if p is searcher else "stopped"  # only the searcher is supervised here
     searcher.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])  # as a crash
     searcher.proc.wait()
     supervisor.tick()
@@ -131,4 +132,12 @@ def test_a_stopped_process_is_not_restarted_even_while_it_waits_out_a_back_off(c
     supervisor.terminate([searcher], 1)  # e.g. the job stops while the searcher waits to come back
     searcher.next_start = 0.0  # its back-off is over
     supervisor.tick()
-    assert searcher.proc is None and process(supervisor.state(), searcher.name)["status"] == "finished"
+    assert searcher.proc is None and process(supervisor.state(), searcher.name)["status"] == "stopped"
+
+
+def test_metric_rows_leave_out_a_last_line_cut_short_by_a_kill(tmp_path):
+    from ops.metrics import metric_rows
+
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "eval", "step": 1}\n{"kind": "tr')
+    assert [r["kind"] for r in metric_rows(tmp_path)] == ["train", "eval"]
+    assert metric_rows(tmp_path / "absent") == []

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from ops.config import with_overrides
 from ops.topics import topic_names
@@ -10,7 +12,7 @@ from producers.trajectory_producer import TrajectoryProducer
 from producers.weight_subscriber import WeightSubscriber
 from tests.tiny_models import saved_tiny_llama, tiny_llama
 from trainer.replay_buffer import CuratedFeed, ReplayBuffer
-from trainer.train import Trainer
+from trainer.train import Trainer, latest_checkpoint
 from trainer.weight_sync import WeightSyncServer
 
 
@@ -139,11 +141,30 @@ def test_tba_replay_retrains_from_a_past_range_of_curated(tcfg, store, tmp_path,
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     in_range = sum(r.offset < 4 for r in read_topic(cfg, topic_names(cfg).curated))
-    done = CliRunner().invoke(cli, ["--config", str(config), "replay", "--from", "0", "--to", "4"])
+    replay = ["--config", str(config), "replay", "--from", "0", "--to", "4"]
+    done = CliRunner().invoke(cli, replay)
     assert done.exit_code == 0, done.output
     assert f"replay trained 2 steps on {in_range} groups" in done.output
+    again = CliRunner().invoke(cli, replay)  # the same replay, e.g. after a crash: it resumes (here: already done)
+    assert again.exit_code == 0 and f"replay trained 2 steps on {in_range} groups" in again.output, again.output
+    other = CliRunner().invoke(cli, ["--config", str(config), "replay", "--to", "2"])  # not this run dir's job
+    assert "holds a checkpoint of another job" in str(other.exception)
+
+    # a new policy from that checkpoint's weights, in a run dir of its own (max_steps 0: only the start is saved)
+    fork = with_overrides(cfg, trainer={"run_dir": str(tmp_path / "fork"), "max_steps": 0})
+    config.write_text(yaml.safe_dump(fork.model_dump(mode="json")))
+    forked = CliRunner().invoke(cli, [*replay[:2], "replay", "--init", str(tmp_path / "replay-run")])
+    assert forked.exit_code == 0, forked.output
+    weights = [load_file(next((d / "model").glob("*.safetensors"))) for d in (latest_checkpoint(tmp_path / r)
+               for r in ("replay-run", "fork"))]  # fmt: skip
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
     later = with_overrides(cfg, trainer={"run_dir": str(tmp_path / "empty-run")})
     config.write_text(yaml.safe_dump(later.model_dump(mode="json")))
     empty = CliRunner().invoke(cli, ["--config", str(config), "replay", "--from", "2030-01-01T00:00:00Z"])
     assert "fewer than trainer.min_buffer_prompts (2), and nothing more will arrive" in str(empty.exception)
+    assert not (tmp_path / "empty-run" / "checkpoints").exists()  # a corrected range can start afresh there
+    for bounds, says in ((["--from", "5", "--to", "2"], "the range is empty"), (["--from", "-3"], "0 or more")):
+        refused = CliRunner().invoke(cli, ["--config", str(config), "replay", *bounds])
+        assert refused.exit_code == 2 and says in refused.output, refused.output

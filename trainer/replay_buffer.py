@@ -15,6 +15,7 @@ completions removed.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -366,8 +367,14 @@ class CuratedFeed:
         to_offset: int | None = None,
         from_time_ms: int | None = None,
         to_time_ms: int | None = None,
+        stop_event: threading.Event | None = None,
     ) -> int:
-        """Ingest the half-open range [from, to) of every partition, by offset or by timestamp (replays)."""
+        """Ingest the half-open range [from, to) of every partition, by offset or by timestamp (replays).
+
+        The feed then continues where the topic ended when the fill began: a later poll() reads what
+        arrived since (live searchers' groups), never what lies between the range and that end.
+        Returns how many groups were added; stops early (the range cut short) once stop_event is set.
+        """
         start = self.resolve(from_offset, from_time_ms, "start")
         stop = self.resolve(to_offset, to_time_ms, "end")
         ends = self.consumer.end_offsets(self.partitions)
@@ -376,7 +383,7 @@ class CuratedFeed:
         for tp in self.partitions:
             self.consumer.seek(tp, start[tp])
         added = 0
-        while todo:
+        while todo and not (stop_event and stop_event.is_set()):
             for tp, records in self.consumer.poll(timeout_ms=500).items():
                 if tp not in todo:
                     continue
@@ -385,6 +392,12 @@ class CuratedFeed:
                     todo.discard(tp)
             # aborted transactions and markers leave gaps: position, not record count, says when we are done
             todo = {tp for tp in todo if self.consumer.position(tp) < stop[tp]}
+        if todo:  # cut short: the range was not read to its end
+            return added
+        for tp in self.partitions:
+            after = max(self.buffer.next_offsets.get(tp.partition, 0), ends[tp])
+            self.buffer.next_offsets[tp.partition] = after  # a checkpoint resumes the feed there too
+            self.consumer.seek(tp, after)
         return added
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ optimizer, scheduler, RNG, step, policy version, consumed offsets and the buffer
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -71,6 +72,37 @@ def collate(prompts: list[SampledPrompt], pad_id: int):
     ref = torch.tensor([float(s.ref_logprobs.sum()) for s in samples]).view(len(prompts), k)  # (P, K)
     rewards = torch.tensor([float(s.reward) for s in samples]).view(len(prompts), k)  # (P, K)
     return head, head_mask, tail, tail_mask, ref, rewards
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """run_dir's newest checkpoint folder (checkpoints/step-NNNNNN), or None."""
+    latest = run_dir / "checkpoints" / "latest"
+    return latest.parent / latest.read_text().strip() if latest.exists() else None
+
+
+def checkpoint_at(path: str | Path) -> Path:
+    """A checkpoint folder named directly, or the newest of a run dir; a clear error if neither."""
+    path = Path(path)
+    if (path / "model").is_dir():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise TbaError(f"{path} is neither a checkpoint (<run_dir>/checkpoints/step-N) nor a run dir holding one")
+    return found
+
+
+def check_replay_run_dir(run_dir: Path, replay: dict) -> None:
+    """A replay trains a new policy in a run dir of its own: empty, or holding this same replay (it resumes).
+
+    Another job's checkpoint there is an error rather than a silent resume of that job.
+    """
+    marker = run_dir / "replay.json"
+    if latest_checkpoint(run_dir) is None or (marker.exists() and json.loads(marker.read_text()) == replay):
+        return
+    raise TbaError(
+        f"trainer.run_dir {run_dir} holds a checkpoint of another job; a replay trains a new policy in a run dir "
+        f"of its own (e.g. TBA__TRAINER__RUN_DIR=.tba/replay; --init to start from that checkpoint)"
+    )
 
 
 class Trainer:
@@ -218,12 +250,8 @@ class Trainer:
         os.replace(root / "latest.tmp", root / "latest")
         return final
 
-    def resume(self) -> bool:
-        """Load the latest checkpoint of run_dir, if there is one; True if resumed."""
-        root = Path(self.t.run_dir) / "checkpoints"
-        if not (root / "latest").exists():
-            return False
-        path = root / (root / "latest").read_text().strip()
+    def load_weights(self, path: Path) -> None:
+        """The weights of the checkpoint at path (the adapters alone under LoRA), none of its other state."""
         weights = load_file(next((path / "model").glob("*.safetensors")))
         if self.t.lora_r:  # save_pretrained of a peft model writes the adapters alone, in peft's naming
             from peft import set_peft_model_state_dict
@@ -233,6 +261,13 @@ class Trainer:
             missing, unexpected = self.model.load_state_dict(weights, strict=False)
             if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
                 raise TbaError(f"checkpoint {path} does not fit this model: missing {missing}, unexpected {unexpected}")
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of run_dir, if there is one; True if resumed."""
+        path = latest_checkpoint(Path(self.t.run_dir))
+        if path is None:
+            return False
+        self.load_weights(path)
         state = torch.load(path / "trainer.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -279,11 +314,13 @@ def run_trainer(
     replay: dict | None = None,
     live: bool = True,
     metrics_port: int | None = None,
+    init: Path | None = None,
 ) -> Trainer:
     """`tba train`: the training job, asynchronous (TBA: from the curated topic) or synchronous on-policy.
 
     replay: a past range of the curated topic to ingest first (CuratedFeed.fill's arguments); with
-    live=False nothing else is read, so the job retrains from history alone (`tba replay`).
+    live=False nothing else is read, so the job retrains from history alone (`tba replay`), in a
+    run_dir of its own, starting from the model or from the weights of the checkpoint `init`.
     Resumes from run_dir's latest checkpoint, checkpoints every checkpoint_every steps and on stop,
     evaluates on the held-out problems, and appends every step's metrics to run_dir/metrics.jsonl
     (and serves them on http://127.0.0.1:metrics_port/metrics when given).
@@ -296,11 +333,15 @@ def run_trainer(
 
     stop = stop or threading.Event()
     t = cfg.trainer
+    marker = {"range": replay, "init": str(init) if init else None}
+    if replay is not None:
+        check_replay_run_dir(Path(t.run_dir), marker)  # before anything loads
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # started by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     main = not dist.is_initialized() or dist.get_rank() == 0
     torch.manual_seed(t.seed)  # the same initial weights in every process
-    model, tokenizer = load_model(t.model or cfg.searcher.model, t.gguf_file or cfg.searcher.gguf_file, t.dtype)
+    model, tokenizer = load_model(t.model or cfg.searcher.model, t.gguf_file or cfg.searcher.gguf_file, t.dtype,
+                                  field="trainer.model" if t.model else "searcher.model")  # fmt: skip
     if torch.cuda.is_available():  # one GPU per process (torchrun sets LOCAL_RANK)
         model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     if t.lora_r:
@@ -322,8 +363,23 @@ def run_trainer(
     trainer = Trainer(cfg, model, buffer, pad, server=server, feed=CuratedFeed(cfg, buffer))
     resumed = trainer.resume()
     if replay is not None and not resumed:
-        added = trainer.feed.fill(**replay)
+        if init is not None:
+            trainer.load_weights(init)
+        added = trainer.feed.fill(**replay, stop_event=stop)
         log.info("replay: %d groups of %d prompts from %s", added, buffer.num_prompts, replay)
+        too_few = not live and buffer.num_prompts < t.min_buffer_prompts
+        if stop.is_set() or too_few:  # nothing trained, nothing written: a corrected replay starts afresh
+            trainer.close()
+            server.stop()
+        if stop.is_set():
+            return trainer
+        if too_few:
+            raise TbaError(
+                f"the replayed range of {buffer.topic} holds {buffer.num_prompts} prompts, fewer than "
+                f"trainer.min_buffer_prompts ({t.min_buffer_prompts}), and nothing more will arrive (no --live)"
+            )
+        Path(t.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(t.run_dir) / "replay.json").write_text(json.dumps(marker))  # a restart resumes this replay
     if not live:
         trainer.feed.close()
         trainer.feed = None
@@ -377,8 +433,6 @@ class SyncBatches:
 def _loop(
     cfg: TbaConfig, trainer: Trainer, next_batch, evaluate: Evaluator, stop: threading.Event, metrics_port=None
 ) -> Trainer:
-    import json
-
     from ops.metrics import metrics_served, trainer_metrics
 
     t = cfg.trainer
