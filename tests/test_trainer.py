@@ -150,15 +150,16 @@ def test_tba_replay_retrains_from_a_past_range_of_curated(tcfg, store, tmp_path,
     other = CliRunner().invoke(cli, ["--config", str(config), "replay", "--to", "2"])  # not this run dir's job
     assert "holds a checkpoint of another job" in str(other.exception)
 
-    # a new policy from that checkpoint's weights, in a run dir of its own (max_steps 0: only the start is saved)
-    fork = with_overrides(cfg, trainer={"run_dir": str(tmp_path / "fork"), "max_steps": 0})
+    # a new policy from that checkpoint's weights, in a run dir of its own (one step at a negligible lr)
+    fork = with_overrides(cfg, trainer={"run_dir": str(tmp_path / "fork"), "max_steps": 1, "lr": 1e-12})
     config.write_text(yaml.safe_dump(fork.model_dump(mode="json")))
     forked = CliRunner().invoke(cli, [*replay[:2], "replay", "--init", str(tmp_path / "replay-run")])
     assert forked.exit_code == 0, forked.output
-    weights = [load_file(next((d / "model").glob("*.safetensors"))) for d in (latest_checkpoint(tmp_path / r)
-               for r in ("replay-run", "fork"))]  # fmt: skip
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    base = load_file(next((tmp_path / "model").glob("*.safetensors")))
+    init, after = (load_file(next((latest_checkpoint(tmp_path / r) / "model").glob("*.safetensors")))
+                   for r in ("replay-run", "fork"))  # fmt: skip
+    assert init.keys() == after.keys() and all(torch.allclose(init[k], after[k], atol=1e-8) for k in init)
+    assert any(not torch.allclose(init[k], base[k], atol=1e-4) for k in init)  # and the base model is not
 
     later = with_overrides(cfg, trainer={"run_dir": str(tmp_path / "empty-run")})
     config.write_text(yaml.safe_dump(later.model_dump(mode="json")))
