@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter, defaultdict
 
 from kafka import TopicPartition
@@ -50,11 +51,18 @@ def inspect_job(cfg: TbaConfig, scan: int = 10_000) -> dict:
     letters, examples = Counter(), {}
     dlq = DeadLetterCodec(store)
     for rec in read_topic(cfg, names.dlq, last=scan):
-        letter = dlq.decode(rec.value)
-        letters[letter.scorer] += 1
-        examples.setdefault(letter.scorer, letter.reason)
+        try:
+            letter = dlq.decode(rec.value)
+            scorer, reason = letter.scorer, letter.reason
+        except DecodeError as exc:  # someone else's bytes in the dlq: counted, not fatal
+            scorer, reason = "undecodable letter", f"{rec.partition}:{rec.offset}: {exc}"
+        letters[scorer] += 1
+        examples.setdefault(scorer, reason)
     versions = PolicyVersionCodec(store)
-    announced = [versions.decode(rec.value) for rec in read_topic(cfg, names.policy_versions, "read_uncommitted")]
+    announced = []
+    for rec in read_topic(cfg, names.policy_versions, "read_uncommitted"):
+        with contextlib.suppress(DecodeError):
+            announced.append(versions.decode(rec.value))
     return {
         "topics": describe_topics(cfg),
         "filter_lag": filter_lag(cfg),

@@ -6,6 +6,7 @@ offsets and the filter group's committed offsets, and the trainer's run_dir/metr
 
 from __future__ import annotations
 
+import http.client
 import time
 import urllib.request
 from collections import defaultdict
@@ -23,16 +24,16 @@ KAFKA_EVERY_S = 5.0  # end offsets and group offsets cost a few round trips: not
 
 def scrape(port: int, timeout_s: float = 0.5) -> dict[str, float]:
     """name -> value summed over labels (histograms: their buckets as name{le}); {} if unreachable."""
-    try:
+    values: dict[str, float] = defaultdict(float)
+    try:  # a port not (yet) ours, or not Prometheus at all, must never take the job down
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as response:
             text = response.read().decode()
-    except OSError:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                name = sample.name if "le" not in sample.labels else f"{sample.name}{{{sample.labels['le']}}}"
+                values[name] += sample.value
+    except (OSError, ValueError, http.client.HTTPException):
         return {}
-    values: dict[str, float] = defaultdict(float)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name = sample.name if "le" not in sample.labels else f"{sample.name}{{{sample.labels['le']}}}"
-            values[name] += sample.value
     return dict(values)
 
 

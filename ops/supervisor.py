@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from ops.config import TbaConfig, with_overrides
+from ops.config import ENV_PREFIX, TbaConfig, with_overrides
 from ops.errors import TbaError
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,9 @@ class Supervisor:
         argv = [sys.executable, "-m", "ops.cli", "--config", str(self.config_path), *p.args]
         if p.metrics_port:
             argv += ["--metrics-port", str(p.metrics_port)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(p.threads), "PYTHONUNBUFFERED": "1"}
+        # config.yaml already holds the TBA__ overrides, resolved (a free port for port 0): not again on top
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        env.update(OMP_NUM_THREADS=str(p.threads), PYTHONUNBUFFERED="1")
         with open(self.logs / f"{p.name}.log", "ab") as out:
             # own session: a Ctrl-C in the terminal reaches the supervisor alone, which stops in order
             p.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -28,8 +28,15 @@ def test_inspect_reports_what_the_topics_hold(cfg, store, monkeypatch):
     for v in range(2):
         server.wait_published(server.publish(tiny_llama(v).state_dict(), step=10 * v))
     server.stop()
+    from ops import kafka_clients
+    from ops.topics import topic_names
+
+    stranger = kafka_clients.producer(cfg)  # bytes that are no dead letter of ours
+    stranger.send(topic_names(cfg).dlq, value=b"not avro").get(timeout=30)
+    stranger.close()
 
     report = inspect_job(cfg)
+    assert report["dlq_by_scorer"]["undecodable letter"]["records"] == 1
     assert {v: x["groups"] for v, x in report["curated_by_policy_version"].items()} == {"0": 20, "1": 10}
     assert report["dlq_by_scorer"]["finite_rewards"]["records"] == 3
     assert "reward is nan" in report["dlq_by_scorer"]["finite_rewards"]["example"]

@@ -141,3 +141,25 @@ def test_metric_rows_leave_out_a_last_line_cut_short_by_a_kill(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "eval", "step": 1}\n{"kind": "tr')
     assert [r["kind"] for r in metric_rows(tmp_path)] == ["train", "eval"]
     assert metric_rows(tmp_path / "absent") == []
+
+
+def test_the_live_view_reads_a_port_that_is_not_prometheus_as_no_metrics():
+    import http.server
+    import threading
+
+    class NotMetrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{ this is no exposition format")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotMetrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert scrape(server.server_address[1]) == {}
+        assert scrape(free_port()) == {}  # nothing listening yet
+    finally:
+        server.shutdown()
