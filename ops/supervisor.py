@@ -112,6 +112,29 @@ def role_processes(cfg: TbaConfig) -> list[RoleProcess]:
     return out
 
 
+# What a job's checkpoint was made with: resuming it under other values would mix them silently (the
+# optimizer brings its old lr back, the buffer's offsets belong to the old topics, its groups to the old task)
+RESUME_FIELDS = (
+    "kafka.namespace", "task", "buffer.samples_per_prompt", "searcher.model", "searcher.gguf_file",
+    "searcher.reference_model", "trainer.model", "trainer.gguf_file", "trainer.mode", "trainer.loss",
+    "trainer.lora_r", "trainer.lora_alpha", "trainer.lora_targets", "trainer.lr", "trainer.weight_decay",
+    "trainer.warmup_steps",
+)  # fmt: skip
+
+
+def changed_for_resume(old: dict, new: dict) -> list[str]:
+    """'field: old -> new' for each RESUME_FIELDS value (a whole section: each of its fields) that differs."""
+    changes = []
+    for entry in RESUME_FIELDS:
+        section, _, name = entry.partition(".")
+        names = [name] if name else sorted(set(old.get(section, {})) | set(new.get(section, {})))
+        for n in names:
+            before, after = old.get(section, {}).get(n), new.get(section, {}).get(n)
+            if before != after:
+                changes.append(f"{section}.{n}: {before!r} -> {after!r}")
+    return changes
+
+
 class Supervisor:
     def __init__(self, cfg: TbaConfig):
         from ops.broker import free_port
@@ -136,6 +159,7 @@ class Supervisor:
         resolved config every process reads. progress(message) gives a context to wait in (a spinner)."""
         from ops.topics import create_topics
 
+        self.check_resume()
         progress = progress or (lambda message: contextlib.nullcontext())
         self.broker = local_broker(self.cfg)
         if self.broker is not None:
@@ -150,6 +174,17 @@ class Supervisor:
                 default_model_dir()
         self.logs.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+
+    def check_resume(self) -> None:
+        """A run dir holding a checkpoint resumes only the job that wrote it: the same RESUME_FIELDS."""
+        if not (self.run_dir / "checkpoints" / "latest").exists() or not self.config_path.exists():
+            return
+        changes = changed_for_resume(yaml.safe_load(self.config_path.read_text()), self.cfg.model_dump(mode="json"))
+        if changes:
+            raise TbaError(
+                f"{self.run_dir} holds a checkpoint of a job with other settings ({'; '.join(changes)}): run it "
+                f"with its own settings to resume it, or give this job a trainer.run_dir of its own"
+            )
 
     def _launch(self, p: RoleProcess) -> None:
         argv = [sys.executable, "-m", "ops.cli", "--config", str(self.config_path), *p.args]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from ops.broker import free_port
@@ -163,3 +164,17 @@ def test_the_live_view_reads_a_port_that_is_not_prometheus_as_no_metrics():
         assert scrape(free_port()) == {}  # nothing listening yet
     finally:
         server.shutdown()
+
+
+def test_a_run_dir_resumes_only_the_job_whose_checkpoint_it_holds(cfg, tmp_path):
+    from ops.errors import TbaError
+
+    cfg = with_overrides(cfg, trainer={"run_dir": str(tmp_path)})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step-000010")
+    # what may change between runs of one job: its budget, its length, how many processes, ports
+    Supervisor(with_overrides(cfg, run={"budget_s": 60}, trainer={"max_steps": 99}, weights={"port": 0})).check_resume()
+    other = with_overrides(cfg, trainer={"lr": 1e-5}, task={"dataset": "chain_sum"})
+    with pytest.raises(TbaError, match=r"other settings \(task.dataset: '\w+' -> 'chain_sum'; trainer.lr: "):
+        Supervisor(other).check_resume()
