@@ -177,6 +177,7 @@ class Supervisor:
 
     def check_resume(self) -> None:
         """A run dir holding a checkpoint resumes only the job that wrote it: the same RESUME_FIELDS."""
+        # trainer/train.py's checkpoint layout, read here without importing torch into the supervisor
         if not (self.run_dir / "checkpoints" / "latest").exists() or not self.config_path.exists():
             return
         changes = changed_for_resume(yaml.safe_load(self.config_path.read_text()), self.cfg.model_dump(mode="json"))
