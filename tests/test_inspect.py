@@ -5,9 +5,11 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
+from ops import kafka_clients
 from ops.cli import cli
 from ops.config import with_overrides
 from ops.inspection import inspect_job
+from ops.topics import topic_names
 from producers.synthetic import bad_nan_reward, synthetic_group
 from producers.trajectory_producer import TrajectoryProducer
 from tests.test_filter import run_filters
@@ -28,9 +30,6 @@ def test_inspect_reports_what_the_topics_hold(cfg, store, monkeypatch):
     for v in range(2):
         server.wait_published(server.publish(tiny_llama(v).state_dict(), step=10 * v))
     server.stop()
-    from ops import kafka_clients
-    from ops.topics import topic_names
-
     stranger = kafka_clients.producer(cfg)  # bytes that are no dead letter of ours
     stranger.send(topic_names(cfg).dlq, value=b"not avro").get(timeout=30)
     stranger.close()

@@ -371,13 +371,12 @@ def run_trainer(
         if stop.is_set() or too_few:  # nothing trained, nothing written: a corrected replay starts afresh
             trainer.close()
             server.stop()
-        if stop.is_set():
+            if too_few:
+                raise TbaError(
+                    f"the replayed range of {buffer.topic} holds {buffer.num_prompts} prompts, fewer than "
+                    f"trainer.min_buffer_prompts ({t.min_buffer_prompts}), and nothing more will arrive (no --live)"
+                )
             return trainer
-        if too_few:
-            raise TbaError(
-                f"the replayed range of {buffer.topic} holds {buffer.num_prompts} prompts, fewer than "
-                f"trainer.min_buffer_prompts ({t.min_buffer_prompts}), and nothing more will arrive (no --live)"
-            )
         Path(t.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(t.run_dir) / "replay.json").write_text(json.dumps(marker))  # a restart resumes this replay
     if not live:
