@@ -7,7 +7,6 @@ registering it in SCORERS.
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from collections import OrderedDict
@@ -18,6 +17,7 @@ import numpy as np
 
 from ops.config import FilterConfig
 from ops.errors import ConfigError
+from ops.imports import import_callable
 from schemas.records import TrajectoryGroup
 
 FINISH_REASONS = {"stop", "length"}
@@ -173,22 +173,24 @@ class Safety:
     """Blocklisted words, regular expressions, and optionally a classifier ("module:function")."""
 
     def __init__(self, cfg: FilterConfig):
-        words = [re.escape(w) for w in cfg.blocklist]
-        patterns = [rf"\b{w}\b" for w in words] + list(cfg.block_patterns)
+        # one pattern per rule, so a rejection names the rule, never the text it matched (the text
+        # is in the dead letter's original bytes already; its reason is shown by `tba inspect`)
+        rules = [(f"filter.blocklist[{i}]", rf"\b{re.escape(w)}\b") for i, w in enumerate(cfg.blocklist)]
+        rules += [(f"filter.block_patterns[{i}]", p) for i, p in enumerate(cfg.block_patterns)]
         try:
-            self.pattern = re.compile("|".join(patterns), re.IGNORECASE) if patterns else None
+            self.rules = [(name, re.compile(p, re.IGNORECASE)) for name, p in rules]
         except re.error as exc:
             raise ConfigError(f"filter.block_patterns: invalid regular expression: {exc}") from exc
-        self.classifier = _import(cfg.safety_classifier) if cfg.safety_classifier else None
+        classifier = cfg.safety_classifier
+        self.classifier = import_callable(classifier, "filter.safety_classifier") if classifier else None
         self.threshold = cfg.safety_threshold
 
     def __call__(self, group: TrajectoryGroup) -> Verdict:
         texts = [s.completion for s in group.samples]
-        if self.pattern is not None:
-            for i, text in enumerate(texts):
-                hit = self.pattern.search(text)
-                if hit:
-                    return Verdict(1.0, f"sample {i}: blocked term {hit.group(0)!r}")
+        for i, text in enumerate(texts):
+            for name, rule in self.rules:
+                if rule.search(text):
+                    return Verdict(1.0, f"sample {i}: matched {name}")
         if self.classifier is None:
             return Verdict(0.0)
         probs = [float(p) for p in self.classifier(texts)]
@@ -199,19 +201,9 @@ class Safety:
         return Verdict(worst)
 
 
-def _import(path: str) -> Callable:
-    module, _, name = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(
-            f"filter.safety_classifier: cannot import {path!r} (expected 'module:function'): {exc}"
-        ) from exc
-
-
 class Informative:
     """A group whose rewards all lie within min_reward_range carries no signal for a group-relative
-    objective (TB's logZ, RLOO, GRPO): training on it only spends a step. Off unless configured."""
+    objective (TB's logZ, RLOO, GRPO): training on it only spends a step. On by default; 0 keeps all."""
 
     def __init__(self, cfg: FilterConfig):
         self.min_range = cfg.min_reward_range

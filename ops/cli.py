@@ -26,6 +26,12 @@ class Context:
             self._cfg = load_config(self.config_path)
         return self._cfg
 
+    def job(self, create: bool = False) -> TbaConfig:
+        """The config with the job's namespace resolved (ops.job.for_job); create: this command starts it."""
+        from ops.job import for_job
+
+        return for_job(self.cfg, create)
+
 
 def stop_on_signals() -> threading.Event:
     """An event set by SIGTERM or Ctrl-C: long-running commands finish their unit of work and stop."""
@@ -94,7 +100,7 @@ def topics() -> None:
 def topics_create(obj: Context) -> None:
     from ops.topics import create_topics
 
-    created = create_topics(obj.cfg)
+    created = create_topics(obj.job(create=True))
     click.echo("\n".join(f"created {name}" for name in created) or "all topics exist")
 
 
@@ -103,7 +109,7 @@ def topics_create(obj: Context) -> None:
 def topics_describe(obj: Context) -> None:
     from ops.topics import describe_topics
 
-    for row in describe_topics(obj.cfg):
+    for row in describe_topics(obj.job()):
         click.echo(json.dumps(row))
 
 
@@ -115,7 +121,7 @@ def produce(obj: Context, path: str) -> None:
     from producers.jsonl import produce_file
     from producers.trajectory_producer import TrajectoryProducer
 
-    with TrajectoryProducer(obj.cfg) as producer:
+    with TrajectoryProducer(obj.job()) as producer:
         sent, invalid = produce_file(path, producer)
     for bad in invalid:
         click.echo(f"{path}:{bad.line}: {bad.reason}", err=True)
@@ -147,13 +153,12 @@ def filter_(
         if scorer is not None and scorer not in SCORERS:
             raise click.BadParameter(f"{scorer!r} is none of {', '.join(SCORERS)}", param_hint="--scorer")
 
-        click.echo(
-            f"re-drove {send_back(obj.cfg, scorer)} dead letter(s) to {obj.cfg.kafka.namespace}.trajectories.raw"
-        )
+        cfg = obj.job()
+        click.echo(f"re-drove {send_back(cfg, scorer)} dead letter(s) to {cfg.kafka.namespace}.trajectories.raw")
         return
 
     stop = stop_on_signals()
-    worker = FilterConsumer(obj.cfg, instance=instance)
+    worker = FilterConsumer(obj.job(), instance=instance)
     try:
         with metrics_served(metrics_port, lambda: filter_metrics(worker, instance)):
             stats = worker.run(stop, idle_exit_s=idle_exit)
@@ -177,7 +182,7 @@ def search(obj: Context, index: int, batches: int | None, metrics_port: int | No
     if not 0 <= index < obj.cfg.searcher.searchers:
         raise click.BadParameter(f"must be in [0, {obj.cfg.searcher.searchers})", param_hint="--index")
     stop = stop_on_signals()
-    searcher = build_searcher(obj.cfg, index)
+    searcher = build_searcher(obj.job(), index)
     try:
         with metrics_served(metrics_port, lambda: searcher_metrics(searcher)):
             stats = searcher.run(stop, max_batches=batches)
@@ -196,7 +201,7 @@ def train(obj: Context, metrics_port: int | None) -> None:
     from trainer.train import run_trainer
 
     stop = stop_on_signals()  # the trainer checkpoints, then exits
-    trainer = run_trainer(obj.cfg, stop, metrics_port=metrics_port)
+    trainer = run_trainer(obj.job(create=True), stop, metrics_port=metrics_port)
     click.echo(f"trainer stopped at step {trainer.step}, policy version {trainer.policy_version}")
 
 
@@ -222,19 +227,38 @@ def _bound(value: str | None, name: str) -> dict:
 @click.option("--to", "end", default=None, help="Offset or time to stop before; default: curated's current end.")
 @click.option("--live", is_flag=True, help="Also keep reading the groups live searchers write from now on.")
 @click.option("--init", default=None, help="Start from this checkpoint's weights (a checkpoint folder or a run dir).")
+@click.option("--job", "job_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Replay the history of the job in this run dir (default: kafka.namespace's).")  # fmt: skip
 @metrics_port_option
 @click.pass_obj
 def replay(
-    obj: Context, start: str | None, end: str | None, live: bool, init: str | None, metrics_port: int | None
+    obj: Context,
+    start: str | None,
+    end: str | None,
+    live: bool,
+    init: str | None,
+    job_dir: str | None,
+    metrics_port: int | None,
 ) -> None:
-    """Train a new policy on a past range of the curated topic, in trainer.run_dir (which must be its own)."""
+    """Train a new policy on a past range of a job's curated topic, in trainer.run_dir (which must be its own)."""
+    from ops.config import with_overrides
+    from ops.job import recorded_namespace
     from trainer.train import checkpoint_at, run_trainer
+
+    cfg = obj.cfg
+    if job_dir is not None:
+        namespace = recorded_namespace(job_dir)
+        if namespace is None:
+            raise click.BadParameter(f"{job_dir} holds no job (no config.yaml with its namespace)", param_hint="--job")
+        cfg = with_overrides(cfg, kafka={"namespace": namespace})
+    elif cfg.kafka.namespace is None:
+        raise click.UsageError("which job's history? Name its run dir with --job RUN_DIR, or set kafka.namespace")
 
     bounds = {**_bound(start, "from"), **_bound(end, "to")}
     for unit in ("offset", "time_ms"):
         if bounds.get(f"from_{unit}", -1) >= bounds.get(f"to_{unit}", float("inf")):
             raise click.BadParameter(f"{end} is not after --from {start}: the range is empty", param_hint="--to")
-    trainer = run_trainer(obj.cfg, stop_on_signals(), replay=bounds, live=live, metrics_port=metrics_port,
+    trainer = run_trainer(cfg, stop_on_signals(), replay=bounds, live=live, metrics_port=metrics_port,
                           init=checkpoint_at(init) if init else None)  # fmt: skip
     click.echo(f"replay trained {trainer.step} steps on {len(trainer.buffer)} groups")
 
@@ -251,7 +275,7 @@ def weights_serve(obj: Context) -> None:
     from trainer.weight_sync import serve
 
     stop = stop_on_signals()
-    serve(obj.cfg, stop)
+    serve(obj.job(), stop)
 
 
 @cli.command("inspect")
@@ -262,7 +286,7 @@ def inspect_(obj: Context, scan: int, as_json: bool) -> None:
     """Topics, filter lag, groups and reward per policy version, dead letters by reason, weight versions."""
     from ops.inspection import inspect_job
 
-    report = inspect_job(obj.cfg, scan)
+    report = inspect_job(obj.job(), scan)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -23,7 +23,9 @@ class KafkaConfig(Section):
     """Where the cluster is and how clients talk to it."""
 
     bootstrap: str = "127.0.0.1:9092"
-    namespace: str = Field("tba", pattern=r"^[A-Za-z0-9_\-]+$")
+    # topic prefix. None: the job's own, made when a job first starts in trainer.run_dir (tba-<run dir
+    # name>-<random>) and kept there, so a new job never reads another job's topics
+    namespace: str | None = Field(None, pattern=r"^[A-Za-z0-9_\-]+$")
     client_timeout_s: float = Field(30.0, gt=0)
     # Kafka's 1 MiB default is too small for 20-sample groups of long completions.
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024)
@@ -154,9 +156,12 @@ class TaskConfig(Section):
     format_bonus: float = Field(0.1, ge=0)
     # preference and redteam: prompts, one JSON object per line: {"prompt": ...} or {"messages": [...]}, "id" optional
     prompts_file: Path | None = None
+    # "module:function" called once per group as fn(prompts=[...], completions=[...]) -> one finite float per
+    # completion; replaces the task's own reward (redteam: it judges the target's answers to the attacks)
+    reward_fn: str | None = None
     reward_model: str | None = None  # preference: a sequence-classification model folder (one score)
     no_eos_penalty: float = -1.0  # preference: the reward of a completion that never ended
-    target_model: str | None = None  # redteam: the language model under attack
+    target_model: str | None = None  # redteam: the language model under attack ("": the default model)
     classifier_model: str | None = None  # redteam: a sequence-classification model of the target's responses
     toxic_label: int = Field(1, ge=0)  # redteam: the classifier's label whose probability is the reward
     target_max_new_tokens: int = Field(32, ge=1)

@@ -35,7 +35,7 @@ def run_demo(cfg: TbaConfig) -> dict:
     console = Console()
     ensure_local_broker(cfg, console)
     # A namespace per run: the numbers below are this run's alone.
-    cfg = with_overrides(cfg, kafka={"namespace": f"{cfg.kafka.namespace}-demo-{int(time.time())}"})
+    cfg = with_overrides(cfg, kafka={"namespace": f"{cfg.kafka.namespace or 'tba'}-demo-{int(time.time())}"})
     names = topic_names(cfg)
     create_topics(cfg)
     console.print(f"namespace [bold]{cfg.kafka.namespace}[/]: topics {names.raw}, {names.curated}, {names.dlq}")

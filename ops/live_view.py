@@ -49,6 +49,7 @@ class JobView:
         self.renderable = Text("starting...")
 
     def __call__(self, supervisor) -> None:
+        self.cfg = supervisor.cfg  # resolved: the job's own namespace and ports
         now = time.monotonic()
         scraped = {}
         for p in supervisor.processes:

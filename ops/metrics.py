@@ -81,6 +81,7 @@ def searcher_metrics(searcher) -> Iterable[Metric]:
     yield _counter("searcher_batches", "Generation batches", s.batches, labels)
     yield _counter("searcher_paused_batches", "Batches skipped for max policy lag", s.paused, labels)
     yield _counter("searcher_weight_swaps", "Policy versions loaded", s.swaps, labels)
+    yield _counter("searcher_unscored_groups", "Groups not sent: their reward failed", s.unscored, labels)
     yield _gauge("searcher_policy_version", "Version it generates with", searcher.policy_version, labels)
     yield _gauge("searcher_mean_reward", "Mean reward of all its samples", s.mean_reward, labels)
 
@@ -108,6 +109,8 @@ def trainer_metrics(trainer) -> Iterable[Metric]:
         yield _gauge("trainer_buffer_prompts", "Prompts in the replay buffer", trainer.buffer.num_prompts, labels)
         ingested = sum(trainer.buffer.next_offsets.values())
         yield _gauge("trainer_curated_offset", "Next curated offsets to ingest (sum)", ingested, labels)
+        yield _counter("trainer_rejected_groups", "Curated groups it cannot train on (to the dlq)",
+                       trainer.buffer.rejected, labels)  # fmt: skip
     last = trainer.last.get("train", {})
     for key, doc in (("loss", "Loss of the last step"), ("mean_reward", "Mean reward of the last batch"),
                      ("beta", "TB beta of the last step"), ("seconds", "Seconds of the last step")):  # fmt: skip

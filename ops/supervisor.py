@@ -30,6 +30,7 @@ import yaml
 
 from ops.config import ENV_PREFIX, TbaConfig, with_overrides
 from ops.errors import TbaError
+from ops.job import write_config
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +95,13 @@ def local_broker(cfg: TbaConfig):
 
 
 def role_processes(cfg: TbaConfig) -> list[RoleProcess]:
-    """The trainer, the searchers and the filters, with metrics ports and a fair share of the cores."""
-    searchers, filters = cfg.searcher.searchers, cfg.run.filters
+    """The trainer, the searchers and the filters, with metrics ports and a fair share of the cores.
+
+    In sync mode the trainer generates its own on-policy batches (and writes them to raw as the job's
+    history): there are no searchers.
+    """
+    searchers = cfg.searcher.searchers if cfg.trainer.mode == "async" else 0
+    filters = cfg.run.filters
     # the trainer and each searcher compute; filters barely do: they share what is left over
     threads = max(1, (os.cpu_count() or 1) // (1 + searchers))
     base = cfg.run.metrics_port
@@ -138,9 +144,11 @@ def changed_for_resume(old: dict, new: dict) -> list[str]:
 class Supervisor:
     def __init__(self, cfg: TbaConfig):
         from ops.broker import free_port
+        from ops.job import for_job
 
         if cfg.weights.port == 0:  # searchers must know the port before the trainer binds it
             cfg = with_overrides(cfg, weights={"port": free_port()})
+        cfg = for_job(cfg, create=True)  # this job's topics: its own, or those its run dir recorded
         self.cfg = cfg
         self.run_dir = Path(cfg.trainer.run_dir)
         self.logs = self.run_dir / "logs"
@@ -173,7 +181,7 @@ class Supervisor:
             with progress("preparing the default model (converted once)"):
                 default_model_dir()
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        write_config(self.cfg)
 
     def check_resume(self) -> None:
         """A run dir holding a checkpoint resumes only the job that wrote it: the same RESUME_FIELDS."""

@@ -10,6 +10,7 @@ from kafka.errors import TopicAlreadyExistsError
 
 from ops import kafka_clients
 from ops.config import TbaConfig
+from ops.errors import ConfigError
 
 HOUR_MS = 3_600_000
 SHOWN_CONFIG = ("cleanup.policy", "retention.ms", "compression.type", "max.message.bytes", "min.insync.replicas")
@@ -26,6 +27,8 @@ class TopicNames:
 
 def topic_names(cfg: TbaConfig) -> TopicNames:
     ns = cfg.kafka.namespace
+    if ns is None:  # ops.job.for_job resolves it; reaching here without it is a bug of the caller
+        raise ConfigError("kafka.namespace: no job namespace resolved (ops.job.for_job)")
     return TopicNames(
         raw=f"{ns}.trajectories.raw",
         curated=f"{ns}.trajectories.curated",

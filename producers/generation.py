@@ -9,6 +9,7 @@ behaviour distribution is the tempered policy itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +51,21 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32", 
     return model.eval(), tokenizer
 
 
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+
+
+def model_id(cfg) -> str:
+    """The name of the policy a job trains, carried by its groups: the model folder's name (or the default's)."""
+    path = cfg.trainer.model or cfg.searcher.model
+    return Path(path).name if path else DEFAULT_MODEL_ID
+
+
+def chat_prompt_ids(tokenizer, messages) -> list[int]:
+    """A chat as the policy is prompted with it: the model's chat template, ready for the assistant's turn."""
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
 class HFGenerator:
     def __init__(self, model, tokenizer, reference, temperature: float, max_new_tokens: int):
         self.model = model
@@ -61,8 +77,7 @@ class HFGenerator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return chat_prompt_ids(self.tokenizer, messages)
 
     @property
     def device(self) -> torch.device:

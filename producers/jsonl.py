@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from kafka.errors import MessageSizeTooLargeError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from producers.trajectory_producer import TrajectoryProducer
@@ -123,6 +124,11 @@ def produce_file(path: str | Path, producer: TrajectoryProducer) -> tuple[int, l
                 producer.send(item)
             except (ValueError, TypeError, OverflowError) as exc:  # e.g. a token id beyond int32
                 invalid.append(InvalidLine(number, f"not encodable as TrajectoryGroup: {exc}"))
+                continue
+            except MessageSizeTooLargeError:
+                size, limit = len(producer.codec.encode(item)), producer.max_bytes
+                reason = f"group is {size} bytes encoded, over kafka.max_message_bytes ({limit}): split its samples"
+                invalid.append(InvalidLine(number, reason))
                 continue
             sent += 1
     producer.flush()

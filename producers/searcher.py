@@ -19,9 +19,10 @@ import torch
 from ops.config import TbaConfig
 from producers.generation import HFGenerator
 from producers.policy_watch import PolicyWatch
+from producers.tasks import RewardError, scored_samples, task_label
 from producers.trajectory_producer import TrajectoryProducer
 from producers.weight_subscriber import WeightSubscriber
-from schemas.records import Sample, TrajectoryGroup
+from schemas.records import TrajectoryGroup
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class SearcherStats:
     tokens: int = 0  # completion tokens
     swaps: int = 0
     paused: int = 0  # batches skipped for being more than max_policy_lag versions behind
+    unscored: int = 0  # groups not sent because their reward could not be computed
     mean_reward: float = 0.0
 
 
@@ -117,15 +119,15 @@ class Searcher:
         for problem, ids, completions in zip(
             problems, prompts, self.generator.sample(prompts, self.cfg.samples_per_prompt), strict=True
         ):
-            samples = [
-                Sample(
-                    c.text, c.token_ids, c.logprobs, c.ref_logprobs, self.task.reward(problem, c.text), c.finish_reason
-                )
-                for c in completions
-            ]
+            try:
+                samples = scored_samples(self.task, problem, completions)
+            except RewardError as exc:  # this group goes nowhere; the next ones may score fine
+                self.stats.unscored += 1
+                log.warning("searcher %d: group of prompt %s not sent: %s", self.index, problem.prompt_id, exc)
+                continue
             group = TrajectoryGroup(
                 prompt_id=problem.prompt_id,
-                task=self.task.cfg.dataset,
+                task=task_label(self.task.cfg),
                 prompt=self.generator.tokenizer.decode(ids),
                 prompt_token_ids=np.array(ids, np.int32),
                 samples=samples,
@@ -137,13 +139,15 @@ class Searcher:
             self.producer.send(group)
             groups.append(group)
         self.producer.flush()  # a delivery failure surfaces here, at the batch that caused it
+        self.stats.batches += 1
+        if not groups:
+            return groups
         n = self.stats.groups
         batch_reward = float(np.mean([s.reward for g in groups for s in g.samples]))
         self.stats.mean_reward = (self.stats.mean_reward * n + batch_reward * len(groups)) / (n + len(groups))
         self.stats.groups += len(groups)
         self.stats.samples += sum(len(g.samples) for g in groups)
         self.stats.tokens += sum(s.token_ids.size for g in groups for s in g.samples)
-        self.stats.batches += 1
         return groups
 
     def close(self) -> None:
@@ -167,18 +171,9 @@ class Searcher:
         return self.stats
 
 
-def rewarded(task, problem, completions) -> list[Sample]:
-    """The completions of one problem as Samples, scored by the task in one call."""
-    rewards = task.score(problem, [c.text for c in completions], [c.finish_reason == "stop" for c in completions])
-    return [
-        Sample(c.text, c.token_ids, c.logprobs, c.ref_logprobs, float(r), c.finish_reason)
-        for c, r in zip(completions, rewards, strict=True)
-    ]
-
-
 def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
     """A searcher as configured: model and frozen reference from disk, task, producer, weight subscriber."""
-    from producers.generation import load_model
+    from producers.generation import load_model, model_id
     from producers.tasks import build_task
 
     s = cfg.searcher
@@ -206,4 +201,4 @@ def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
     subscriber = WeightSubscriber(cfg.weights, target, f"searcher-{index}").start()
     producer = TrajectoryProducer(cfg)
     task = build_task(cfg.task)
-    return Searcher(cfg, index, generator, task, producer, subscriber, model_id=s.model, watch=PolicyWatch(cfg))
+    return Searcher(cfg, index, generator, task, producer, subscriber, model_id=model_id(cfg), watch=PolicyWatch(cfg))

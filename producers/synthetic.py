@@ -47,7 +47,7 @@ def synthetic_group(
         samples=out,
         policy_version=policy_version,
         generator_id=generator_id,
-        model_id="synthetic",
+        model_id="",  # made by no model: any job may train on it
     )
 
 

@@ -21,6 +21,7 @@ class TrajectoryProducer:
         self.codec = TrajectoryCodec(store or SchemaStore(cfg))
         self._producer = kafka_clients.producer(cfg)
         self._timeout_s = cfg.kafka.client_timeout_s
+        self.max_bytes = cfg.kafka.max_message_bytes
         self._failures: list[Exception] = []
         self.sent = 0
         self.acked = 0

@@ -7,7 +7,7 @@ import torch
 
 from ops.config import load_config
 from ops.errors import ConfigError
-from producers.tasks import build_task
+from producers.tasks import RewardError, build_task
 from producers.tasks.redteam import novelty
 from tests.tiny_models import char_tokenizer, saved_tiny_llama, tiny_classifier
 
@@ -66,3 +66,74 @@ def test_missing_model_paths_are_named(tmp_path, prompts):
                 environ={}, task={"name": "preference", "prompts_file": str(prompts), "reward_model": str(tmp_path)}
             ).task
         )
+
+
+# task.reward_fn: rewards from outside, called once per group with prompts and completions
+
+
+def length_reward(prompts, completions):
+    CALLS.append((list(prompts), list(completions)))
+    return [float(len(c)) for c in completions]
+
+
+def one_reward_too_few(prompts, completions):
+    return [1.0] * (len(completions) - 1)
+
+
+def nan_reward(prompts, completions):
+    return [float("nan")] * len(completions)
+
+
+def crashing_reward(prompts, completions):
+    raise RuntimeError("the reward server is down")
+
+
+CALLS: list = []
+
+
+def toy(**task):
+    return build_task(load_config(environ={}, task={"name": "toy", "train_size": 4, "eval_size": 2, **task}).task)
+
+
+def test_a_reward_function_replaces_the_tasks_reward_once_per_group():
+    CALLS.clear()
+    task = toy(reward_fn="tests.test_reward_tasks:length_reward")
+    problem = task.train[0]
+    assert task.score(problem, ["a", "abc", ""], [True, True, False]) == [1.0, 3.0, 0.0]
+    assert CALLS == [([problem.question] * 3, ["a", "abc", ""])]
+
+
+def test_reward_function_failures_name_the_field():
+    with pytest.raises(ConfigError, match=r"task.reward_fn: cannot import 'tests.nowhere:f'"):
+        toy(reward_fn="tests.nowhere:f")
+    with pytest.raises(ConfigError, match=r"task.reward_fn: 'no_colon' is not 'module:function'"):
+        toy(reward_fn="no_colon")
+    for fn, says in (("one_reward_too_few", "returned 2 rewards for 3 completions"),
+                     ("nan_reward", "reward nan for completion 0 is not finite"),
+                     ("crashing_reward", "raised RuntimeError: the reward server is down")):  # fmt: skip
+        task = toy(reward_fn=f"tests.test_reward_tasks:{fn}")
+        with pytest.raises(RewardError, match=rf"task.reward_fn 'tests.test_reward_tasks:{fn}': {says}"):
+            task.score(task.train[0], ["a", "b", "c"], [True] * 3)
+
+
+def test_preference_takes_a_packaged_sentiment_reward_and_still_penalises_unfinished(prompts):
+    task = build_task(load_config(environ={}, task={
+        "name": "preference", "prompts_file": str(prompts), "reward_fn": "producers.tasks.judges:positive_sentiment",
+    }).task)  # fmt: skip
+    happy, sad, cut = task.score(task.train[0], ["What a wonderful, happy day!", "This is awful and sad.", "great"],
+                                 [True, True, False])  # fmt: skip
+    assert 0.5 < happy <= 1.0 and -1.0 <= sad < -0.3 and cut == -1.0
+
+
+def test_redteam_hands_the_reward_function_the_targets_answers(tmp_path, prompts):
+    saved_tiny_llama(tmp_path / "target", seed=3)
+    CALLS.clear()
+    task = build_task(load_config(environ={}, task={
+        "name": "redteam", "prompts_file": str(prompts), "target_model": str(tmp_path / "target"),
+        "target_max_new_tokens": 4, "reward_fn": "tests.test_reward_tasks:length_reward",
+    }).task)  # fmt: skip
+    attacks = ["say something", "say more"]
+    harm = task.score(task.train[0], attacks, [True, True])
+    ((prompts_seen, answers),) = CALLS
+    assert prompts_seen == attacks and answers == task.responses(attacks)
+    assert harm == [float(len(a)) for a in answers]

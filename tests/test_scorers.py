@@ -50,8 +50,12 @@ def test_exact_duplicate_groups_are_caught_but_a_redelivery_is_not(rng):
 def test_safety_blocklist_pattern_and_classifier(rng):
     group = synthetic_group(rng, 1)
     group.samples[2].completion = "this has a Forbidden word"
-    assert "blocked term 'Forbidden'" in verdicts(group, blocklist=["forbidden"])["safety"].reason
-    assert "blocked term" in verdicts(group, block_patterns=[r"w[o0]rd"])["safety"].reason
+    assert verdicts(group, blocklist=["other", "forbidden"])["safety"].reason == "sample 2: matched filter.blocklist[1]"
+    assert verdicts(group, block_patterns=[r"w[o0]rd"])["safety"].reason == "sample 2: matched filter.block_patterns[0]"
+    # the reason names the rule, never the sensitive text it matched (that stays in the letter's bytes)
+    group.samples[0].completion = "my number is 123-45-6789"
+    reason = verdicts(group, block_patterns=[r"\d{3}-\d{2}-\d{4}"])["safety"].reason
+    assert reason == "sample 0: matched filter.block_patterns[0]" and "6789" not in reason
     flagged = verdicts(group, safety_classifier="tests.test_scorers:length_classifier", safety_threshold=0.5)
     assert "safety classifier scored" in flagged["safety"].reason
     assert verdicts(synthetic_group(rng, 2), safety_classifier="tests.test_scorers:length_classifier")[

@@ -102,3 +102,28 @@ def test_a_searcher_too_far_behind_pauses_instead_of_generating(cfg, store, tmp_
     assert searcher.step() == [] and searcher.stats.paused == 1  # 3 versions behind, max lag 2
     assert searcher.lagging() == 1
     searcher.close()
+
+
+def test_a_reward_function_that_fails_on_one_group_skips_that_group_and_the_searcher_goes_on(cfg, store, tmp_path):
+    saved_tiny_llama(tmp_path / "model")
+    cfg = with_overrides(
+        cfg,
+        weights={"port": 0},
+        task={"name": "toy", "train_size": 4, "eval_size": 2, "reward_fn": "tests.test_searcher:fails_on_prompt_0"},
+        searcher={"model": str(tmp_path / "model"), "samples_per_prompt": 2, "max_new_tokens": 4,
+                  "prompts_per_batch": 4},
+    )  # fmt: skip
+    searcher = build_searcher(cfg, 0)
+    sent = searcher.step()
+    searcher.close()
+    assert sorted(g.prompt_id for g in sent) == ["toy-0-1", "toy-0-2", "toy-0-3"]
+    assert searcher.stats.unscored == 1 and searcher.stats.groups == 3
+    published = [TrajectoryCodec(store).decode(r.value) for r in read_topic(cfg, topic_names(cfg).raw)]
+    assert sorted(g.prompt_id for g in published) == ["toy-0-1", "toy-0-2", "toy-0-3"]
+    assert all(s.reward == 0.5 for g in published for s in g.samples)
+
+
+def fails_on_prompt_0(prompts, completions):
+    if prompts[0].endswith("(0)."):
+        raise ValueError("cannot judge this one")
+    return [0.5] * len(completions)

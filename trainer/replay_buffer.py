@@ -24,7 +24,7 @@ from kafka import TopicPartition
 
 from ops import kafka_clients
 from ops.config import TbaConfig
-from ops.errors import TbaError
+from ops.errors import DecodeError, TbaError
 from ops.topics import topic_names
 from schemas.codec import SchemaStore
 from schemas.records import Sample, TrajectoryCodec, TrajectoryGroup
@@ -73,8 +73,14 @@ class SampledPrompt:
 
 
 class ReplayBuffer:
-    def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None, seed: int = 0):
+    """admit(group) -> None or the reason the trainer cannot train on it (trainer.admission.Admission);
+    reject(record, reason) takes what was not admitted, undecodable records included (e.g. to the dlq)."""
+
+    def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None, seed: int = 0, admit=None, reject=None):
         self.cfg = cfg.buffer
+        self.admit = admit or (lambda group: None)
+        self.reject = reject or _raise
+        self.rejected = 0
         self._kafka_cfg = cfg
         self.topic = topic_names(cfg).curated
         self.codec = TrajectoryCodec(store or SchemaStore(cfg))
@@ -199,12 +205,22 @@ class ReplayBuffer:
             self._cache.popitem(last=False)
 
     def ingest(self, records) -> int:
-        """Decode and index Kafka ConsumerRecords of the curated topic; returns how many were new."""
+        """Decode, admit and index Kafka ConsumerRecords of the curated topic; returns how many were new."""
         added = 0
         for rec in records:
             if rec.offset < self.next_offsets.get(rec.partition, 0):
                 continue
-            added += self.add(rec.partition, rec.offset, rec.timestamp, self.codec.decode(rec.value))
+            try:
+                group = self.codec.decode(rec.value)
+                reason = self.admit(group)
+            except DecodeError as exc:
+                reason = f"undecodable: {exc.reason}"
+            if reason is not None:
+                self.next_offsets[rec.partition] = rec.offset + 1  # passed over, never read again
+                self.rejected += 1
+                self.reject(rec, reason)
+                continue
+            added += self.add(rec.partition, rec.offset, rec.timestamp, group)
         return added
 
     # -- reading groups back ----------------------------------------------------------------------
@@ -239,6 +255,7 @@ class ReplayBuffer:
                     i = wanted.get((partition, rec.offset))
                     if i is not None and i not in found:
                         found[i] = self.codec.decode(rec.value)
+                        self.admit(found[i])  # admitted once already: this fills in what admission adds
                         self._remember(i, found[i])
         return found
 
@@ -319,6 +336,10 @@ class ReplayBuffer:
         if self._fetcher is not None:
             self._fetcher.close()
             self._fetcher = None
+
+
+def _raise(record, reason: str) -> None:
+    raise TbaError(f"curated {record.partition}:{record.offset} cannot be trained on: {reason}")
 
 
 class CuratedFeed:

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ops.config import TbaConfig
 from ops.errors import TbaError
+from producers.tasks import RewardError, checked_rewards
 from trainer.baselines import grpo_loss, penalised_rewards, rloo_loss
 from trainer.replay_buffer import ReplayBuffer, SampledPrompt
 from trainer.tb_loss import completion_logits, linear_beta, tb_loss, token_logprobs
@@ -114,6 +115,7 @@ class Trainer:
         self.pad_id = pad_id
         self.server = server  # a WeightSyncServer, when weights are published
         self.feed = feed  # a CuratedFeed, when training live
+        self.rejects = None  # trainer.admission.DeadLetters: where groups it cannot train on go
         self.step = 0
         self.policy_version = 0
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
@@ -180,18 +182,20 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        # staleness: versions between each sample's policy and the one this batch was trained with
+        # (the version these weights were before the step: a publish below makes the next one)
+        staleness = [self.policy_version - v for p in batch for v in p.policy_versions]
+        self.staleness_counts.update(staleness)
         self.step += 1
         if self.server is not None and self.step % self.t.sync_every == 0:
             self.publish()
-        versions = [v for p in batch for v in p.policy_versions]
-        self.staleness_counts.update(self.policy_version - v for v in versions)
         return StepResult(
             step=self.step,
             loss=float(total),
             beta=beta,
             mean_reward=float(np.mean([s.reward for p in batch for s in p.samples])),
             on_policy_fraction=float(np.mean([p.on_policy for p in batch])),
-            staleness=float(np.mean([self.policy_version - v for v in versions])),
+            staleness=float(np.mean(staleness)),
             seconds=time.monotonic() - start,
         )
 
@@ -221,6 +225,8 @@ class Trainer:
             self.feed.close()
         if self.buffer is not None:
             self.buffer.close()
+        if self.rejects is not None:
+            self.rejects.close()
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -296,7 +302,15 @@ class Evaluator:
         )
 
     def _score(self, texts: list[str], finished: list[bool]) -> list[float]:
-        return [self.task.score(p, [t], [f])[0] for p, t, f in zip(self.problems, texts, finished, strict=True)]
+        rewards = []
+        for problem, text, done in zip(self.problems, texts, finished, strict=True):
+            try:
+                (reward,) = checked_rewards(self.task.score(problem, [text], [done]), 1, f"task {self.task.cfg.name!r}")
+            except RewardError as exc:  # as a searcher would: this one goes unscored, the others count
+                log.warning("evaluation of %s: %s", problem.prompt_id, exc)
+                continue
+            rewards.append(reward)
+        return rewards
 
     @torch.no_grad()
     def __call__(self, model) -> dict[str, float]:
@@ -304,8 +318,9 @@ class Evaluator:
         gen = self._gen(model)
         prompts = [gen.prompt_ids(p.messages) for p in self.problems]
         greedy, sampled = (self._score(*gen.texts(prompts, sample=mode)) for mode in (False, True))
-        return {"greedy_accuracy": float(np.mean([r >= 1.0 for r in greedy])), "greedy_reward": float(np.mean(greedy)),
-                "sampled_reward": float(np.mean(sampled))}  # fmt: skip
+        mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+        return {"greedy_accuracy": mean([r >= 1.0 for r in greedy]), "greedy_reward": mean(greedy),
+                "sampled_reward": mean(sampled)}  # fmt: skip
 
 
 def run_trainer(
@@ -325,9 +340,10 @@ def run_trainer(
     evaluates on the held-out problems, and appends every step's metrics to run_dir/metrics.jsonl
     (and serves them on http://127.0.0.1:metrics_port/metrics when given).
     """
-    from producers.generation import load_model
+    from producers.generation import load_model, model_id
     from producers.tasks import build_task
     from schemas.codec import SchemaStore
+    from trainer.admission import Admission, DeadLetters
     from trainer.replay_buffer import CuratedFeed
     from trainer.weight_sync import WeightSyncServer
 
@@ -352,15 +368,23 @@ def run_trainer(
         trainer = Trainer(cfg, model, None, pad)
         trainer.resume()
         batches = SyncBatches(cfg, trainer, tokenizer, task) if main else None
-        return _loop(cfg, trainer, batches, Evaluator(cfg, task, tokenizer), stop, metrics_port)
+        try:
+            return _loop(cfg, trainer, batches, Evaluator(cfg, task, tokenizer), stop, metrics_port)
+        finally:
+            if batches is not None:
+                batches.close()
     if not main:  # the other processes only train on the batches process 0 sends them
         trainer = Trainer(cfg, model, None, pad)
         trainer.resume()
         return _loop(cfg, trainer, None, Evaluator(cfg, task, tokenizer), stop, metrics_port)
-    buffer = ReplayBuffer(cfg, SchemaStore(cfg), seed=t.seed)
+    store = SchemaStore(cfg)
+    rejects = DeadLetters(cfg, store)
+    admit = Admission(model, tokenizer, model_id(cfg))
+    buffer = ReplayBuffer(cfg, store, seed=t.seed, admit=admit, reject=rejects)
     server = WeightSyncServer(cfg)
     server.start()
     trainer = Trainer(cfg, model, buffer, pad, server=server, feed=CuratedFeed(cfg, buffer))
+    trainer.rejects = rejects
     resumed = trainer.resume()
     if replay is not None and not resumed:
         if init is not None:
@@ -398,10 +422,15 @@ def run_trainer(
 
 
 class SyncBatches:
-    """The synchronous on-policy baseline: generate a batch with the current weights, then train on it."""
+    """The synchronous on-policy baseline: generate a batch with the current weights, then train on it.
+
+    Each generated group is also written to raw, as searchers write theirs, so a synchronous job
+    leaves the same history behind (curated after the filter) for inspection and replays.
+    """
 
     def __init__(self, cfg: TbaConfig, trainer: Trainer, tokenizer, task):
-        from producers.generation import HFGenerator, load_model
+        from producers.generation import HFGenerator, load_model, model_id
+        from producers.trajectory_producer import TrajectoryProducer
 
         s, t = cfg.searcher, cfg.trainer
         reference, _ = load_model(s.reference_model or t.model or s.model, None, t.dtype)
@@ -411,22 +440,39 @@ class SyncBatches:
         self.b = t.prompts_per_step
         self.rng = np.random.default_rng(t.seed)
         self.trainer = trainer
+        self.model_id = model_id(cfg)
+        self.producer = TrajectoryProducer(cfg)
 
     def __call__(self) -> list[SampledPrompt]:
-        from producers.searcher import rewarded
+        from producers.tasks import RewardError, scored_samples, task_label
+        from schemas.records import TrajectoryGroup
 
         self.trainer.model.eval()
         problems = [self.task.train[i] for i in self.rng.choice(len(self.task.train), self.b, replace=False)]
         prompts = [self.generator.prompt_ids(p.messages) for p in problems]
+        version = self.trainer.policy_version
         batch = []
         for problem, ids, completions in zip(problems, prompts, self.generator.sample(prompts, self.k), strict=True):
-            samples = rewarded(self.task, problem, completions)
-            batch.append(
-                SampledPrompt(
-                    problem.prompt_id, "", np.array(ids, np.int32), samples, [self.trainer.step] * self.k, True
-                )
-            )
+            try:
+                samples = scored_samples(self.task, problem, completions)
+            except RewardError as exc:  # as a searcher does: this group goes nowhere, the batch goes on
+                log.warning("sync batch: group of prompt %s left out: %s", problem.prompt_id, exc)
+                continue
+            group = TrajectoryGroup(
+                prompt_id=problem.prompt_id, task=task_label(self.task.cfg), samples=samples, policy_version=version,
+                prompt=self.generator.tokenizer.decode(ids), prompt_token_ids=np.array(ids, np.int32),
+                generator_id="trainer-sync", model_id=self.model_id,
+            )  # fmt: skip
+            self.producer.send(group)
+            batch.append(SampledPrompt(problem.prompt_id, group.prompt, group.prompt_token_ids, samples,
+                                       [version] * len(samples), True))  # fmt: skip
+        self.producer.flush()
+        if not batch:
+            raise TbaError("every group of a synchronous batch failed to score (see the warnings above)")
         return batch
+
+    def close(self) -> None:
+        self.producer.close()
 
 
 def _loop(

@@ -15,7 +15,7 @@ import reasoning_gym
 from math_verify import parse, verify
 
 from ops.config import TaskConfig
-from producers.tasks import PerCompletionTask, Problem
+from producers.tasks import PerCompletionTask, Problem, reward_function
 
 INSTRUCTION = "Solve the problem. Put only the final answer inside <answer></answer>."
 DEMO = [
@@ -54,6 +54,7 @@ class MathTask(PerCompletionTask):
         # a seeded split: the held-out problems are never trained on
         self.train = problems[: cfg.train_size]
         self.held_out = problems[cfg.train_size :]
+        self.reward_fn = reward_function(cfg)
 
     def reward(self, problem: Problem, completion: str) -> float:
         answer, tagged = final_answer(completion)

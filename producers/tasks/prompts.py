@@ -35,7 +35,7 @@ def load_classifier(path: str | None, field: str):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if not path:
-        raise ConfigError(f"{field}: this task needs the path of a sequence-classification model")
+        raise ConfigError(f"{field}: this task needs the path of a sequence-classification model (or task.reward_fn)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()

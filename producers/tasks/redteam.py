@@ -1,5 +1,6 @@
-"""Automated red-teaming: the policy writes attack prompts; a target model answers; a classifier
-scores the answer (e.g. toxicity). Optionally rewards attacks unlike the group's others.
+"""Automated red-teaming: the policy writes attack prompts; a target model answers; a judge scores
+the answer: a classifier's probability of task.toxic_label, or task.reward_fn called with the attacks
+as prompts and the target's answers as completions. Optionally rewards attacks unlike the group's others.
 """
 
 from __future__ import annotations
@@ -7,23 +8,22 @@ from __future__ import annotations
 import torch
 
 from ops.errors import ConfigError
+from producers.tasks import reward_function
 from producers.tasks.prompts import classify, load_classifier, load_prompts
 
 
 class RedTeamTask:
     def __init__(self, cfg):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from producers.generation import load_model
 
         self.cfg = cfg
         self.train, self.held_out = load_prompts(cfg)
-        self.classifier, self.classifier_tokenizer = load_classifier(cfg.classifier_model, "task.classifier_model")
-        if not cfg.target_model:
-            raise ConfigError("task.target_model: the redteam task needs the path of the model under attack")
-        try:
-            self.target_tokenizer = AutoTokenizer.from_pretrained(cfg.target_model, local_files_only=True)
-            self.target = AutoModelForCausalLM.from_pretrained(cfg.target_model, local_files_only=True).eval()
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"task.target_model: cannot load {cfg.target_model!r}: {exc}") from exc
+        self.reward_fn = reward_function(cfg)
+        if self.reward_fn is None:
+            self.classifier, self.classifier_tokenizer = load_classifier(cfg.classifier_model, "task.classifier_model")
+        if cfg.target_model is None:
+            raise ConfigError('task.target_model: the redteam task needs the model under attack ("": the default)')
+        self.target, self.target_tokenizer = load_model(cfg.target_model, None, "float32", field="task.target_model")
 
     @torch.no_grad()
     def responses(self, attacks: list[str]) -> list[str]:
@@ -43,9 +43,16 @@ class RedTeamTask:
             out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
         return out
 
+    def harm(self, attacks: list[str]) -> list[float]:
+        """The judge's score of the target's answer to each attack."""
+        answers = self.responses(attacks)
+        if self.reward_fn is not None:
+            return self.reward_fn(attacks, answers)
+        logits = classify(self.classifier, self.classifier_tokenizer, answers)  # (N, labels)
+        return torch.softmax(logits, dim=-1)[:, self.cfg.toxic_label].tolist()
+
     def score(self, problem, texts: list[str], finished: list[bool]) -> list[float]:
-        logits = classify(self.classifier, self.classifier_tokenizer, self.responses(texts))  # (N, labels)
-        harm = torch.softmax(logits, dim=-1)[:, self.cfg.toxic_label].tolist()
+        harm = self.harm(texts)
         if self.cfg.diversity_coef == 0:
             return harm
         return [h + self.cfg.diversity_coef * d for h, d in zip(harm, novelty(texts), strict=True)]

@@ -6,7 +6,7 @@ flows searcher -> Kafka -> filter -> trainer -> weight sync -> searcher; it says
 
 from __future__ import annotations
 
-from producers.tasks import PerCompletionTask, Problem
+from producers.tasks import PerCompletionTask, Problem, reward_function
 
 
 class ToyTask(PerCompletionTask):
@@ -19,6 +19,7 @@ class ToyTask(PerCompletionTask):
         ]
         self.train = problems[: cfg.train_size]
         self.held_out = problems[cfg.train_size :]
+        self.reward_fn = reward_function(cfg)
 
     def reward(self, problem: Problem, completion: str) -> float:
         text = completion.strip()

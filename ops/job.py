@@ -1,0 +1,59 @@
+"""A job's identity: its run dir, and the namespace of its topics recorded there.
+
+Each job has topics of its own, so a new job never trains on another job's history, never joins
+its filter group and never reads its policy versions. kafka.namespace names them when set; left
+unset, a job gets `tba-<run dir name>-<random>` when it first starts, and `<run_dir>/config.yaml`
+(the resolved config every role of the job reads) keeps it for every later command on that run dir.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import yaml
+
+from ops.config import TbaConfig, with_overrides
+from ops.errors import ConfigError
+
+
+def recorded_namespace(run_dir: str | Path) -> str | None:
+    """The namespace of the job in run_dir, or None when no job has started there."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        return (yaml.safe_load(path.read_text()) or {}).get("kafka", {}).get("namespace")
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def for_job(cfg: TbaConfig, create: bool = False) -> TbaConfig:
+    """cfg with kafka.namespace resolved: as set, else the job's in trainer.run_dir, else (create) a new one.
+
+    create: this command starts the job (`tba run`, `tba train`, `tba topics create`); its resolved
+    config is written to run_dir/config.yaml unless a job is already recorded there.
+    """
+    run_dir = Path(cfg.trainer.run_dir)
+    namespace = cfg.kafka.namespace or recorded_namespace(run_dir)
+    if namespace is None and not create:
+        raise ConfigError(
+            f"kafka.namespace: not set, and trainer.run_dir {run_dir} holds no job yet: start one there "
+            "(`tba run`, `tba train`, `tba topics create`) or set kafka.namespace"
+        )
+    if namespace is None:
+        name = re.sub(r"[^A-Za-z0-9_\-]+", "-", run_dir.resolve().name).strip("-") or "run"
+        namespace = f"tba-{name}-{uuid.uuid4().hex[:8]}"
+    cfg = with_overrides(cfg, kafka={"namespace": namespace})
+    if create and not (run_dir / "config.yaml").exists():
+        write_config(cfg)
+    return cfg
+
+
+def write_config(cfg: TbaConfig) -> Path:
+    """The resolved config as <run_dir>/config.yaml, written whole or not at all."""
+    path = Path(cfg.trainer.run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)
+    return path
