@@ -36,10 +36,12 @@ from schemas.codec import SchemaStore  # noqa: E402
 from schemas.records import TrajectoryCodec  # noqa: E402
 
 
-def job_config(tmp: Path, budget_s: float, **sections) -> TbaConfig:
-    """The embedded defaults (and any TBA__ variables set), on a broker and ports of their own, for budget_s."""
+def job_config(tmp: Path, budget_s: float, path: str | None = None, **sections) -> TbaConfig:
+    """The embedded defaults, or the config file at path (and any TBA__ variables set), on a broker and
+    ports of their own, for budget_s."""
     port = free_port()
     return load_config(
+        path,
         kafka={"bootstrap": f"127.0.0.1:{port}", "namespace": "bench"},
         broker={"port": port, "data_dir": str(tmp / "kafka"), "heap": "768m"},
         weights={"port": free_port()},
@@ -53,11 +55,10 @@ def overrides() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIX)}
 
 
-def final_evaluation(cfg: TbaConfig) -> dict:
-    """Held-out evaluation of the run's latest checkpoint (what the trainer saved as it stopped)."""
+def final_policy(cfg: TbaConfig):
+    """(model, tokenizer) of the run's latest checkpoint (what the trainer saved as it stopped)."""
     from producers.generation import load_model
-    from producers.tasks import build_task
-    from trainer.train import Evaluator, Trainer, apply_lora
+    from trainer.train import Trainer, apply_lora
 
     model, tokenizer = load_model(cfg.trainer.model or cfg.searcher.model)
     if cfg.trainer.lora_r:
@@ -65,7 +66,16 @@ def final_evaluation(cfg: TbaConfig) -> dict:
     trainer = Trainer(cfg, model, None, tokenizer.pad_token_id)
     if not trainer.resume():
         raise RuntimeError(f"no checkpoint in {cfg.trainer.run_dir}")
-    return Evaluator(cfg, build_task(cfg.task), tokenizer)(trainer.model)
+    return trainer.model, tokenizer
+
+
+def final_evaluation(cfg: TbaConfig) -> dict:
+    """Held-out evaluation of the run's latest checkpoint."""
+    from producers.tasks import build_task
+    from trainer.train import Evaluator
+
+    model, tokenizer = final_policy(cfg)
+    return Evaluator(cfg, build_task(cfg.task), tokenizer)(model)
 
 
 def run_tba(cfg: TbaConfig) -> dict:

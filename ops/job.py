@@ -30,8 +30,8 @@ def recorded_namespace(run_dir: str | Path) -> str | None:
 def for_job(cfg: TbaConfig, create: bool = False) -> TbaConfig:
     """cfg with kafka.namespace resolved: as set, else the job's in trainer.run_dir, else (create) a new one.
 
-    create: this command starts the job (`tba run`, `tba train`, `tba topics create`); its resolved
-    config is written to run_dir/config.yaml unless a job is already recorded there.
+    create: this command starts the job (`tba run`, `tba train`, `tba topics create`); a namespace made
+    here is recorded at once in run_dir/config.yaml (the job's resolved config).
     """
     run_dir = Path(cfg.trainer.run_dir)
     namespace = cfg.kafka.namespace or recorded_namespace(run_dir)
@@ -40,12 +40,11 @@ def for_job(cfg: TbaConfig, create: bool = False) -> TbaConfig:
             f"kafka.namespace: not set, and trainer.run_dir {run_dir} holds no job yet: start one there "
             "(`tba run`, `tba train`, `tba topics create`) or set kafka.namespace"
         )
-    if namespace is None:
-        name = re.sub(r"[^A-Za-z0-9_\-]+", "-", run_dir.resolve().name).strip("-") or "run"
-        namespace = f"tba-{name}-{uuid.uuid4().hex[:8]}"
-    cfg = with_overrides(cfg, kafka={"namespace": namespace})
-    if create and not (run_dir / "config.yaml").exists():
-        write_config(cfg)
+    if namespace is not None:
+        return with_overrides(cfg, kafka={"namespace": namespace})
+    name = re.sub(r"[^A-Za-z0-9_\-]+", "-", run_dir.resolve().name).strip("-") or "run"
+    cfg = with_overrides(cfg, kafka={"namespace": f"tba-{name}-{uuid.uuid4().hex[:8]}"})
+    write_config(cfg)  # recorded at once: every later command on this run dir finds the job's topics
     return cfg
 
 

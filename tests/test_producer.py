@@ -96,3 +96,22 @@ def test_tba_produce_publishes_valid_lines_and_reports_invalid_ones(cfg, store, 
     assert sorted(g.group_id for g in groups) == ["g-1", "g-2", "g-4"]
     assert all(g.generator_id == "my-generator" and g.policy_version == -1 for g in groups)
     assert all(s.token_ids.dtype == np.dtype("<i4") for g in groups for s in g.samples)
+
+
+def test_a_group_over_the_message_size_is_reported_and_the_lines_after_it_are_published(cfg, store, rng, tmp_path,
+                                                                                        monkeypatch):  # fmt: skip
+    n = 200_000  # ~2.4 MB of ids and log-probs: over a 1 MiB kafka.max_message_bytes
+    huge = json.loads(jsonl_line(rng, group_id="huge"))
+    huge["samples"][0].update(token_ids=[1] * n, logprobs=[-0.5] * n, ref_logprobs=[-0.5] * n)
+    path = tmp_path / "external.jsonl"
+    path.write_text("\n".join([jsonl_line(rng, group_id="g-1"), json.dumps(huge), jsonl_line(rng, group_id="g-2")]))
+    monkeypatch.setenv("TBA__KAFKA__BOOTSTRAP", cfg.kafka.bootstrap)
+    monkeypatch.setenv("TBA__KAFKA__NAMESPACE", cfg.kafka.namespace)
+    monkeypatch.setenv("TBA__KAFKA__MAX_MESSAGE_BYTES", str(1024 * 1024))
+    result = CliRunner().invoke(cli, ["produce", str(path)])
+    assert result.exit_code == 1, result.output
+    assert "published 2 group(s); 1 invalid line(s) skipped" in result.stdout
+    assert f"{path}:2: group is " in result.stderr and "over kafka.max_message_bytes (1048576)" in result.stderr
+    assert "Traceback" not in result.output
+    groups = [TrajectoryCodec(store).decode(r.value) for r in read_topic(cfg, topic_names(cfg).raw)]
+    assert sorted(g.group_id for g in groups) == ["g-1", "g-2"]

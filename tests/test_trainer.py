@@ -169,3 +169,23 @@ def test_tba_replay_retrains_from_a_past_range_of_curated(tcfg, store, tmp_path,
     for bounds, says in ((["--from", "5", "--to", "2"], "the range is empty"), (["--from", "-3"], "0 or more")):
         refused = CliRunner().invoke(cli, ["--config", str(config), "replay", *bounds])
         assert refused.exit_code == 2 and says in refused.output, refused.output
+
+
+def test_staleness_is_counted_against_the_version_the_batch_was_trained_with(tcfg, store):
+    cfg = with_overrides(tcfg, trainer={"sync_every": 2})
+    server = WeightSyncServer(cfg)
+    server.start()
+    t = trainer_for(cfg, store, seed=0, server=server)
+    t.feed.fill()
+    staleness, trained_with = [], []
+    for _ in range(5):
+        batch = t.buffer.sample(3)
+        for p in batch:  # every sample made by version 0
+            p.policy_versions = [0] * len(p.samples)
+        trained_with.append(t.policy_version)
+        staleness.append(t.train_step(batch).staleness)
+    # versions 1 and 2 are published after steps 2 and 4: steps 3-4 train version 1, step 5 version 2
+    assert trained_with == [0, 0, 1, 1, 2] and staleness == [0.0, 0.0, 1.0, 1.0, 2.0]
+    assert t.staleness_counts == {0: 2 * 3 * 4, 1: 2 * 3 * 4, 2: 3 * 4}
+    t.close()
+    server.stop()

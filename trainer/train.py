@@ -26,7 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
-from ops.config import TbaConfig
+from ops.config import TbaConfig, with_overrides
 from ops.errors import TbaError
 from producers.tasks import RewardError, checked_rewards
 from trainer.baselines import grpo_loss, penalised_rewards, rloo_loss
@@ -348,6 +348,8 @@ def run_trainer(
     from trainer.weight_sync import WeightSyncServer
 
     stop = stop or threading.Event()
+    if replay is not None:  # history is trained on from the replay buffer, whatever mode made it
+        cfg = with_overrides(cfg, trainer={"mode": "async"})
     t = cfg.trainer
     marker = {"range": replay, "init": str(init) if init else None}
     if replay is not None:
