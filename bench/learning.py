@@ -60,7 +60,7 @@ def tba_sync(tmp: Path, budget_s: float, seed: int, **sections) -> tuple[list[di
     timer = threading.Timer(budget_s, stop.set)
     started = time.time()
     timer.start()
-    trainer = run_trainer(cfg, stop)
+    trainer = run_trainer(cfg, stop, history=False)  # no Kafka: the baseline as plain as it gets
     timer.cancel()
     wall = time.time() - started
     _, tokenizer = load_model("")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.learning_smoke import final_policy, job_config, overrides, run_tba  # noqa: E402
 from bench.results import write_results  # noqa: E402
-from ops.config import TbaConfig  # noqa: E402
+from ops.config import TbaConfig, with_overrides  # noqa: E402
 
 
 def held_out_groups(cfg: TbaConfig, model, tokenizer, task, samples: int, seed: int = 0) -> list[list]:
@@ -56,6 +56,7 @@ def smoke(config: str, budget_s: float, samples: int, measure) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = job_config(Path(tmp), budget_s, str(ROOT / config), trainer={"eval_every": 1_000_000})
+        cfg = with_overrides(cfg, task={"prompts_file": str(ROOT / cfg.task.prompts_file)})
         task = build_task(cfg.task)
         model, tokenizer = load_model(cfg.searcher.model)
         start = measure(cfg, model, tokenizer, task)

@@ -24,6 +24,7 @@ from consumers.scorers import build_scorers
 from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import DecodeError, TbaError
+from ops.job import model_id
 from ops.topics import topic_names
 from schemas.codec import SchemaStore
 from schemas.records import DeadLetter, DeadLetterCodec, TrajectoryCodec
@@ -57,12 +58,16 @@ class GroupFilter:
         self.letters = DeadLetterCodec(store)
         self.scorers = build_scorers(cfg.filter)
         self.source = topic_names(cfg).raw
+        self.model_id = model_id(cfg)
 
     def route(self, value: bytes | None, key: bytes | None = None, partition: int = -1, offset: int = -1) -> Routed:
         try:
             group = self.codec.decode(value or b"")
         except DecodeError as exc:
             return self._reject("decode", exc.reason, value, key, partition, offset)
+        if group.model_id and group.model_id != self.model_id:  # another tokenizer's ids: never trainable
+            reason = f"made with model {group.model_id!r}; this job trains {self.model_id!r}"
+            return self._reject("model", reason, value, key, partition, offset)
         scores = {}
         for name, scorer in self.scorers:
             try:

@@ -18,7 +18,8 @@ from ops.topics import read_topic, topic_names
 from schemas.codec import SchemaStore
 from schemas.records import DeadLetterCodec
 
-SCORERS = ("decode", *typing.get_args(ScorerName))
+# what a dead letter's scorer can be: the filter's fixed checks, its configurable scorers, the trainer's admission
+SCORERS = ("decode", "model", *typing.get_args(ScorerName), "trainer")
 
 
 def redrive(cfg: TbaConfig, scorer: str | None = None) -> int:

@@ -8,6 +8,7 @@ unset, a job gets `tba-<run dir name>-<random>` when it first starts, and `<run_
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from pathlib import Path
@@ -43,16 +44,39 @@ def for_job(cfg: TbaConfig, create: bool = False) -> TbaConfig:
     if namespace is not None:
         return with_overrides(cfg, kafka={"namespace": namespace})
     name = re.sub(r"[^A-Za-z0-9_\-]+", "-", run_dir.resolve().name).strip("-") or "run"
-    cfg = with_overrides(cfg, kafka={"namespace": f"tba-{name}-{uuid.uuid4().hex[:8]}"})
-    write_config(cfg)  # recorded at once: every later command on this run dir finds the job's topics
-    return cfg
+    made = with_overrides(cfg, kafka={"namespace": f"tba-{name}-{uuid.uuid4().hex[:8]}"})
+    # recorded at once, and only once: of processes starting together (torchrun's), one records its
+    # namespace and every other takes that one
+    if write_config(made, exclusive=True):
+        return made
+    return with_overrides(cfg, kafka={"namespace": recorded_namespace(run_dir)})
 
 
-def write_config(cfg: TbaConfig) -> Path:
-    """The resolved config as <run_dir>/config.yaml, written whole or not at all."""
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+
+
+def model_id(cfg: TbaConfig) -> str:
+    """The name of the policy a job trains, carried by its groups: its model folder's name (or the default's)."""
+    path = cfg.trainer.model or cfg.searcher.model
+    return Path(path).name if path else DEFAULT_MODEL_ID
+
+
+def write_config(cfg: TbaConfig, exclusive: bool = False) -> bool:
+    """The resolved config as <run_dir>/config.yaml, written whole or not at all.
+
+    exclusive: only if there is none yet (False when another process recorded one first)."""
     path = Path(cfg.trainer.run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".config-{uuid.uuid4().hex}.tmp")
     tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
-    return path
+    try:
+        if not exclusive:
+            tmp.replace(path)
+            return True
+        try:
+            os.link(tmp, path)  # atomic, and fails if the file exists
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -9,7 +9,6 @@ behaviour distribution is the tempered policy itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,15 +48,6 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32", 
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{field}: cannot load a model from {path!r}: {exc}") from exc
     return model.eval(), tokenizer
-
-
-DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
-
-
-def model_id(cfg) -> str:
-    """The name of the policy a job trains, carried by its groups: the model folder's name (or the default's)."""
-    path = cfg.trainer.model or cfg.searcher.model
-    return Path(path).name if path else DEFAULT_MODEL_ID
 
 
 def chat_prompt_ids(tokenizer, messages) -> list[int]:

@@ -173,7 +173,8 @@ class Searcher:
 
 def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
     """A searcher as configured: model and frozen reference from disk, task, producer, weight subscriber."""
-    from producers.generation import load_model, model_id
+    from ops.job import model_id
+    from producers.generation import load_model
     from producers.tasks import build_task
 
     s = cfg.searcher

@@ -83,7 +83,9 @@ def test_the_demo_runs_end_to_end(broker, monkeypatch):
 
 def test_a_missing_model_path_is_one_clear_error(broker, tmp_path):
     config = tmp_path / "tba.yaml"
-    config.write_text(f"kafka:\n  bootstrap: {broker.bootstrap}\nsearcher:\n  model: {tmp_path / 'nowhere'}\n")
+    config.write_text(
+        f"kafka:\n  bootstrap: {broker.bootstrap}\n  namespace: nomodel\nsearcher:\n  model: {tmp_path / 'nowhere'}\n"
+    )
     result = tba("--config", str(config), "search", "--batches", "1")
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]

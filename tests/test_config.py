@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from ops.config import load_config
@@ -6,7 +8,7 @@ from ops.errors import ConfigError
 
 def test_defaults_load_without_a_file():
     cfg = load_config(environ={})
-    assert cfg.kafka.namespace == "tba"
+    assert cfg.kafka.namespace is None  # each job gets its own (ops.job)
     assert cfg.filter.scorers[0] == "structure"
 
 
@@ -57,3 +59,31 @@ def test_each_paper_setting_config_loads_and_names_what_to_fill_in():
         assert cfg.task.name == name
         with pytest.raises(ConfigError, match=field):
             build_task(cfg.task)  # the shipped paths are placeholders: the error says which field to fill in
+
+
+def test_the_configs_that_run_anywhere_build_their_tasks_from_what_ships():
+    from pathlib import Path
+
+    from producers.tasks import build_task
+
+    root = Path(__file__).parents[1]
+    for name, task_name in (("sentiment", "preference"), ("redteam_embedded", "redteam")):
+        cfg = load_config(root / "configs" / f"{name}.yaml", environ={})
+        task = build_task(cfg.task.model_copy(update={"prompts_file": root / cfg.task.prompts_file}))
+        assert cfg.task.name == task_name and len(task.train) >= 150 and len(task.held_out) >= 32
+        assert task.reward_fn is not None
+
+
+def test_a_job_gets_a_namespace_of_its_own_kept_in_its_run_dir(tmp_path):
+    from ops.job import for_job
+
+    cfg = load_config(environ={}, trainer={"run_dir": str(tmp_path / "my run")})
+    with pytest.raises(ConfigError, match=r"kafka.namespace: not set, and trainer.run_dir .* holds no job yet"):
+        for_job(cfg)
+    first = for_job(cfg, create=True).kafka.namespace
+    assert re.fullmatch(r"tba-my-run-[0-9a-f]{8}", first)
+    assert for_job(cfg).kafka.namespace == for_job(cfg, create=True).kafka.namespace == first  # kept
+    other = load_config(environ={}, trainer={"run_dir": str(tmp_path / "other" / "my run")})
+    assert for_job(other, create=True).kafka.namespace not in (first, None)  # same name, another job
+    named = load_config(environ={}, kafka={"namespace": "mine"}, trainer={"run_dir": str(tmp_path / "named")})
+    assert for_job(named, create=True).kafka.namespace == "mine" and not (tmp_path / "named").exists()

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ops.broker import free_port
-from ops.config import load_config
+from ops.config import load_config, with_overrides
 from producers.synthetic import synthetic_group
 from tests.tiny_models import saved_tiny_llama, tiny_llama
 from trainer.replay_buffer import SampledPrompt
@@ -52,7 +52,7 @@ def test_two_gloo_processes_make_the_single_process_update(tmp_path):
             torch.testing.assert_close(got["state"][name], tensor, rtol=1e-5, atol=1e-6)
 
 
-def test_tba_train_under_torchrun_with_two_processes(tmp_path):
+def test_tba_train_under_torchrun_with_two_processes(cfg, tmp_path):
     """The training job itself, data-parallel: 2 gloo processes, synchronous mode on the toy task."""
     import subprocess
     import sys
@@ -61,8 +61,8 @@ def test_tba_train_under_torchrun_with_two_processes(tmp_path):
     import yaml
 
     saved_tiny_llama(tmp_path / "model")
-    cfg = load_config(
-        environ={},
+    cfg = with_overrides(
+        cfg,
         task={"name": "toy", "train_size": 8, "eval_size": 2},
         searcher={"model": str(tmp_path / "model"), "max_new_tokens": 4},
         buffer={"samples_per_prompt": 3},

@@ -147,7 +147,23 @@ def test_dead_letters_are_redriven_once_and_rescored(cfg, store, rng, monkeypatc
     assert "re-drove 4 dead letter(s)" in out.output, out.output
     assert "re-drove 0 dead letter(s)" in runner.invoke(cli, ["filter", "--redrive"]).output  # once each
     typo = runner.invoke(cli, ["filter", "--redrive", "--scorer", "length_limit"])
-    assert typo.exit_code == 2 and "'length_limit' is none of decode, structure" in typo.output, typo.output
+    assert typo.exit_code == 2 and "'length_limit' is none of decode, model, structure" in typo.output, typo.output
     run_filters(cfg, store)  # the relaxed default limits accept them now
     codec = TrajectoryCodec(store)
     assert sorted(codec.decode(r.value).group_id for r in read_topic(cfg, topic_names(cfg).curated)) == sorted(long_ids)
+
+
+def test_a_group_made_with_another_model_goes_to_the_dlq_as_model(cfg, store, rng):
+    from consumers.filter import GroupFilter
+    from ops.config import with_overrides
+
+    cfg = with_overrides(cfg, searcher={"model": "/models/my-policy"})
+    route = GroupFilter(cfg, store).route
+    codec = TrajectoryCodec(store)
+    ours, unnamed, theirs = (synthetic_group(rng, i) for i in range(3))
+    ours.model_id, theirs.model_id = "my-policy", "other-policy"
+    assert route(codec.encode(ours)).accepted and route(codec.encode(unnamed)).accepted
+    rejected = route(codec.encode(theirs))
+    letter = DeadLetterCodec(store).decode(rejected.value)
+    assert not rejected.accepted and rejected.scorer == "model"
+    assert letter.reason == "made with model 'other-policy'; this job trains 'my-policy'"

@@ -59,14 +59,12 @@ def test_mean_reward_rises_through_the_full_path(cfg, store, tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["tb", "rloo", "grpo"])
-def test_synchronous_on_policy_baseline_learns_the_toy_task(loss, tmp_path):
+def test_synchronous_on_policy_baseline_learns_the_toy_task(loss, cfg, store, tmp_path):
     import json
 
-    from ops.config import load_config
-
     saved_tiny_llama(tmp_path / "model")
-    cfg = load_config(
-        environ={},
+    cfg = with_overrides(
+        cfg,
         task={"name": "toy", "train_size": 16, "eval_size": 4},
         searcher={"model": str(tmp_path / "model"), "max_new_tokens": 6},
         buffer={"samples_per_prompt": 6},
@@ -85,3 +83,6 @@ def test_synchronous_on_policy_baseline_learns_the_toy_task(loss, tmp_path):
     late = np.mean([r["mean_reward"] for r in train[-10:]])
     print(f"{loss}: mean reward {early:.3f} -> {late:.3f}")
     assert late > early + 0.15, (early, late)
+    # each on-policy batch is also the job's history: raw holds every group trained on, at version 0
+    history = [TrajectoryCodec(store).decode(r.value) for r in read_topic(cfg, topic_names(cfg).raw)]
+    assert len(history) == 60 * 2 and {g.generator_id for g in history} == {"trainer-sync"}

@@ -44,11 +44,15 @@ def models(tmp_path_factory):
     return out
 
 
-def task_settings(task: str, models: dict) -> dict:
+def task_settings(task: str, mode: str, models: dict) -> dict:
+    """The task's settings; preference takes its reward from a reward model in one mode and from the packaged
+    reward function of configs/sentiment.yaml in the other."""
+    reward = ({"reward_model": models["reward_model"]} if mode == "async"
+              else {"reward_fn": "producers.tasks.judges:positive_sentiment"})  # fmt: skip
     return {
         "math": {"name": "math", "train_size": 8, "eval_size": 2},
         "toy": {"name": "toy", "train_size": 8, "eval_size": 2},
-        "preference": {"name": "preference", "prompts_file": models["posts"], "reward_model": models["reward_model"]},
+        "preference": {"name": "preference", "prompts_file": models["posts"], **reward},
         "redteam": {"name": "redteam", "prompts_file": models["attacks"], "target_model": models["target"],
                     "classifier_model": models["classifier"], "target_max_new_tokens": 4, "diversity_coef": 0.1},
     }[task]  # fmt: skip
@@ -62,7 +66,7 @@ def test_every_task_runs_in_both_modes_and_its_history_replays(broker, models, t
         environ={},
         kafka={"bootstrap": broker.bootstrap, "client_timeout_s": 20},  # no namespace: the job's own
         topics={"partitions": 2},
-        task=task_settings(task, models),
+        task=task_settings(task, mode, models),
         # the tiny random policy gets no math right: keep its uninformative groups, the plumbing is the point
         filter={"scorers": ["structure", "finite_rewards", "lengths"]},
         searcher={"model": models["policy"], "samples_per_prompt": 4, "prompts_per_batch": 2, "max_new_tokens": 6,

@@ -1,4 +1,4 @@
-"""The Trajectory Balance objective, as in DESIGN.md, for groups of K samples of the same prompt.
+"""The Trajectory Balance objective of TBA (VarGrad's logZ), for groups of K samples of the same prompt.
 
     logZ(x) = mean_j [ r_j / beta + log pi_ref(y_j|x) - log pi_theta(y_j|x) ]      (stop-gradient: VarGrad)
     loss    = mean_j ( logZ(x) + log pi_theta(y_j|x) - log pi_ref(y_j|x) - r_j / beta )^2

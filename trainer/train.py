@@ -330,6 +330,7 @@ def run_trainer(
     live: bool = True,
     metrics_port: int | None = None,
     init: Path | None = None,
+    history: bool = True,
 ) -> Trainer:
     """`tba train`: the training job, asynchronous (TBA: from the curated topic) or synchronous on-policy.
 
@@ -338,9 +339,11 @@ def run_trainer(
     run_dir of its own, starting from the model or from the weights of the checkpoint `init`.
     Resumes from run_dir's latest checkpoint, checkpoints every checkpoint_every steps and on stop,
     evaluates on the held-out problems, and appends every step's metrics to run_dir/metrics.jsonl
-    (and serves them on http://127.0.0.1:metrics_port/metrics when given).
+    (and serves them on http://127.0.0.1:metrics_port/metrics when given). history=False: a
+    synchronous job writes no groups to raw (it then needs no Kafka at all).
     """
-    from producers.generation import load_model, model_id
+    from ops.job import model_id
+    from producers.generation import load_model
     from producers.tasks import build_task
     from schemas.codec import SchemaStore
     from trainer.admission import Admission, DeadLetters
@@ -369,7 +372,7 @@ def run_trainer(
     if t.mode == "sync":
         trainer = Trainer(cfg, model, None, pad)
         trainer.resume()
-        batches = SyncBatches(cfg, trainer, tokenizer, task) if main else None
+        batches = SyncBatches(cfg, trainer, tokenizer, task, history) if main else None
         try:
             return _loop(cfg, trainer, batches, Evaluator(cfg, task, tokenizer), stop, metrics_port)
         finally:
@@ -430,8 +433,9 @@ class SyncBatches:
     leaves the same history behind (curated after the filter) for inspection and replays.
     """
 
-    def __init__(self, cfg: TbaConfig, trainer: Trainer, tokenizer, task):
-        from producers.generation import HFGenerator, load_model, model_id
+    def __init__(self, cfg: TbaConfig, trainer: Trainer, tokenizer, task, history: bool = True):
+        from ops.job import model_id
+        from producers.generation import HFGenerator, load_model
         from producers.trajectory_producer import TrajectoryProducer
 
         s, t = cfg.searcher, cfg.trainer
@@ -443,7 +447,7 @@ class SyncBatches:
         self.rng = np.random.default_rng(t.seed)
         self.trainer = trainer
         self.model_id = model_id(cfg)
-        self.producer = TrajectoryProducer(cfg)
+        self.producer = TrajectoryProducer(cfg) if history else None
 
     def __call__(self) -> list[SampledPrompt]:
         from producers.tasks import RewardError, scored_samples, task_label
@@ -465,16 +469,19 @@ class SyncBatches:
                 prompt=self.generator.tokenizer.decode(ids), prompt_token_ids=np.array(ids, np.int32),
                 generator_id="trainer-sync", model_id=self.model_id,
             )  # fmt: skip
-            self.producer.send(group)
+            if self.producer is not None:
+                self.producer.send(group)
             batch.append(SampledPrompt(problem.prompt_id, group.prompt, group.prompt_token_ids, samples,
                                        [version] * len(samples), True))  # fmt: skip
-        self.producer.flush()
+        if self.producer is not None:
+            self.producer.flush()
         if not batch:
             raise TbaError("every group of a synchronous batch failed to score (see the warnings above)")
         return batch
 
     def close(self) -> None:
-        self.producer.close()
+        if self.producer is not None:
+            self.producer.close()
 
 
 def _loop(

@@ -27,21 +27,18 @@ class RedTeamTask:
 
     @torch.no_grad()
     def responses(self, attacks: list[str]) -> list[str]:
-        """The target's greedy answer to each attack, asked as a user turn."""
+        """The target's greedy answer to each attack, asked as a user turn: one left-padded batch."""
+        from producers.generation import chat_prompt_ids
+
         tok = self.target_tokenizer
-        out = []
-        for attack in attacks:  # one at a time: no padding questions for an arbitrary target
-            ids = tok.apply_chat_template([{"role": "user", "content": attack}], add_generation_prompt=True)
-            ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
-            gen = self.target.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=self.cfg.target_max_new_tokens,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-            )
-            out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
-        return out
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        prompts = [chat_prompt_ids(tok, [{"role": "user", "content": attack}]) for attack in attacks]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = self.target.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
+                                   max_new_tokens=self.cfg.target_max_new_tokens)  # fmt: skip
+        return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
 
     def harm(self, attacks: list[str]) -> list[float]:
         """The judge's score of the target's answer to each attack."""
