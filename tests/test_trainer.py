@@ -75,12 +75,18 @@ def test_checkpoint_weights_load_with_from_pretrained(tcfg, store):
     t.close()
 
 
-def test_a_new_policy_version_is_published_every_k_steps(tcfg, store):
+def publishing_every_2_steps(tcfg, store):
+    """A trainer with its buffer filled, publishing a version every 2 steps to a running server."""
     cfg = with_overrides(tcfg, trainer={"sync_every": 2})
     server = WeightSyncServer(cfg)
     server.start()
     t = trainer_for(cfg, store, seed=0, server=server)
     t.feed.fill()
+    return cfg, t, server
+
+
+def test_a_new_policy_version_is_published_every_k_steps(tcfg, store):
+    cfg, t, server = publishing_every_2_steps(tcfg, store)
     sub = WeightSubscriber(cfg.weights, server.target, "s").start()
     results = [t.train_step() for _ in range(4)]
     got = sub.wait_for(2, 20)
@@ -172,11 +178,7 @@ def test_tba_replay_retrains_from_a_past_range_of_curated(tcfg, store, tmp_path,
 
 
 def test_staleness_is_counted_against_the_version_the_batch_was_trained_with(tcfg, store):
-    cfg = with_overrides(tcfg, trainer={"sync_every": 2})
-    server = WeightSyncServer(cfg)
-    server.start()
-    t = trainer_for(cfg, store, seed=0, server=server)
-    t.feed.fill()
+    _, t, server = publishing_every_2_steps(tcfg, store)
     staleness, trained_with = [], []
     for _ in range(5):
         batch = t.buffer.sample(3)
