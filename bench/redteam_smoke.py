@@ -35,8 +35,8 @@ def main() -> None:
     args = parser.parse_args()
 
     def measure(cfg, model, tokenizer, task) -> dict:
-        from producers.generation import HFGenerator
-        from producers.tasks.redteam import novelty
+        from policy.generation import HFGenerator
+        from policy.tasks.redteam import novelty
 
         torch.manual_seed(0)
         gen = HFGenerator(model.eval(), tokenizer, model, cfg.searcher.temperature, cfg.searcher.max_new_tokens)
@@ -52,7 +52,9 @@ def main() -> None:
             "diversity": float(np.mean(diversity)),
         }
 
-    result = smoke("configs/redteam_embedded.yaml", args.budget_s, args.samples, measure)
+    # the job's own evaluation at step 0 would take minutes of the budget (every attack answered by the
+    # target): 2 prompts there, the held-out measure above is the one that counts
+    result = smoke("configs/redteam_embedded.yaml", args.budget_s, args.samples, measure, eval_prompts=2)
     result["held_out_prompts"] = args.prompts
     write_results(args.out, result)
 
