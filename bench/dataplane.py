@@ -33,12 +33,14 @@ sys.path.insert(0, str(ROOT))
 from bench.results import write_results  # noqa: E402
 from ops.broker import LocalBroker, classpath, free_port  # noqa: E402
 from ops.config import TbaConfig, load_config, with_overrides  # noqa: E402
+from ops.schema_store import KafkaSchemaStore  # noqa: E402
 from ops.topics import create_topics, topic_names  # noqa: E402
+from ops.trajectory_producer import TrajectoryProducer  # noqa: E402
 from producers.synthetic import synthetic_group  # noqa: E402
-from producers.trajectory_producer import TrajectoryProducer  # noqa: E402
 from schemas.codec import SchemaStore  # noqa: E402
 from schemas.records import TrajectoryCodec  # noqa: E402
-from trainer.replay_buffer import CuratedFeed, ReplayBuffer  # noqa: E402
+from trainer.curated_feed import CuratedFeed  # noqa: E402
+from trainer.replay_buffer import ReplayBuffer  # noqa: E402
 
 SAMPLES, TOKENS = 8, 110  # ~8.4 KiB encoded: 8 completions of 55-110 tokens, 12 bytes a token
 
@@ -62,7 +64,7 @@ def kafka_perf(cfg: TbaConfig, topic: str, records: int, size: int, compression:
 
 
 def measure_produce(cfg: TbaConfig, groups, topic: str | None = None) -> tuple[float, int]:
-    store = SchemaStore(cfg)
+    store = KafkaSchemaStore(cfg)
     with TrajectoryProducer(cfg, store, topic=topic) as producer:
         size = sum(len(producer.codec.encode(g)) for g in groups[:200]) / 200
         warmup = len(groups) // 10  # as for ProducerPerformance: connections and metadata first
@@ -93,7 +95,7 @@ def _produce_worker(cfg_json: str, n: int, rate: float | None, seed: int) -> Non
 
 def start_filters(cfg: TbaConfig, instances: int, idle_exit: float) -> list[subprocess.Popen]:
     env = {**os.environ, "TBA__KAFKA__BOOTSTRAP": cfg.kafka.bootstrap, "TBA__KAFKA__NAMESPACE": cfg.kafka.namespace}
-    cmd = [sys.executable, "-m", "ops.cli", "filter", "--idle-exit", str(idle_exit)]
+    cmd = [sys.executable, "-m", "tba.cli", "filter", "--idle-exit", str(idle_exit)]
     return [
         subprocess.Popen([*cmd, "--instance", str(i)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
         for i in range(instances)

@@ -14,7 +14,6 @@ TBA__SECTION__FIELD variables set change every system's configuration alike, and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bench.learning_smoke import job_config, overrides, run_tba  # noqa: E402
 from bench.results import write_results  # noqa: E402
 from ops.config import TbaConfig, with_overrides  # noqa: E402
+from ops.metrics import metric_rows  # noqa: E402
 
 
 def _seeded(cfg: TbaConfig, seed: int) -> TbaConfig:
@@ -49,9 +49,10 @@ def tba_async(tmp: Path, budget_s: float, seed: int, **sections) -> tuple[list[d
 
 
 def tba_sync(tmp: Path, budget_s: float, seed: int, **sections) -> tuple[list[dict], dict]:
-    from producers.generation import load_model
-    from producers.tasks import build_task
-    from trainer.train import Evaluator, run_trainer
+    from policy.models import load_model
+    from policy.tasks import build_task
+    from trainer.evaluation import Evaluator
+    from trainer.job import run_trainer
 
     trainer = {**sections.pop("trainer", {}), "mode": "sync", "loss": "grpo"}
     cfg = _seeded(job_config(tmp, budget_s, trainer=trainer, **sections), seed)
@@ -65,7 +66,7 @@ def tba_sync(tmp: Path, budget_s: float, seed: int, **sections) -> tuple[list[di
     wall = time.time() - started
     _, tokenizer = load_model("")
     end = Evaluator(cfg, build_task(cfg.task), tokenizer)(trainer.model)
-    rows = [json.loads(line) for line in (Path(cfg.trainer.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(Path(cfg.trainer.run_dir))
     return [_point(r["time"] - started, r) for r in rows if r["kind"] == "eval"] + [_point(wall, end)], {}
 
 
@@ -74,9 +75,9 @@ def trl_grpo(tmp: Path, budget_s: float, seed: int, **sections) -> tuple[list[di
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from producers.generation import load_model
-    from producers.tasks import build_task
-    from trainer.train import Evaluator
+    from policy.models import load_model
+    from policy.tasks import build_task
+    from trainer.evaluation import Evaluator
 
     cfg = job_config(tmp, budget_s, **sections)
     s, t, k = cfg.searcher, cfg.trainer, cfg.buffer.samples_per_prompt

@@ -14,7 +14,6 @@ The job runs exactly as a user's would: the supervisor starts a fresh broker of 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -28,12 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results import write_results  # noqa: E402
-from ops.broker import free_port  # noqa: E402
+from ops.broker import free_port, job_broker  # noqa: E402
 from ops.config import ENV_PREFIX, TbaConfig, load_config  # noqa: E402
-from ops.supervisor import local_broker, run_job  # noqa: E402
+from ops.metrics import metric_rows  # noqa: E402
+from ops.schema_store import KafkaSchemaStore  # noqa: E402
 from ops.topics import read_topic, topic_names  # noqa: E402
-from schemas.codec import SchemaStore  # noqa: E402
 from schemas.records import TrajectoryCodec  # noqa: E402
+from tba.supervisor import run_job  # noqa: E402
 
 
 def job_config(tmp: Path, budget_s: float, path: str | None = None, **sections) -> TbaConfig:
@@ -57,8 +57,8 @@ def overrides() -> dict[str, str]:
 
 def final_policy(cfg: TbaConfig):
     """(model, tokenizer) of the run's latest checkpoint (what the trainer saved as it stopped)."""
-    from producers.generation import load_model
-    from trainer.train import Trainer, apply_lora
+    from policy.models import apply_lora, load_model
+    from trainer.train import Trainer
 
     model, tokenizer = load_model(cfg.trainer.model or cfg.searcher.model)
     if cfg.trainer.lora_r:
@@ -71,8 +71,8 @@ def final_policy(cfg: TbaConfig):
 
 def final_evaluation(cfg: TbaConfig) -> dict:
     """Held-out evaluation of the run's latest checkpoint."""
-    from producers.tasks import build_task
-    from trainer.train import Evaluator
+    from policy.tasks import build_task
+    from trainer.evaluation import Evaluator
 
     model, tokenizer = final_policy(cfg)
     return Evaluator(cfg, build_task(cfg.task), tokenizer)(model)
@@ -80,16 +80,16 @@ def final_evaluation(cfg: TbaConfig) -> dict:
 
 def run_tba(cfg: TbaConfig) -> dict:
     """`tba run` for cfg.run.budget_s; the trainer's metrics rows, the final evaluation, what was generated."""
-    from producers.generation import load_model
+    from policy.models import load_model
 
     load_model("")  # the default model converted once, before the clock starts
     started = time.monotonic()
     run_job(cfg, threading.Event())
     wall = time.monotonic() - started
     end_eval = final_evaluation(cfg)
-    rows = [json.loads(line) for line in (Path(cfg.trainer.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    groups = [TrajectoryCodec(SchemaStore(cfg)).decode(r.value) for r in read_topic(cfg, topic_names(cfg).raw)]
-    local_broker(cfg).stop()
+    rows = metric_rows(Path(cfg.trainer.run_dir))
+    groups = [TrajectoryCodec(KafkaSchemaStore(cfg)).decode(r.value) for r in read_topic(cfg, topic_names(cfg).raw)]
+    job_broker(cfg).stop()
     return {"wall_s": wall, "rows": rows, "end_eval": end_eval, "groups": groups}
 
 

@@ -31,8 +31,8 @@ from ops.config import TbaConfig, with_overrides  # noqa: E402
 
 def held_out_groups(cfg: TbaConfig, model, tokenizer, task, samples: int, seed: int = 0) -> list[list]:
     """samples completions of every held-out prompt at the sampling temperature, scored as in training."""
-    from producers.generation import HFGenerator
-    from producers.tasks import scored_samples
+    from policy.generation import HFGenerator
+    from policy.tasks import scored_samples
 
     torch.manual_seed(seed)
     generator = HFGenerator(model.eval(), tokenizer, model, cfg.searcher.temperature, cfg.searcher.max_new_tokens)
@@ -53,8 +53,8 @@ def smoke(config: str, budget_s: float, samples: int, measure, eval_prompts: int
     """Run the job at config for budget_s; measure(cfg, model, tokenizer, task) before and after.
 
     eval_prompts: fewer held-out prompts for the job's own evaluation at step 0 (measure is what counts)."""
-    from producers.generation import load_model
-    from producers.tasks import build_task
+    from policy.models import load_model
+    from policy.tasks import build_task
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = {"eval_every": 1_000_000, **({"eval_prompts": eval_prompts} if eval_prompts else {})}

@@ -35,8 +35,8 @@ def main() -> None:
     args = parser.parse_args()
 
     def measure(cfg, model, tokenizer, task) -> dict:
-        from producers.generation import HFGenerator
-        from producers.tasks.redteam import novelty
+        from policy.generation import HFGenerator
+        from policy.tasks.redteam import novelty
 
         torch.manual_seed(0)
         gen = HFGenerator(model.eval(), tokenizer, model, cfg.searcher.temperature, cfg.searcher.max_new_tokens)

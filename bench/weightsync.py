@@ -66,7 +66,8 @@ def raw_socket_mb_s(payload: memoryview) -> float:
 
 def subscriber_process(target: str, versions: int, ready, results) -> None:
     """A searcher: subscribe, apply each version into its own model in place, report when done."""
-    from producers.weight_subscriber import WeightSubscriber, load_into
+    from policy.models import load_into
+    from producers.weight_subscriber import WeightSubscriber
 
     torch.set_num_threads(1)
     model = smollm2_135m(seed=1)

@@ -25,6 +25,7 @@ from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import DecodeError, TbaError
 from ops.job import model_id
+from ops.schema_store import KafkaSchemaStore
 from ops.topics import topic_names
 from schemas.codec import SchemaStore
 from schemas.records import DeadLetter, DeadLetterCodec, TrajectoryCodec
@@ -91,7 +92,7 @@ class FilterConsumer:
     def __init__(self, cfg: TbaConfig, instance: str = "0", store: SchemaStore | None = None):
         self.cfg = cfg
         self.topics = topic_names(cfg)
-        self.filter = GroupFilter(cfg, store or SchemaStore(cfg))
+        self.filter = GroupFilter(cfg, store or KafkaSchemaStore(cfg))
         self.stats = FilterStats()
         group = f"{cfg.kafka.namespace}.{cfg.filter.group}"
         # Static membership: a restarted instance takes its partitions straight back, no rebalance wait.

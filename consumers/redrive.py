@@ -8,18 +8,17 @@ re-driving got is kept per scorer, as the committed offset of a consumer group o
 
 from __future__ import annotations
 
-import typing
-
 from kafka import OffsetAndMetadata, TopicPartition
 
+from consumers import scorers
 from ops import kafka_clients
-from ops.config import ScorerName, TbaConfig
+from ops.config import TbaConfig
+from ops.schema_store import KafkaSchemaStore
 from ops.topics import read_topic, topic_names
-from schemas.codec import SchemaStore
 from schemas.records import DeadLetterCodec
 
 # what a dead letter's scorer can be: the filter's fixed checks, its configurable scorers, the trainer's admission
-SCORERS = ("decode", "model", *typing.get_args(ScorerName), "trainer")
+SCORERS = ("decode", "model", *scorers.SCORERS, "trainer")
 
 
 def redrive(cfg: TbaConfig, scorer: str | None = None) -> int:
@@ -28,7 +27,7 @@ def redrive(cfg: TbaConfig, scorer: str | None = None) -> int:
     tp = TopicPartition(names.dlq, 0)
     selected = SCORERS if scorer is None else (scorer,)
     groups = {s: f"{cfg.kafka.namespace}.redrive.{s}" for s in selected}
-    codec = DeadLetterCodec(SchemaStore(cfg))
+    codec = DeadLetterCodec(KafkaSchemaStore(cfg))
     admin = kafka_clients.admin(cfg)
     producer = kafka_clients.producer(cfg)
     try:

@@ -215,6 +215,8 @@ class Informative:
         return Verdict(spread)
 
 
+# the registry: filter.scorers names these (ops/config.py's ScorerName lists the same names for validation;
+# a test checks that the two agree)
 SCORERS: dict[str, Callable[[FilterConfig], Scorer]] = {
     "structure": lambda cfg: structure,
     "finite_rewards": lambda cfg: finite_rewards,

@@ -342,3 +342,17 @@ class LocalCluster:
         pids = [pid for pid in (n.terminate() for n in self.nodes) if pid is not None]
         for pid in pids:
             _wait_gone(pid, timeout_s)
+
+
+def configured_broker(cfg) -> LocalBroker:
+    """The local broker that cfg.broker describes (`tba kafka start|stop|status`)."""
+    return LocalBroker(cfg.broker.data_dir, cfg.broker.port, heap=cfg.broker.heap)
+
+
+def job_broker(cfg) -> LocalBroker | None:
+    """The local broker a job runs itself: the configured one when kafka.bootstrap names it, else None
+    (kafka.bootstrap points at another cluster)."""
+    host, _, port = cfg.kafka.bootstrap.rpartition(":")
+    if host in ("127.0.0.1", "localhost") and port == str(cfg.broker.port):
+        return configured_broker(cfg)
+    return None

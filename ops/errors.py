@@ -1,8 +1,9 @@
-"""One root error for the project; each message names the thing to fix."""
+"""The errors of the platform and above; each message names the thing to fix. The root (TbaError) and
+DecodeError belong to the contract (schemas/errors.py), re-exported here."""
 
+from schemas.errors import DecodeError, TbaError
 
-class TbaError(Exception):
-    """Root of every error tba-stream raises on purpose."""
+__all__ = ["BrokerError", "ConfigError", "DecodeError", "DeliveryError", "TbaError"]
 
 
 class ConfigError(TbaError):
@@ -11,14 +12,6 @@ class ConfigError(TbaError):
 
 class BrokerError(TbaError):
     """The local Kafka broker could not be resolved, started or reached."""
-
-
-class DecodeError(TbaError):
-    """Bytes that are not a readable record; `reason` goes to the dead-letter topic."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 class DeliveryError(TbaError):

@@ -17,7 +17,7 @@ import numpy as np
 from kafka.errors import MessageSizeTooLargeError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from producers.trajectory_producer import TrajectoryProducer
+from ops.trajectory_producer import TrajectoryProducer
 from schemas.records import Sample, TrajectoryGroup, now_ms
 
 

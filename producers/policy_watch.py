@@ -6,6 +6,7 @@ from kafka import TopicPartition
 
 from ops import kafka_clients
 from ops.config import TbaConfig
+from ops.schema_store import KafkaSchemaStore
 from ops.topics import topic_names
 from schemas.codec import SchemaStore
 from schemas.records import PolicyVersionCodec
@@ -13,7 +14,7 @@ from schemas.records import PolicyVersionCodec
 
 class PolicyWatch:
     def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None):
-        self.codec = PolicyVersionCodec(store or SchemaStore(cfg))
+        self.codec = PolicyVersionCodec(store or KafkaSchemaStore(cfg))
         self.tp = TopicPartition(topic_names(cfg).policy_versions, 0)
         self.consumer = kafka_clients.consumer(cfg, isolation_level="read_uncommitted")
         self.consumer.assign([self.tp])

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from ops.config import TbaConfig
-from producers.generation import HFGenerator
+from ops.trajectory_producer import TrajectoryProducer
+from policy.generation import HFGenerator
+from policy.tasks import RewardError, scored_samples, task_label
 from producers.policy_watch import PolicyWatch
-from producers.tasks import RewardError, scored_samples, task_label
-from producers.trajectory_producer import TrajectoryProducer
 from producers.weight_subscriber import WeightSubscriber
 from schemas.records import TrajectoryGroup
 
@@ -174,22 +174,22 @@ class Searcher:
 def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
     """A searcher as configured: model and frozen reference from disk, task, producer, weight subscriber."""
     from ops.job import model_id
-    from producers.generation import load_model
-    from producers.tasks import build_task
+    from policy.models import load_model
+    from policy.tasks import build_task
 
     s = cfg.searcher
     torch.manual_seed(s.seed + index)
     model, tokenizer = load_model(s.model, s.gguf_file, s.dtype)
     if cfg.trainer.lora_r:  # the trainer publishes adapters only: carry the same ones
-        from trainer.train import apply_lora
+        from policy.models import apply_lora
 
         model = apply_lora(model, cfg.trainer)
     reference, _ = load_model(s.reference_model or s.model, s.gguf_file if not s.reference_model else None, s.dtype)
     if torch.cuda.is_available():
         model, reference = model.cuda(), reference.cuda()
     if s.backend == "vllm":
-        from producers.default_model import default_model_dir
-        from producers.vllm_backend import VLLMGenerator
+        from policy.default_model import default_model_dir
+        from policy.vllm_backend import VLLMGenerator
 
         path = s.model or str(default_model_dir())
         generator = VLLMGenerator(

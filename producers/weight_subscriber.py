@@ -14,7 +14,6 @@ import threading
 from dataclasses import dataclass, field
 
 import grpc
-import torch
 
 from ops.config import WeightsConfig
 from ops.errors import TbaError
@@ -146,18 +145,3 @@ class WeightSubscriber:
             self.stats.versions += 1
             self.stats.received.append(version.version)
             self._arrived.notify_all()
-
-
-def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy a published state dict into model's own tensors, in place (the HF generation backend's swap).
-
-    Missing names are allowed only for tensors tied to one that is present (e.g. lm_head to embeddings)
-    or when only part of the model is published (LoRA adapters); unknown names are an error.
-    """
-    own = model.state_dict()
-    unknown = sorted(set(state_dict) - set(own))
-    if unknown:
-        raise TbaError(f"published weights name tensors this model lacks: {unknown[:5]}")
-    with torch.no_grad():
-        for name, tensor in state_dict.items():
-            own[name].copy_(tensor)

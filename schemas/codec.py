@@ -2,8 +2,9 @@
 
 A message is 0xC3 0x01, the 8-byte CRC-64-AVRO fingerprint of the writer schema's canonical form
 (little-endian), then the Avro binary body. A reader looks the fingerprint up in the SchemaStore
-(local cache, then the `<ns>.schemas` topic) and always reads with its own reader schema, so
-writers and readers evolve independently under Avro's resolution rules.
+(local cache, then the shared store: on Kafka the `<ns>.schemas` topic, ops/schema_store.py) and
+always reads with its own reader schema, so writers and readers evolve independently under Avro's
+resolution rules. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from ops.errors import DecodeError
+from schemas.errors import DecodeError
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -37,67 +38,49 @@ def schema_fingerprint(schema: dict) -> bytes:
 
 
 class SchemaStore:
-    """Writer schemas by fingerprint: a local cache in front of the compacted schemas topic."""
+    """Writer schemas by fingerprint, in memory. ops.schema_store.KafkaSchemaStore shares them through the
+    namespace's schemas topic (publish and fetch below); this one is for a process on its own."""
 
-    def __init__(self, cfg=None):
-        self._cfg = cfg
+    def __init__(self):
         self._schemas: dict[bytes, Any] = {}
-        self._registered: set[bytes] = set()
+        self._published: set[bytes] = set()
         self._lock = threading.Lock()
 
-    def _topic(self) -> str:
-        from ops.topics import topic_names
-
-        return topic_names(self._cfg).schemas
-
     def register(self, schema: dict) -> bytes:
-        """Make schema known to every reader (publishes it once per process); returns its fingerprint."""
+        """Make schema known to every reader (published once per process); returns its fingerprint."""
         fp = schema_fingerprint(schema)
+        parsed = fastavro.parse_schema(schema)
         with self._lock:
-            self._schemas.setdefault(fp, fastavro.parse_schema(schema))
-            if fp in self._registered or self._cfg is None:
+            self._schemas.setdefault(fp, parsed)
+            if fp in self._published:
                 return fp
-        from kafka.errors import KafkaTimeoutError
-
-        from ops import kafka_clients
-        from ops.errors import TbaError
-
-        canonical = to_parsing_canonical_form(fastavro.parse_schema(schema))
-        producer = kafka_clients.producer(self._cfg, compression_type=None, linger_ms=0)
-        timeout = self._cfg.kafka.client_timeout_s
-        try:
-            producer.send(self._topic(), key=fp.hex().encode(), value=canonical.encode()).get(timeout=timeout)
-        except KafkaTimeoutError as exc:  # the broker answers, but not for this topic: it was never created
-            raise TbaError(
-                f"could not publish a schema to {self._topic()} within {timeout:.0f}s: "
-                f"were the namespace's topics created (`tba topics create`)?"
-            ) from exc
-        finally:
-            producer.close()
+        self.publish(fp, to_parsing_canonical_form(parsed))
         with self._lock:
-            self._registered.add(fp)
+            self._published.add(fp)
         return fp
 
     def lookup(self, fp: bytes):
-        """The parsed writer schema of fp; reads the schemas topic once more if fp is new here."""
+        """The parsed writer schema of fp; fetches the shared schemas once more if fp is new here."""
         schema = self._schemas.get(fp)
-        if schema is None and self._cfg is not None:
-            self._refresh()
+        if schema is None:
+            for key, canonical in self.fetch():
+                try:
+                    parsed = fastavro.parse_schema(json.loads(canonical))
+                except (ValueError, fastavro.schema.SchemaParseException):
+                    continue  # a foreign value in the store is not ours to trust
+                with self._lock:
+                    self._schemas.setdefault(key, parsed)
             schema = self._schemas.get(fp)
         if schema is None:
             raise DecodeError(f"unknown writer schema fingerprint {fp.hex()} (not in the schema store)")
         return schema
 
-    def _refresh(self) -> None:
-        from ops.topics import read_topic
+    def publish(self, fp: bytes, canonical: str) -> None:
+        """Share a writer schema with other processes (in memory: nobody else to tell)."""
 
-        for rec in read_topic(self._cfg, self._topic(), isolation="read_uncommitted"):
-            try:
-                parsed = fastavro.parse_schema(json.loads(rec.value))
-            except (ValueError, fastavro.schema.SchemaParseException):
-                continue  # a foreign value in the store is not ours to trust
-            with self._lock:
-                self._schemas.setdefault(bytes.fromhex(rec.key.decode()), parsed)
+    def fetch(self) -> list[tuple[bytes, str]]:
+        """(fingerprint, canonical form) of every shared writer schema (in memory: none beyond this process)."""
+        return []
 
 
 class Codec:

@@ -14,8 +14,8 @@ from datetime import datetime
 
 import numpy as np
 
-from ops.errors import DecodeError
 from schemas.codec import Codec, SchemaStore, load_schema
+from schemas.errors import DecodeError
 
 I32 = np.dtype("<i4")
 F32 = np.dtype("<f4")

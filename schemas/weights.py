@@ -1,10 +1,10 @@
 """A policy version on the wire: one flat byte buffer of every tensor, its sha256, and the chunking.
 
 WeightVersion holds the weights as one contiguous uint8 buffer with a table of (name, dtype, shape,
-offset); state_dict() gives zero-copy tensor views of it. encode_chunks() turns a version into
-<= chunk_bytes Chunks (full, or per-tensor deltas against a base the receiver holds: unchanged, or
-zstd of the XOR of the bytes - after a small optimizer step most bf16 words do not change at all),
-and VersionAssembler turns Chunks back into a verified WeightVersion.
+offset); state_dict() gives zero-copy tensor views of it. encode() turns a version into its wire
+form (full, or per-tensor deltas against a base the receiver holds: unchanged, or zstd of the XOR
+of the bytes - after a small optimizer step most bf16 words do not change at all), chunks() cuts
+that into <= chunk_bytes Chunks, and VersionAssembler turns Chunks back into a verified WeightVersion.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import zstandard
 
-from ops.errors import TbaError
 from schemas import weight_sync_pb2 as pb
+from schemas.errors import TbaError
 
 Encoding = pb.TensorMeta.Encoding
 

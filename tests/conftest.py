@@ -9,8 +9,8 @@ import pytest
 
 from ops.broker import LocalBroker, free_port
 from ops.config import TbaConfig, load_config
+from ops.schema_store import KafkaSchemaStore
 from ops.topics import create_topics
-from schemas.codec import SchemaStore
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +37,8 @@ def cfg(broker) -> TbaConfig:
 
 
 @pytest.fixture
-def store(cfg) -> SchemaStore:
-    return SchemaStore(cfg)
+def store(cfg) -> KafkaSchemaStore:
+    return KafkaSchemaStore(cfg)
 
 
 @pytest.fixture

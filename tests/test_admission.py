@@ -8,14 +8,14 @@ import numpy as np
 from ops import kafka_clients
 from ops.broker import free_port
 from ops.config import with_overrides
-from ops.live_view import scrape
 from ops.topics import read_topic, topic_names
+from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
-from producers.trajectory_producer import TrajectoryProducer
 from schemas.records import DeadLetterCodec
+from tba.live_view import scrape
 from tests.test_run import wait_until
 from tests.tiny_models import saved_tiny_llama
-from trainer.train import run_trainer
+from trainer.job import run_trainer
 
 
 def untrainable(rng) -> dict[str, tuple]:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ops.errors import DecodeError
+from ops.schema_store import KafkaSchemaStore
 from producers.synthetic import synthetic_group
 from schemas.codec import MAGIC, Codec, SchemaStore, load_schema, schema_fingerprint
 from schemas.records import TrajectoryCodec
@@ -38,24 +39,24 @@ def test_packed_fields_are_little_endian(rng):
 
 
 def test_v2_writer_read_by_v1_reader_through_the_schema_topic(cfg, rng):
-    writer = Codec(v2_schema(), SchemaStore(cfg))
+    writer = Codec(v2_schema(), KafkaSchemaStore(cfg))
     record = synthetic_group(rng, 1).to_record() | {"temperature": 0.7}
     data = writer.encode(record)
     # a fresh store, as in another process that has never seen v2: it must find it in the topic
-    reader = TrajectoryCodec(SchemaStore(cfg))
+    reader = TrajectoryCodec(KafkaSchemaStore(cfg))
     group = reader.decode(data)
     assert group.group_id == record["group_id"]
     assert "temperature" not in group.to_record()
 
 
 def test_v1_writer_read_by_v2_reader_gets_the_default(cfg, rng):
-    data = TrajectoryCodec(SchemaStore(cfg)).encode(synthetic_group(rng, 1))
-    rec = Codec(v2_schema(), SchemaStore(cfg)).decode(data)
+    data = TrajectoryCodec(KafkaSchemaStore(cfg)).encode(synthetic_group(rng, 1))
+    rec = Codec(v2_schema(), KafkaSchemaStore(cfg)).decode(data)
     assert rec["temperature"] == 1.0
 
 
 def test_bad_bytes_raise_decode_error_with_a_reason(cfg, rng):
-    store = SchemaStore(cfg)
+    store = KafkaSchemaStore(cfg)
     codec = TrajectoryCodec(store)
     good = codec.encode(synthetic_group(rng, 2))
     foreign_schema = {"type": "record", "name": "Other", "namespace": "x", "fields": [{"name": "n", "type": "int"}]}
@@ -83,4 +84,4 @@ def test_a_namespace_without_topics_is_a_clear_error_not_a_timeout_trace(cfg):
 
     absent = with_overrides(cfg, kafka={"namespace": cfg.kafka.namespace + "-absent", "client_timeout_s": 2})
     with pytest.raises(TbaError, match=r"-absent\.schemas within 2s: were the namespace's topics created"):
-        TrajectoryCodec(SchemaStore(absent))
+        TrajectoryCodec(KafkaSchemaStore(absent))

@@ -8,13 +8,13 @@ import sys
 from click.testing import CliRunner
 
 from ops.broker import free_port
-from ops.cli import cli
 from ops.topics import topic_names
+from tba.cli import cli
 
 
 def tba(*args, env=None, timeout=120):
     return subprocess.run(
-        [sys.executable, "-m", "ops.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "tba.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -65,7 +65,7 @@ def test_a_bad_config_names_the_field_and_exits_non_zero(tmp_path):
 def test_the_demo_runs_end_to_end(broker, monkeypatch):
     """The data-plane demo (`tba demo`), on a smaller stream."""
     from ops.config import load_config
-    from ops.demo import run_demo
+    from tba.demo import run_demo
 
     cfg = load_config(
         environ={},

@@ -48,7 +48,7 @@ def test_the_shipped_default_config_is_the_embedded_defaults():
 def test_each_paper_setting_config_loads_and_names_what_to_fill_in():
     from pathlib import Path
 
-    from producers.tasks import build_task
+    from policy.tasks import build_task
 
     configs = Path(__file__).parents[1] / "configs"
     math = load_config(configs / "math.yaml", environ={})
@@ -64,7 +64,7 @@ def test_each_paper_setting_config_loads_and_names_what_to_fill_in():
 def test_the_configs_that_run_anywhere_build_their_tasks_from_what_ships():
     from pathlib import Path
 
-    from producers.tasks import build_task
+    from policy.tasks import build_task
 
     root = Path(__file__).parents[1]
     for name, task_name in (("sentiment", "preference"), ("redteam_embedded", "redteam")):

@@ -72,7 +72,7 @@ def test_tba_train_under_torchrun_with_two_processes(cfg, tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     torchrun = Path(sys.executable).with_name("torchrun")
     done = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "ops.cli",
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "tba.cli",
          "--config", str(tmp_path / "job.yaml"), "train"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

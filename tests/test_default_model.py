@@ -2,7 +2,8 @@
 
 import torch
 
-from producers.generation import HFGenerator, load_model
+from policy.generation import HFGenerator
+from policy.models import load_model
 
 
 def test_default_model_loads_with_its_chat_template_and_generates():

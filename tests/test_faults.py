@@ -2,8 +2,8 @@
 service, broker): the supervisor restarts it and, read back from the topics, nothing acked is lost,
 nothing is routed twice, and the trainer resumes at its checkpoint without admitting a group twice."""
 
-from bench.faults import ROLES, job_config, run_faults
-from ops.supervisor import local_broker
+from ops.broker import job_broker
+from tests.fault_injection import ROLES, job_config, run_faults
 from tests.tiny_models import saved_tiny_llama
 
 
@@ -12,14 +12,14 @@ def test_a_kill_of_each_role_loses_nothing_and_duplicates_nothing(tmp_path):
     try:
         result = run_faults(cfg, kills=len(ROLES), interval_s=4, seed=0, load_per_s=10)
     finally:
-        local_broker(cfg).stop()
+        job_broker(cfg).stop()
     print(result)
     assert result["kills"] == dict.fromkeys(ROLES, 1)
     assert result["acked"] > 100 and result["lost"] == 0
     assert result["duplicates_in_raw"] == result["duplicates_in_curated"] == result["routed_twice"] == 0
     assert result["raw_written_after_drain"] == 0 and not result["load_still_sending"]  # what the drain saw is all
     # every raw group is routed, unless the broker itself left a filter transaction hanging after its
-    # kill -9 (bench/faults.py, SKIPPED_MARKERS): then the filter waits on that partition, named here
+    # kill -9 (tests/fault_injection.py, SKIPPED_MARKERS): then the filter waits on that partition, named here
     if not result["hanging_transactions"]:
         assert result["filter_lag_at_end"] == 0
         assert result["not_routed"] == 0, result["not_routed_at"]

@@ -11,12 +11,13 @@ from collections import Counter
 from consumers.filter import FilterConsumer
 from ops import kafka_clients
 from ops.topics import read_topic, topic_names
+from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import BAD_KINDS, synthetic_group
-from producers.trajectory_producer import TrajectoryProducer
 from schemas.codec import Codec
 from schemas.records import DeadLetterCodec, TrajectoryCodec
 from tests.test_run import wait_until
-from trainer.replay_buffer import CuratedFeed, ReplayBuffer
+from trainer.curated_feed import CuratedFeed
+from trainer.replay_buffer import ReplayBuffer
 
 
 def run_filters(cfg, store, instances=1, idle_exit_s=3.0, then=None):
@@ -100,7 +101,7 @@ def test_a_filter_killed_mid_stream_loses_nothing_and_duplicates_nothing(cfg, st
         "TBA__KAFKA__NAMESPACE": cfg.kafka.namespace,
         "TBA__FILTER__MAX_POLL_RECORDS": "50",  # many small transactions, so the kill lands inside one
     }
-    cmd = [sys.executable, "-m", "ops.cli", "filter", "--instance", "0"]
+    cmd = [sys.executable, "-m", "tba.cli", "filter", "--instance", "0"]
     first = subprocess.Popen(cmd + ["--idle-exit", "30"], env=env)
     consumer = kafka_clients.consumer(cfg)
     curated_parts = [tp for tp in _partitions(consumer, names.curated)]
@@ -131,8 +132,8 @@ def _partitions(consumer, topic):
 def test_dead_letters_are_redriven_once_and_rescored(cfg, store, rng, monkeypatch):
     from click.testing import CliRunner
 
-    from ops.cli import cli
     from ops.config import with_overrides
+    from tba.cli import cli
 
     strict = with_overrides(cfg, filter={"max_completion_tokens": 40})
     with TrajectoryProducer(strict, store) as producer:

@@ -4,10 +4,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.fuzz import KINDS, Malformed, fuzz
 from consumers.filter import GroupFilter
 from producers.synthetic import synthetic_group
 from schemas.records import TrajectoryCodec
+from tests.malformed import KINDS, Malformed, fuzz
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
-from producers.generation import HFGenerator
+from policy.generation import HFGenerator
+from policy.logprobs import token_logprobs
 from tests.tiny_models import char_tokenizer, tiny_llama
-from trainer.tb_loss import token_logprobs
 
 
 def test_samples_carry_exact_behaviour_and_reference_logprobs():

@@ -6,12 +6,12 @@ import numpy as np
 from click.testing import CliRunner
 
 from ops import kafka_clients
-from ops.cli import cli
 from ops.config import with_overrides
-from ops.inspection import inspect_job
 from ops.topics import topic_names
+from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import bad_nan_reward, synthetic_group
-from producers.trajectory_producer import TrajectoryProducer
+from tba.cli import cli
+from tba.inspection import inspect_job
 from tests.test_filter import run_filters
 from tests.tiny_models import tiny_llama
 from trainer.weight_sync import WeightSyncServer

@@ -11,10 +11,11 @@ import yaml
 
 from ops.broker import free_port
 from ops.config import with_overrides
+from ops.metrics import metric_rows
 from ops.topics import read_topic, topic_names
 from schemas.records import TrajectoryCodec
 from tests.tiny_models import saved_tiny_llama
-from trainer.train import run_trainer
+from trainer.job import run_trainer
 
 
 def test_mean_reward_rises_through_the_full_path(cfg, store, tmp_path):
@@ -34,7 +35,7 @@ def test_mean_reward_rises_through_the_full_path(cfg, store, tmp_path):
     )  # fmt: skip
     config = tmp_path / "tba.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    tba = [sys.executable, "-m", "ops.cli", "--config", str(config)]
+    tba = [sys.executable, "-m", "tba.cli", "--config", str(config)]
     filter_proc = subprocess.Popen([*tba, "filter", "--instance", "0"])
     searcher = subprocess.Popen([*tba, "search", "--index", "0"])
     try:
@@ -60,7 +61,6 @@ def test_mean_reward_rises_through_the_full_path(cfg, store, tmp_path):
 
 @pytest.mark.parametrize("loss", ["tb", "rloo", "grpo"])
 def test_synchronous_on_policy_baseline_learns_the_toy_task(loss, cfg, store, tmp_path):
-    import json
 
     saved_tiny_llama(tmp_path / "model")
     cfg = with_overrides(
@@ -75,7 +75,7 @@ def test_synchronous_on_policy_baseline_learns_the_toy_task(loss, cfg, store, tm
     )  # fmt: skip
     trainer = run_trainer(cfg)
     assert trainer.step == 60
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path / "run")
     train = [r for r in rows if r["kind"] == "train"]
     assert all(r["mode"] == "sync" and r["loss_name"] == loss for r in rows)
     assert [r["kind"] for r in rows].count("eval") == 3  # at step 0, 30, 60

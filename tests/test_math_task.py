@@ -1,8 +1,8 @@
 """The math task: real reasoning-gym problems, a seeded split, math-verify rewards."""
 
 from ops.config import load_config
-from producers.tasks import build_task
-from producers.tasks.math import final_answer
+from policy.tasks import build_task
+from policy.tasks.math import final_answer
 
 
 def task(**kw):

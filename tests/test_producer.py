@@ -8,12 +8,12 @@ from click.testing import CliRunner
 from kafka.admin import NewTopic
 
 from ops import kafka_clients
-from ops.cli import cli
 from ops.errors import DeliveryError
 from ops.topics import read_topic, topic_names
+from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
-from producers.trajectory_producer import TrajectoryProducer
 from schemas.records import TrajectoryCodec
+from tba.cli import cli
 
 
 def test_groups_arrive_keyed_by_prompt_id(cfg, store, rng):

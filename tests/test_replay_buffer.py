@@ -7,10 +7,11 @@ import pytest
 
 from ops.config import with_overrides
 from ops.topics import read_topic, topic_names
+from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
-from producers.trajectory_producer import TrajectoryProducer
 from schemas.records import TrajectoryCodec
-from trainer.replay_buffer import CuratedFeed, ReplayBuffer
+from trainer.curated_feed import CuratedFeed
+from trainer.replay_buffer import ReplayBuffer
 
 
 def publish_curated(cfg, store, groups):

@@ -4,13 +4,13 @@ acked; brought back -> every acked group is there."""
 
 import time
 
-from bench.faults import Load
 from ops.broker import LocalCluster
 from ops.config import with_overrides
+from ops.schema_store import KafkaSchemaStore
 from ops.topics import create_topics, read_topic, topic_names
-from schemas.codec import SchemaStore
 from schemas.records import TrajectoryCodec
 from tests.conftest import make_config
+from tests.fault_injection import Load
 
 
 def wait_for(condition, timeout_s: float, what: str) -> float:
@@ -52,7 +52,7 @@ def test_losing_one_then_two_of_three_brokers_loses_no_acked_group(tmp_path):
         finally:
             load.stop.set()
             load.thread.join(120)
-        codec = TrajectoryCodec(SchemaStore(cfg))
+        codec = TrajectoryCodec(KafkaSchemaStore(cfg))
         stored = {codec.decode(r.value).group_id for r in read_topic(cfg, topic_names(cfg).raw)}
         assert load.acked and not load.acked - stored, f"{len(load.acked - stored)} acked groups lost"
     finally:

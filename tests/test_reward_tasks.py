@@ -7,8 +7,8 @@ import torch
 
 from ops.config import load_config
 from ops.errors import ConfigError
-from producers.tasks import RewardError, build_task
-from producers.tasks.redteam import novelty
+from policy.tasks import RewardError, build_task
+from policy.tasks.redteam import novelty
 from tests.tiny_models import char_tokenizer, saved_tiny_llama, tiny_classifier
 
 
@@ -118,7 +118,7 @@ def test_reward_function_failures_name_the_field():
 
 def test_preference_takes_a_packaged_sentiment_reward_and_still_penalises_unfinished(prompts):
     task = build_task(load_config(environ={}, task={
-        "name": "preference", "prompts_file": str(prompts), "reward_fn": "producers.tasks.judges:positive_sentiment",
+        "name": "preference", "prompts_file": str(prompts), "reward_fn": "policy.tasks.judges:positive_sentiment",
     }).task)  # fmt: skip
     happy, sad, cut = task.score(task.train[0], ["What a wonderful, happy day!", "This is awful and sad.", "great"],
                                  [True, True, False])  # fmt: skip

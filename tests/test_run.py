@@ -13,8 +13,9 @@ import yaml
 
 from ops.broker import free_port
 from ops.config import with_overrides
-from ops.live_view import scrape
-from ops.supervisor import Supervisor
+from ops.metrics import metric_rows
+from tba.live_view import scrape
+from tba.supervisor import Supervisor
 from tests.tiny_models import saved_tiny_llama
 
 
@@ -66,7 +67,7 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
     )  # fmt: skip
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    tba = [sys.executable, "-m", "ops.cli"]
+    tba = [sys.executable, "-m", "tba.cli"]
     job = subprocess.Popen([*tba, "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # every role serves its metrics; the trainer trains on what the searcher made and the filter passed
@@ -97,7 +98,7 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
                        60, "the processes of a killed supervisor to stop")  # fmt: skip
     assert job.returncode == 0, output
     assert not any(alive(pid) for pid in pids)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run_dir)
     last_step = max(r["step"] for r in rows)
     assert last_step >= 3 and (run_dir / "inspect.json").exists()
 
@@ -105,7 +106,7 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
     config.write_text(yaml.safe_dump(with_overrides(cfg, trainer={"max_steps": last_step + 2}).model_dump(mode="json")))
     again = subprocess.run([*tba, "run", str(config)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run_dir)
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps[-2:] == [last_step + 1, last_step + 2]
     assert process(job_state(run_dir), "trainer")["status"] == "finished"
@@ -137,8 +138,6 @@ def test_a_stopped_process_is_not_restarted_even_while_it_waits_out_a_back_off(c
 
 
 def test_metric_rows_leave_out_a_last_line_cut_short_by_a_kill(tmp_path):
-    from ops.metrics import metric_rows
-
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "eval", "step": 1}\n{"kind": "tr')
     assert [r["kind"] for r in metric_rows(tmp_path)] == ["train", "eval"]
     assert metric_rows(tmp_path / "absent") == []

@@ -76,3 +76,12 @@ def test_distinct_ngram_ratios_match_a_plain_count(rng):
     for seq, ratio in zip(seqs, got, strict=True):
         grams = [tuple(seq[i : i + 3]) for i in range(len(seq) - 2)]
         assert ratio == (len(set(grams)) / len(grams) if grams else 1.0)
+
+
+def test_the_scorer_registry_and_the_config_name_the_same_scorers():
+    import typing
+
+    from consumers.scorers import SCORERS
+    from ops.config import ScorerName
+
+    assert list(SCORERS) == list(typing.get_args(ScorerName))

@@ -5,10 +5,10 @@ import torch
 
 from ops.config import with_overrides
 from ops.topics import read_topic, topic_names
+from policy.logprobs import token_logprobs
 from producers.searcher import build_searcher
 from schemas.records import TrajectoryCodec
 from tests.tiny_models import saved_tiny_llama, tiny_llama
-from trainer.tb_loss import token_logprobs
 from trainer.weight_sync import WeightSyncServer
 
 
@@ -73,7 +73,7 @@ def test_tba_search_runs_without_waiting_for_a_trainer(cfg, store, tmp_path):
         "TBA__WEIGHTS__PORT": str(free_port()),  # nothing listens there
     }
     done = subprocess.run(
-        [sys.executable, "-m", "ops.cli", "search", "--index", "0", "--batches", "2"],
+        [sys.executable, "-m", "tba.cli", "search", "--index", "0", "--batches", "2"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -11,8 +11,8 @@ from ops.broker import LocalBroker, free_port
 from ops.config import load_config
 from ops.errors import BrokerError
 from ops.topics import create_topics, read_topic, topic_names
+from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
-from producers.trajectory_producer import TrajectoryProducer
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +54,14 @@ def test_the_command_line_says_what_to_fix_and_never_prints_the_password(sasl_br
     config = tmp_path / "tba.yaml"
     config.write_text(sasl_config(sasl_broker).model_dump_json())
     env = {**os.environ, "TBA_KAFKA_PASSWORD": "battery staple"}
-    run = subprocess.run([sys.executable, "-m", "ops.cli", "--config", str(config), "topics", "create"],
+    run = subprocess.run([sys.executable, "-m", "tba.cli", "--config", str(config), "topics", "create"],
                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("error: Kafka at 127.0.0.1:")
     assert "battery staple" not in run.stdout + run.stderr
 
     del env["TBA_KAFKA_PASSWORD"]
-    run = subprocess.run([sys.executable, "-m", "ops.cli", "--config", str(config), "topics", "create"],
+    run = subprocess.run([sys.executable, "-m", "tba.cli", "--config", str(config), "topics", "create"],
                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 2
     assert "kafka.sasl_password_env: set the environment variable TBA_KAFKA_PASSWORD" in run.stderr
@@ -70,7 +70,7 @@ def test_the_command_line_says_what_to_fix_and_never_prints_the_password(sasl_br
 def test_an_unreachable_broker_is_one_clear_error(tmp_path):
     config = tmp_path / "tba.yaml"
     config.write_text(f"kafka:\n  bootstrap: 127.0.0.1:{free_port()}\n  client_timeout_s: 3\n")
-    run = subprocess.run([sys.executable, "-m", "ops.cli", "--config", str(config), "topics", "create"],
+    run = subprocess.run([sys.executable, "-m", "tba.cli", "--config", str(config), "topics", "create"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 2
     assert "no Kafka broker answered at kafka.bootstrap=127.0.0.1:" in run.stderr.strip().splitlines()[-1]

@@ -18,13 +18,14 @@ import yaml
 
 from ops.config import load_config, with_overrides
 from ops.job import recorded_namespace
+from ops.metrics import metric_rows
+from ops.schema_store import KafkaSchemaStore
 from ops.topics import read_topic, topic_names
-from schemas.codec import SchemaStore
 from schemas.records import TrajectoryCodec
 from tests.tiny_models import saved_tiny_llama, tiny_classifier
-from trainer.train import latest_checkpoint
+from trainer.checkpoint import latest_checkpoint
 
-TBA = [sys.executable, "-m", "ops.cli"]
+TBA = [sys.executable, "-m", "tba.cli"]
 NAMESPACES: dict[tuple[str, str], str] = {}  # (task, mode) -> the namespace its job was given
 
 
@@ -48,7 +49,7 @@ def task_settings(task: str, mode: str, models: dict) -> dict:
     """The task's settings; preference takes its reward from a reward model in one mode and from the packaged
     reward function of configs/sentiment.yaml in the other."""
     reward = ({"reward_model": models["reward_model"]} if mode == "async"
-              else {"reward_fn": "producers.tasks.judges:positive_sentiment"})  # fmt: skip
+              else {"reward_fn": "policy.tasks.judges:positive_sentiment"})  # fmt: skip
     return {
         "math": {"name": "math", "train_size": 8, "eval_size": 2},
         "toy": {"name": "toy", "train_size": 8, "eval_size": 2},
@@ -90,7 +91,7 @@ def test_every_task_runs_in_both_modes_and_its_history_replays(broker, models, t
     assert {p["role"] for p in state["processes"]} == (
         {"trainer", "filter"} | ({"searcher"} if mode == "async" else set())
     )
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run_dir)
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
     assert latest_checkpoint(run_dir).name == "step-000002"
 
@@ -99,7 +100,7 @@ def test_every_task_runs_in_both_modes_and_its_history_replays(broker, models, t
     assert namespace.startswith("tba-run-") and namespace not in NAMESPACES.values()
     NAMESPACES[(task, mode)] = namespace
     job_cfg = with_overrides(cfg, kafka={"namespace": namespace})
-    codec = TrajectoryCodec(SchemaStore(job_cfg))
+    codec = TrajectoryCodec(KafkaSchemaStore(job_cfg))
     curated = [codec.decode(r.value) for r in read_topic(job_cfg, topic_names(job_cfg).curated)]
     assert curated, logs
     own = {g.prompt_id for g in curated}

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from trainer.tb_loss import linear_beta, sequence_logprobs, tb_loss
+from policy.logprobs import sequence_logprobs
+from trainer.tb_loss import linear_beta, tb_loss
 
 
 def test_loss_equals_a_hand_computed_value_on_2_prompts_by_3_samples():
@@ -67,8 +68,8 @@ def test_beta_anneals_linearly_then_holds():
 
 
 def test_a_prompt_shared_by_its_completions_gives_the_logits_and_gradients_of_whole_sequences():
+    from policy.logprobs import completion_logits
     from tests.tiny_models import tiny_llama
-    from trainer.tb_loss import completion_logits
 
     model, k, pad = tiny_llama(3).train(), 3, 0
     prompts = [[5, 6, 7, 8, 9], [10, 11]]  # left-padded to width 5

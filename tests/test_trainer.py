@@ -7,12 +7,14 @@ from safetensors.torch import load_file
 
 from ops.config import with_overrides
 from ops.topics import topic_names
+from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
-from producers.trajectory_producer import TrajectoryProducer
 from producers.weight_subscriber import WeightSubscriber
 from tests.tiny_models import saved_tiny_llama, tiny_llama
-from trainer.replay_buffer import CuratedFeed, ReplayBuffer
-from trainer.train import Trainer, latest_checkpoint
+from trainer.checkpoint import latest_checkpoint
+from trainer.curated_feed import CuratedFeed
+from trainer.replay_buffer import ReplayBuffer
+from trainer.train import Trainer
 from trainer.weight_sync import WeightSyncServer
 
 
@@ -101,8 +103,7 @@ def test_a_new_policy_version_is_published_every_k_steps(tcfg, store):
 def test_lora_trains_and_publishes_adapters_only_and_resumes(tcfg, store):
     import torch
 
-    from producers.weight_subscriber import load_into
-    from trainer.train import apply_lora
+    from policy.models import apply_lora, load_into
 
     cfg = with_overrides(tcfg, trainer={"lora_r": 4, "lora_targets": ["q_proj", "v_proj"]})
     t = Trainer(cfg, apply_lora(tiny_llama(0), cfg.trainer), ReplayBuffer(cfg, store, seed=3), pad_id=0)
@@ -133,8 +134,8 @@ def test_tba_replay_retrains_from_a_past_range_of_curated(tcfg, store, tmp_path,
     import yaml
     from click.testing import CliRunner
 
-    from ops.cli import cli
     from ops.topics import read_topic
+    from tba.cli import cli
 
     saved_tiny_llama(tmp_path / "model")
     cfg = with_overrides(

@@ -8,9 +8,9 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e
 if not torch.cuda.is_available():
     pytest.skip("vLLM needs a CUDA GPU", allow_module_level=True)
 
-from producers.vllm_backend import VLLMGenerator  # noqa: E402
+from policy.logprobs import token_logprobs  # noqa: E402
+from policy.vllm_backend import VLLMGenerator  # noqa: E402
 from tests.tiny_models import char_tokenizer, saved_tiny_llama, tiny_llama  # noqa: E402
-from trainer.tb_loss import token_logprobs  # noqa: E402
 
 
 @pytest.fixture(scope="module")

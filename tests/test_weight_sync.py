@@ -9,9 +9,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ops.config import with_overrides
 from ops.errors import TbaError
+from ops.schema_store import KafkaSchemaStore
 from ops.topics import read_topic, topic_names
-from producers.weight_subscriber import WeightSubscriber, load_into
-from schemas.codec import SchemaStore
+from policy.models import load_into
+from producers.weight_subscriber import WeightSubscriber
 from schemas.records import PolicyVersionCodec
 from trainer.weight_sync import WeightSyncServer, publish_remote
 
@@ -168,7 +169,7 @@ def test_versions_are_announced_on_the_policy_versions_topic(wcfg, server):
     for seed in range(2):
         server.wait_published(server.publish(tiny_llama(seed).state_dict(), step=seed * 2))
     server.stop()  # flushes the announcements
-    codec = PolicyVersionCodec(SchemaStore(wcfg))
+    codec = PolicyVersionCodec(KafkaSchemaStore(wcfg))
     announced = [codec.decode(r.value) for r in read_topic(wcfg, topic_names(wcfg).policy_versions)]
     assert [(a["version"], a["step"]) for a in announced] == [(0, 0), (1, 2)]
     assert announced[-1]["sha256"] == server.latest.sha256.hex()
@@ -249,7 +250,7 @@ def test_tba_weights_serve_runs_the_service_on_its_own(wcfg):
         "TBA__WEIGHTS__PORT": str(port),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "weights", "serve"], env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "tba.cli", "weights", "serve"], env=env, stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout.readline().strip() == f"weight sync serving on 127.0.0.1:{port}"
     model = tiny_llama(9)

@@ -1,1 +1,2 @@
-"""Trainer: the replay buffer over the curated topic (and, later, the TB loss and weight sync)."""
+"""Trainer: curated groups into a replay buffer, the TB loss, checkpoints, and new policy versions
+served to the searchers by the weight-sync service."""

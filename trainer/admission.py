@@ -26,7 +26,7 @@ class Admission:
     """admit(group) -> None when the model can train on it (prompt ids filled in if missing), else the reason."""
 
     def __init__(self, model, tokenizer, model_id: str):
-        from producers.generation import chat_prompt_ids
+        from policy.models import chat_prompt_ids
 
         self.tokenizer = tokenizer
         self.model_id = model_id

@@ -6,7 +6,9 @@ r_j - beta * (log pi_theta(y_j) - log pi_ref(y_j)).
 
 RLOO:  A_j = r_j - mean_{k != j} r_k;       loss = -mean_j A_j * log pi_theta(y_j)
 GRPO:  A_j = (r_j - mean r) / (std r + eps); loss = -sum_{j,t} A_j * log pi_theta(y_j,t) / sum_j |y_j|
-       (token-level averaging over the batch, as DAPO and TRL's default loss do)
+       (token-level: the sum over the tokens of a micro-batch of whole prompts, over its token count;
+       the trainer weights micro-batches by their prompts, so with one micro-batch a step this is the
+       normalisation of DAPO and of TRL's default loss)
 """
 
 from __future__ import annotations

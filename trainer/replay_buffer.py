@@ -2,7 +2,8 @@
 
 The index is a set of numpy columns, one row per group (partition, offset, prompt, policy version,
 timestamp, first sample, previous group of the same prompt) and one row per sample (reward, 64-bit
-content hash): ~40 + 12*K bytes a group, so a million 8-sample groups index in ~140 MB. A prompt's
+content hash): 40 + 12*K bytes a group (136 for K = 8), and up to a quarter more while a column
+waits to grow: a million 8-sample groups measured 155 MB (bench/results/dataplane.json). A prompt's
 groups form a linked list from its newest group backwards, so no per-prompt Python containers.
 Decoded groups live in a bounded LRU cache; an evicted group is read back from Kafka by seeking to
 its offset: the topic is the storage.
@@ -15,7 +16,6 @@ completions removed.
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -25,6 +25,7 @@ from kafka import TopicPartition
 from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import DecodeError, TbaError
+from ops.schema_store import KafkaSchemaStore
 from ops.topics import topic_names
 from schemas.codec import SchemaStore
 from schemas.records import Sample, TrajectoryCodec, TrajectoryGroup
@@ -83,7 +84,7 @@ class ReplayBuffer:
         self.rejected = 0
         self._kafka_cfg = cfg
         self.topic = topic_names(cfg).curated
-        self.codec = TrajectoryCodec(store or SchemaStore(cfg))
+        self.codec = TrajectoryCodec(store or KafkaSchemaStore(cfg))
         self.rng = np.random.default_rng(seed)
         # group columns
         self.partition = Column(np.int32)
@@ -340,86 +341,3 @@ class ReplayBuffer:
 
 def _raise(record, reason: str) -> None:
     raise TbaError(f"curated {record.partition}:{record.offset} cannot be trained on: {reason}")
-
-
-class CuratedFeed:
-    """Feeds a ReplayBuffer from the curated topic: live (poll), or a past offset/time range (fill)."""
-
-    def __init__(self, cfg: TbaConfig, buffer: ReplayBuffer):
-        self.buffer = buffer
-        self.consumer = kafka_clients.consumer(cfg)
-        topic = buffer.topic
-        self.partitions = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or ())]
-        if not self.partitions:
-            raise TbaError(f"topic {topic} does not exist; run `tba topics create`")
-        self.consumer.assign(self.partitions)
-        self.seek(buffer.next_offsets)
-
-    def seek(self, next_offsets: dict[int, int]) -> None:
-        """Continue each partition at its next offset to ingest (from the start where none is known)."""
-        for tp in self.partitions:
-            start = next_offsets.get(tp.partition)
-            if start is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, start)
-
-    def poll(self, timeout_ms: int = 100) -> int:
-        """Ingest whatever committed groups arrived; returns how many were added."""
-        added = 0
-        for records in self.consumer.poll(timeout_ms=timeout_ms).values():
-            added += self.buffer.ingest(records)
-        return added
-
-    def resolve(self, at: int | None, timestamp_ms: int | None, default: str) -> dict[TopicPartition, int]:
-        """Per-partition offsets of an offset bound (same on every partition), a time bound, or start/end."""
-        if at is not None:
-            return {tp: at for tp in self.partitions}
-        if timestamp_ms is not None:
-            found = self.consumer.offsets_for_times({tp: timestamp_ms for tp in self.partitions})
-            ends = self.consumer.end_offsets(self.partitions)
-            return {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in self.partitions}
-        edge = self.consumer.beginning_offsets if default == "start" else self.consumer.end_offsets
-        return edge(self.partitions)
-
-    def fill(
-        self,
-        from_offset: int | None = None,
-        to_offset: int | None = None,
-        from_time_ms: int | None = None,
-        to_time_ms: int | None = None,
-        stop_event: threading.Event | None = None,
-    ) -> int:
-        """Ingest the half-open range [from, to) of every partition, by offset or by timestamp (replays).
-
-        The feed then continues where the topic ended when the fill began: a later poll() reads what
-        arrived since (live searchers' groups), never what lies between the range and that end.
-        Returns how many groups were added; stops early (the range cut short) once stop_event is set.
-        """
-        start = self.resolve(from_offset, from_time_ms, "start")
-        stop = self.resolve(to_offset, to_time_ms, "end")
-        ends = self.consumer.end_offsets(self.partitions)
-        stop = {tp: min(stop[tp], ends[tp]) for tp in self.partitions}
-        todo = {tp for tp in self.partitions if start[tp] < stop[tp]}
-        for tp in self.partitions:
-            self.consumer.seek(tp, start[tp])
-        added = 0
-        while todo and not (stop_event and stop_event.is_set()):
-            for tp, records in self.consumer.poll(timeout_ms=500).items():
-                if tp not in todo:
-                    continue
-                added += self.buffer.ingest([r for r in records if r.offset < stop[tp]])
-                if self.consumer.position(tp) >= stop[tp]:
-                    todo.discard(tp)
-            # aborted transactions and markers leave gaps: position, not record count, says when we are done
-            todo = {tp for tp in todo if self.consumer.position(tp) < stop[tp]}
-        if todo:  # cut short: the range was not read to its end
-            return added
-        for tp in self.partitions:
-            after = max(self.buffer.next_offsets.get(tp.partition, 0), ends[tp])
-            self.buffer.next_offsets[tp.partition] = after  # a checkpoint resumes the feed there too
-            self.consumer.seek(tp, after)
-        return added
-
-    def close(self) -> None:
-        self.consumer.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ops.broker import configured_broker
 from ops.config import TbaConfig, load_config
 from ops.errors import TbaError
 
@@ -59,31 +60,25 @@ def kafka() -> None:
     """The local Apache Kafka broker (KRaft)."""
 
 
-def _broker(cfg: TbaConfig):
-    from ops.broker import LocalBroker
-
-    return LocalBroker(cfg.broker.data_dir, cfg.broker.port, heap=cfg.broker.heap)
-
-
 @kafka.command("start")
 @click.pass_obj
 def kafka_start(obj: Context) -> None:
     """Resolve the jars (once), format storage (once), start the broker and wait until it answers."""
-    status = _broker(obj.cfg).start()
+    status = configured_broker(obj.cfg).start()
     click.echo(f"kafka running: bootstrap {status.bootstrap}, pid {status.pid}, data dir {status.data_dir}")
 
 
 @kafka.command("stop")
 @click.pass_obj
 def kafka_stop(obj: Context) -> None:
-    stopped = _broker(obj.cfg).stop()
+    stopped = configured_broker(obj.cfg).stop()
     click.echo("kafka stopped" if stopped else "kafka was not running")
 
 
 @kafka.command("status")
 @click.pass_obj
 def kafka_status(obj: Context) -> None:
-    status = _broker(obj.cfg).status()
+    status = configured_broker(obj.cfg).status()
     if status is None:
         click.echo(f"kafka not running (data dir {Path(obj.cfg.broker.data_dir).resolve()})")
         sys.exit(1)
@@ -118,8 +113,8 @@ def topics_describe(obj: Context) -> None:
 @click.pass_obj
 def produce(obj: Context, path: str) -> None:
     """Publish a JSON Lines file of trajectory groups written by any generator (see README)."""
+    from ops.trajectory_producer import TrajectoryProducer
     from producers.jsonl import produce_file
-    from producers.trajectory_producer import TrajectoryProducer
 
     with TrajectoryProducer(obj.job()) as producer:
         sent, invalid = produce_file(path, producer)
@@ -198,7 +193,7 @@ def search(obj: Context, index: int, batches: int | None, metrics_port: int | No
 @click.pass_obj
 def train(obj: Context, metrics_port: int | None) -> None:
     """Run the TB trainer: curated -> replay buffer -> TB loss -> new policy versions; resumes from run_dir."""
-    from trainer.train import run_trainer
+    from trainer.job import run_trainer
 
     stop = stop_on_signals()  # the trainer checkpoints, then exits
     trainer = run_trainer(obj.job(create=True), stop, metrics_port=metrics_port)
@@ -243,7 +238,8 @@ def replay(
     """Train a new policy on a past range of a job's curated topic, in trainer.run_dir (which must be its own)."""
     from ops.config import with_overrides
     from ops.job import recorded_namespace
-    from trainer.train import checkpoint_at, run_trainer
+    from trainer.checkpoint import checkpoint_at
+    from trainer.job import run_trainer
 
     cfg = obj.cfg
     if job_dir is not None:
@@ -284,35 +280,15 @@ def weights_serve(obj: Context) -> None:
 @click.pass_obj
 def inspect_(obj: Context, scan: int, as_json: bool) -> None:
     """Topics, filter lag, groups and reward per policy version, dead letters by reason, weight versions."""
-    from ops.inspection import inspect_job
+    from tba.inspection import inspect_job
 
     report = inspect_job(obj.job(), scan)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from tba.inspection import print_tables
 
-    console = Console()
-    for title, rows in (
-        ("topics", report["topics"]),
-        ("filter lag (raw partition: records)", [report["filter_lag"]]),
-        (
-            "curated groups by policy version",
-            [{"version": v, **x} for v, x in report["curated_by_policy_version"].items()],
-        ),
-        ("dead letters by scorer", [{"scorer": k, **x} for k, x in report["dlq_by_scorer"].items()]),
-        ("announced policy versions", report["policy_versions"]),
-    ):
-        table = Table(title=title)
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        for column in columns:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(
-                *(f"{row.get(c, ''):.3f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns)
-            )
-        console.print(table)
+    print_tables(report)
 
 
 @cli.command("run")
@@ -326,8 +302,8 @@ def run_(obj: Context, config: str | None) -> None:
     """
     import logging
 
-    from ops.live_view import JobView
-    from ops.supervisor import run_job
+    from tba.live_view import JobView
+    from tba.supervisor import run_job
 
     cfg = load_config(config) if config else obj.cfg
     stop = stop_on_signals()
@@ -381,7 +357,7 @@ def _print_view(view, supervisor) -> None:
 @click.option("--out", default=None, help="Where to write (default: RUN_DIR/report).")
 def report(run_dir: str, out: str | None) -> None:
     """PNG plots (reward and held-out accuracy vs wall time and step, throughput, staleness, rejects) + report.md."""
-    from ops.report import write_report
+    from tba.report import write_report
 
     click.echo(f"wrote {write_report(run_dir, out) / 'report.md'}")
 
@@ -390,7 +366,7 @@ def report(run_dir: str, out: str | None) -> None:
 @click.pass_obj
 def demo(obj: Context) -> None:
     """The data plane end to end on the local broker: produce, filter, replay buffer, report."""
-    from ops.demo import run_demo
+    from tba.demo import run_demo
 
     run_demo(obj.cfg)
 

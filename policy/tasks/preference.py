@@ -1,15 +1,15 @@
 """Preference tuning (the paper's TL;DR setting): a reward model scores prompt + completion.
 
 The reward is a local sequence-classification model (task.reward_model) or any function
-(task.reward_fn, e.g. producers.tasks.judges:positive_sentiment). A completion that never ends (no
+(task.reward_fn, e.g. policy.tasks.judges:positive_sentiment). A completion that never ends (no
 EOS within max_new_tokens) gets no_eos_penalty instead, as in the paper's summarisation runs, so the
 policy cannot win by rambling.
 """
 
 from __future__ import annotations
 
-from producers.tasks import reward_function
-from producers.tasks.prompts import classify, load_classifier, load_prompts
+from policy.tasks import reward_function
+from policy.tasks.prompts import classify, load_classifier, load_prompts
 
 
 class PreferenceTask:

@@ -11,22 +11,22 @@ from rich.table import Table
 
 from consumers.filter import FilterConsumer
 from ops import kafka_clients
-from ops.broker import LocalBroker
+from ops.broker import job_broker
 from ops.config import TbaConfig, with_overrides
+from ops.schema_store import KafkaSchemaStore
 from ops.topics import create_topics, read_topic, topic_names
+from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import BAD_KINDS, synthetic_group
-from producers.trajectory_producer import TrajectoryProducer
 from schemas.codec import SchemaStore
 from schemas.records import DeadLetterCodec
-from trainer.replay_buffer import CuratedFeed, ReplayBuffer
+from trainer.curated_feed import CuratedFeed
+from trainer.replay_buffer import ReplayBuffer
 
 
 def ensure_local_broker(cfg: TbaConfig, console: Console) -> None:
     """Start the configured local broker when the bootstrap address is its own port."""
-    if cfg.kafka.bootstrap != f"127.0.0.1:{cfg.broker.port}":
-        return
-    broker = LocalBroker(cfg.broker.data_dir, cfg.broker.port, heap=cfg.broker.heap)
-    if broker.status() is None:
+    broker = job_broker(cfg)
+    if broker is not None and broker.status() is None:
         with console.status(f"starting Kafka on {broker.bootstrap} (data in {broker.data_dir})"):
             broker.start()
 
@@ -39,7 +39,7 @@ def run_demo(cfg: TbaConfig) -> dict:
     names = topic_names(cfg)
     create_topics(cfg)
     console.print(f"namespace [bold]{cfg.kafka.namespace}[/]: topics {names.raw}, {names.curated}, {names.dlq}")
-    store = SchemaStore(cfg)
+    store = KafkaSchemaStore(cfg)
     d = cfg.demo
     rng = np.random.default_rng(d.seed)
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from ops.errors import ConfigError
-from producers.tasks import Problem
+from policy.tasks import Problem
 
 
 def load_prompts(cfg) -> tuple[list[Problem], list[Problem]]:

@@ -6,7 +6,7 @@ flows searcher -> Kafka -> filter -> trainer -> weight sync -> searcher; it says
 
 from __future__ import annotations
 
-from producers.tasks import PerCompletionTask, Problem, reward_function
+from policy.tasks import PerCompletionTask, Problem, reward_function
 
 
 class ToyTask(PerCompletionTask):

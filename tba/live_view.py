@@ -64,8 +64,8 @@ class JobView:
         self.renderable = self.render(supervisor.state(), scraped)
 
     def _read_kafka(self) -> dict:
-        from ops.inspection import filter_lag
         from ops.topics import end_offsets, topic_names
+        from tba.inspection import filter_lag
 
         try:
             names = topic_names(self.cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import DeliveryError
+from ops.schema_store import KafkaSchemaStore
 from ops.topics import topic_names
 from schemas.codec import SchemaStore
 from schemas.records import TrajectoryCodec, TrajectoryGroup
@@ -18,7 +19,7 @@ from schemas.records import TrajectoryCodec, TrajectoryGroup
 class TrajectoryProducer:
     def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None, topic: str | None = None):
         self.topic = topic or topic_names(cfg).raw
-        self.codec = TrajectoryCodec(store or SchemaStore(cfg))
+        self.codec = TrajectoryCodec(store or KafkaSchemaStore(cfg))
         self._producer = kafka_clients.producer(cfg)
         self._timeout_s = cfg.kafka.client_timeout_s
         self.max_bytes = cfg.kafka.max_message_bytes

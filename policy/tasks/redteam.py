@@ -8,13 +8,13 @@ from __future__ import annotations
 import torch
 
 from ops.errors import ConfigError
-from producers.tasks import reward_function
-from producers.tasks.prompts import classify, load_classifier, load_prompts
+from policy.tasks import reward_function
+from policy.tasks.prompts import classify, load_classifier, load_prompts
 
 
 class RedTeamTask:
     def __init__(self, cfg):
-        from producers.generation import load_model
+        from policy.models import load_model
 
         self.cfg = cfg
         self.train, self.held_out = load_prompts(cfg)
@@ -28,7 +28,7 @@ class RedTeamTask:
     @torch.no_grad()
     def responses(self, attacks: list[str]) -> list[str]:
         """The target's greedy answer to each attack, asked as a user turn: one left-padded batch."""
-        from producers.generation import chat_prompt_ids
+        from policy.models import chat_prompt_ids
 
         tok = self.target_tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from math import isfinite  # not `import math`: the submodule producers.tasks.math would shadow it
+from math import isfinite  # not `import math`: the submodule policy.tasks.math would shadow it
 
 from ops.config import TaskConfig
 from ops.errors import ConfigError, TbaError
@@ -97,10 +97,10 @@ def task_label(cfg: TaskConfig) -> str:
 
 
 TASKS = {
-    "math": "producers.tasks.math:MathTask",
-    "toy": "producers.tasks.toy:ToyTask",
-    "preference": "producers.tasks.preference:PreferenceTask",
-    "redteam": "producers.tasks.redteam:RedTeamTask",
+    "math": "policy.tasks.math:MathTask",
+    "toy": "policy.tasks.toy:ToyTask",
+    "preference": "policy.tasks.preference:PreferenceTask",
+    "redteam": "policy.tasks.redteam:RedTeamTask",
 }
 
 

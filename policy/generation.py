@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ops.errors import ConfigError
-from producers.weight_subscriber import load_into
-from trainer.tb_loss import completion_logits, token_logprobs
+from policy.logprobs import completion_logits, token_logprobs
+from policy.models import chat_prompt_ids, load_into
 
 
 @dataclass
@@ -25,35 +24,6 @@ class Completion:
     logprobs: np.ndarray  # (T,) float32, behaviour policy at the sampling temperature
     ref_logprobs: np.ndarray  # (T,) float32
     finish_reason: str  # "stop" (EOS) or "length"
-
-
-def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32", field: str = "searcher.model"):
-    """(model, tokenizer) from a local folder (or a GGUF file in it); "" is the default model.
-
-    Nothing is downloaded from a model hub; field is the setting named when the folder cannot be loaded.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if dtype == "auto":  # bf16 where the device supports it
-        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    if not path:
-        from producers.default_model import default_model_dir
-
-        path, gguf_file = str(default_model_dir()), None
-
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **extra)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype), **extra)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{field}: cannot load a model from {path!r}: {exc}") from exc
-    return model.eval(), tokenizer
-
-
-def chat_prompt_ids(tokenizer, messages) -> list[int]:
-    """A chat as the policy is prompted with it: the model's chat template, ready for the assistant's turn."""
-    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 class HFGenerator:

@@ -15,7 +15,7 @@ import reasoning_gym
 from math_verify import parse, verify
 
 from ops.config import TaskConfig
-from producers.tasks import PerCompletionTask, Problem, reward_function
+from policy.tasks import PerCompletionTask, Problem, reward_function
 
 INSTRUCTION = "Solve the problem. Put only the final answer inside <answer></answer>."
 DEMO = [

@@ -10,8 +10,8 @@ from kafka import TopicPartition
 from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import DecodeError
+from ops.schema_store import KafkaSchemaStore
 from ops.topics import describe_topics, read_topic, topic_names
-from schemas.codec import SchemaStore
 from schemas.records import DeadLetterCodec, PolicyVersionCodec, TrajectoryCodec
 
 
@@ -38,7 +38,7 @@ def inspect_job(cfg: TbaConfig, scan: int = 10_000) -> dict:
     """Topics and end offsets, filter lag, curated groups and mean reward per policy version (the last
     `scan` records of each partition), dead letters by scorer with an example reason, announced versions."""
     names = topic_names(cfg)
-    store = SchemaStore(cfg)
+    store = KafkaSchemaStore(cfg)
     groups, rewards = Counter(), defaultdict(list)
     codec = TrajectoryCodec(store)
     for rec in read_topic(cfg, names.curated, last=scan):
@@ -73,3 +73,30 @@ def inspect_job(cfg: TbaConfig, scan: int = 10_000) -> dict:
         "dlq_by_scorer": {k: {"records": n, "example": examples[k]} for k, n in letters.most_common()},
         "policy_versions": [{k: a[k] for k in ("version", "step", "sha256", "published_at")} for a in announced[-5:]],
     }
+
+
+def print_tables(report: dict) -> None:
+    """`tba inspect` without --json: the report as tables in the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for title, rows in (
+        ("topics", report["topics"]),
+        ("filter lag (raw partition: records)", [report["filter_lag"]]),
+        (
+            "curated groups by policy version",
+            [{"version": v, **x} for v, x in report["curated_by_policy_version"].items()],
+        ),
+        ("dead letters by scorer", [{"scorer": k, **x} for k, x in report["dlq_by_scorer"].items()]),
+        ("announced policy versions", report["policy_versions"]),
+    ):
+        table = Table(title=title)
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(
+                *(f"{row.get(c, ''):.3f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns)
+            )
+        console.print(table)

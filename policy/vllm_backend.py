@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from producers.generation import HFGenerator
+from policy.generation import HFGenerator
 
 
 class WorkerWeights:

@@ -26,8 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from ops.broker import job_broker
 from ops.config import ENV_PREFIX, TbaConfig, with_overrides
 from ops.errors import TbaError
 from ops.job import write_config
@@ -84,16 +83,6 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def local_broker(cfg: TbaConfig):
-    """The LocalBroker that kafka.bootstrap names, or None when it points at another cluster."""
-    from ops.broker import LocalBroker
-
-    host, _, port = cfg.kafka.bootstrap.rpartition(":")
-    if host in ("127.0.0.1", "localhost") and port == str(cfg.broker.port):
-        return LocalBroker(cfg.broker.data_dir, cfg.broker.port, heap=cfg.broker.heap)
-    return None
-
-
 def role_processes(cfg: TbaConfig) -> list[RoleProcess]:
     """The trainer, the searchers and the filters, with metrics ports and a fair share of the cores.
 
@@ -116,29 +105,6 @@ def role_processes(cfg: TbaConfig) -> list[RoleProcess]:
         for i in range(filters)
     ]
     return out
-
-
-# What a job's checkpoint was made with: resuming it under other values would mix them silently (the
-# optimizer brings its old lr back, the buffer's offsets belong to the old topics, its groups to the old task)
-RESUME_FIELDS = (
-    "kafka.namespace", "task", "buffer.samples_per_prompt", "searcher.model", "searcher.gguf_file",
-    "searcher.reference_model", "trainer.model", "trainer.gguf_file", "trainer.mode", "trainer.loss",
-    "trainer.lora_r", "trainer.lora_alpha", "trainer.lora_targets", "trainer.lr", "trainer.weight_decay",
-    "trainer.warmup_steps",
-)  # fmt: skip
-
-
-def changed_for_resume(old: dict, new: dict) -> list[str]:
-    """'field: old -> new' for each RESUME_FIELDS value (a whole section: each of its fields) that differs."""
-    changes = []
-    for entry in RESUME_FIELDS:
-        section, _, name = entry.partition(".")
-        names = [name] if name else sorted(set(old.get(section, {})) | set(new.get(section, {})))
-        for n in names:
-            before, after = old.get(section, {}).get(n), new.get(section, {}).get(n)
-            if before != after:
-                changes.append(f"{section}.{n}: {before!r} -> {after!r}")
-    return changes
 
 
 class Supervisor:
@@ -169,14 +135,14 @@ class Supervisor:
 
         self.check_resume()
         progress = progress or (lambda message: contextlib.nullcontext())
-        self.broker = local_broker(self.cfg)
+        self.broker = job_broker(self.cfg)
         if self.broker is not None:
             with progress(f"starting the local Kafka broker on {self.broker.bootstrap} (jars resolved once)"):
                 status = self.broker.start()
             log.info("broker at %s (pid %d, data in %s)", self.broker.bootstrap, status.pid, self.broker.data_dir)
         create_topics(self.cfg)
         if not self.cfg.searcher.model or not self.cfg.trainer.model:
-            from producers.default_model import default_model_dir
+            from policy.default_model import default_model_dir
 
             with progress("preparing the default model (converted once)"):
                 default_model_dir()
@@ -184,19 +150,13 @@ class Supervisor:
         write_config(self.cfg)
 
     def check_resume(self) -> None:
-        """A run dir holding a checkpoint resumes only the job that wrote it: the same RESUME_FIELDS."""
-        # trainer/train.py's checkpoint layout, read here without importing torch into the supervisor
-        if not (self.run_dir / "checkpoints" / "latest").exists() or not self.config_path.exists():
-            return
-        changes = changed_for_resume(yaml.safe_load(self.config_path.read_text()), self.cfg.model_dump(mode="json"))
-        if changes:
-            raise TbaError(
-                f"{self.run_dir} holds a checkpoint of a job with other settings ({'; '.join(changes)}): run it "
-                f"with its own settings to resume it, or give this job a trainer.run_dir of its own"
-            )
+        """A run dir holding a checkpoint resumes only the job that wrote it (trainer/checkpoint.py's rule)."""
+        from trainer.checkpoint import check_resume
+
+        check_resume(self.cfg)
 
     def _launch(self, p: RoleProcess) -> None:
-        argv = [sys.executable, "-m", "ops.cli", "--config", str(self.config_path), *p.args]
+        argv = [sys.executable, "-m", "tba.cli", "--config", str(self.config_path), *p.args]
         if p.metrics_port:
             argv += ["--metrics-port", str(p.metrics_port)]
         # config.yaml already holds the TBA__ overrides, resolved (a free port for port 0): not again on top
@@ -305,7 +265,7 @@ def run_job(cfg: TbaConfig, stop: threading.Event, view=None, progress=None) -> 
 
 def _snapshot_topics(cfg: TbaConfig, path: Path) -> None:
     """What the topics hold as the job stops (`tba report` draws the dead letters from it)."""
-    from ops.inspection import inspect_job
+    from tba.inspection import inspect_job
 
     try:
         path.write_text(json.dumps(inspect_job(cfg), indent=1))

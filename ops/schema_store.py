@@ -1,0 +1,35 @@
+"""The schema store on Kafka: writer schemas shared through the namespace's compacted schemas topic
+(key: fingerprint as 16 hex digits, value: canonical form)."""
+
+from __future__ import annotations
+
+from kafka.errors import KafkaTimeoutError
+
+from ops import kafka_clients
+from ops.config import TbaConfig
+from ops.errors import TbaError
+from ops.topics import read_topic, topic_names
+from schemas.codec import SchemaStore
+
+
+class KafkaSchemaStore(SchemaStore):
+    def __init__(self, cfg: TbaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.topic = topic_names(cfg).schemas
+
+    def publish(self, fp: bytes, canonical: str) -> None:
+        producer = kafka_clients.producer(self.cfg, compression_type=None, linger_ms=0)
+        timeout = self.cfg.kafka.client_timeout_s
+        try:
+            producer.send(self.topic, key=fp.hex().encode(), value=canonical.encode()).get(timeout=timeout)
+        except KafkaTimeoutError as exc:  # the broker answers, but not for this topic: it was never created
+            raise TbaError(
+                f"could not publish a schema to {self.topic} within {timeout:.0f}s: "
+                f"were the namespace's topics created (`tba topics create`)?"
+            ) from exc
+        finally:
+            producer.close()
+
+    def fetch(self) -> list[tuple[bytes, str]]:
+        return [(bytes.fromhex(r.key.decode()), r.value) for r in read_topic(self.cfg, self.topic, "read_uncommitted")]

@@ -1,0 +1,56 @@
+"""Log-probabilities of completions under a causal LM, at the sampling temperature: what searchers record
+as behaviour and reference log-probs, and what the trainer's loss differentiates. One code path for both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(token) at the sampling temperature. logits: (N, T, V) predicting token_ids (N, T). Returns (N, T)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (N, T, V)
+    return logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # (N, T)
+
+
+def sequence_logprobs(
+    logits: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Sum of log pi(token) over completion tokens at the sampling temperature.
+
+    logits: (N, T, V) predicting completion_ids (N, T) (already shifted); completion_mask: (N, T), 1 on
+    real completion tokens, 0 on padding. Returns (N,).
+    """
+    return (token_logprobs(logits, completion_ids, temperature) * completion_mask).sum(-1)  # (N,)
+
+
+def completion_logits(
+    model,
+    prompts: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completions: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Logits predicting each completion token, with each prompt computed once for its K completions.
+
+    prompts, prompt_mask: (P, W), left-padded; completions, completion_mask: (P*K, T), the K
+    completions of prompt i in rows i*K .. i*K+K-1. The prompt's keys and values are shared by its K
+    completions (gradients flow back through them, so this is exact), so a prompt costs W + K*T
+    token passes instead of K*(W + T): with short answers to long prompts, several times fewer.
+    Returns (P*K, T, V).
+    """
+    k = completions.shape[0] // prompts.shape[0]
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+    out = model(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:].repeat_interleave(k, dim=0)  # (N, 1, V): the prompt's end predicts token 0
+    if completions.shape[1] == 1:
+        return first
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)  # (P, ...) -> (P*K, ...), still in the autograd graph
+    start = prompt_mask.sum(-1).repeat_interleave(k)[:, None]  # (N, 1): real prompt tokens
+    positions = start + torch.arange(completions.shape[1] - 1, device=completions.device)  # (N, T-1)
+    attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), completion_mask[:, :-1].long()], dim=1)
+    rest = model(
+        input_ids=completions[:, :-1], attention_mask=attention, position_ids=positions, past_key_values=cache
+    ).logits  # (N, T-1, V): token t predicts token t + 1
+    return torch.cat([first, rest], dim=1)

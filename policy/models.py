@@ -1,0 +1,62 @@
+"""The policy's model: loading it from a local folder (nothing from a hub), LoRA adapters as the trainer
+and the searchers both carry them, a chat as the policy is prompted with it, and swapping published
+weights into a running model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ops.errors import ConfigError, TbaError
+
+
+def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32", field: str = "searcher.model"):
+    """(model, tokenizer) from a local folder (or a GGUF file in it); "" is the default model.
+
+    Nothing is downloaded from a model hub; field is the setting named when the folder cannot be loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype == "auto":  # bf16 where the device supports it
+        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    if not path:
+        from policy.default_model import default_model_dir
+
+        path, gguf_file = str(default_model_dir()), None
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype), **extra)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{field}: cannot load a model from {path!r}: {exc}") from exc
+    return model.eval(), tokenizer
+
+
+def chat_prompt_ids(tokenizer, messages) -> list[int]:
+    """A chat as the policy is prompted with it: the model's chat template, ready for the assistant's turn."""
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def apply_lora(model, t):
+    """Wrap model with LoRA adapters per trainer config t (searchers do the same, so names match)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=0.0, target_modules=list(t.lora_targets))
+    return get_peft_model(model, config)
+
+
+def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy a published state dict into model's own tensors, in place (the HF generation backend's swap).
+
+    Missing names are allowed only for tensors tied to one that is present (e.g. lm_head to embeddings)
+    or when only part of the model is published (LoRA adapters); unknown names are an error.
+    """
+    own = model.state_dict()
+    unknown = sorted(set(state_dict) - set(own))
+    if unknown:
+        raise TbaError(f"published weights name tensors this model lacks: {unknown[:5]}")
+    with torch.no_grad():
+        for name, tensor in state_dict.items():
+            own[name].copy_(tensor)

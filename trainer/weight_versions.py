@@ -1,0 +1,139 @@
+"""VersionStore: the policy versions a weight-sync service holds, and their wire forms.
+
+publish() copies the weights into a fresh staging buffer and returns: that copy is all the training
+loop waits for. Hashing happens on another thread, and a version becomes visible only once sealed, so
+no subscriber ever sees one half-written. It keeps the newest weights.keep_versions versions (the
+bases deltas are computed against), encodes each (version, base) pair once however many subscribers
+need it, and announces every released version on the compacted policy-versions topic.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+
+import torch
+
+from ops.config import TbaConfig
+from schemas.weights import EncodedVersion, WeightVersion, encode, seal, stage
+
+log = logging.getLogger(__name__)
+
+
+class VersionStore:
+    def __init__(self, cfg: TbaConfig, announce: bool = True):
+        self.cfg = cfg
+        self.wcfg = cfg.weights
+        self.versions: OrderedDict[int, WeightVersion] = OrderedDict()  # newest last, keep_versions of them
+        self._encoded: dict[tuple[int, int], EncodedVersion] = {}  # (version, base) -> wire form
+        self.changed = threading.Condition()  # notified on every release
+        self._encode_lock = threading.Lock()
+        self._release_lock = threading.Lock()  # releases, announcements included, happen one at a time, in order
+        self._next_version = 0
+        self._announcer = _Announcer(cfg) if announce else None
+        self._sealing: list[threading.Thread] = []
+
+    # -- trainer side -----------------------------------------------------------------------------
+
+    def publish(
+        self, state_dict: dict[str, torch.Tensor], step: int, model_id: str = "", version: int | None = None
+    ) -> int:
+        """Stage the weights (a copy, on the caller's time) and release them in the background.
+
+        version defaults to one more than the last; returns it. wait_published(version) blocks until
+        subscribers can get it.
+        """
+        specs, buffer = stage(state_dict)
+        with self.changed:
+            if version is None:
+                version = self._next_version
+            self._next_version = max(self._next_version, version + 1)
+        thread = threading.Thread(target=self._seal, args=(specs, buffer, version, step, model_id), daemon=True)
+        thread.start()
+        self._sealing = [t for t in self._sealing if t.is_alive()] + [thread]
+        return version
+
+    def _seal(self, specs, buffer, version: int, step: int, model_id: str) -> None:
+        self.release(seal(specs, buffer, version, step, model_id))
+
+    def release(self, version: WeightVersion) -> None:
+        """Make a sealed version the newest one (older ones that arrive late are dropped)."""
+        with self._release_lock:
+            with self.changed:
+                if self.versions and version.version <= next(reversed(self.versions)):
+                    return
+                self.versions[version.version] = version
+                self._next_version = max(self._next_version, version.version + 1)
+                while len(self.versions) > self.wcfg.keep_versions:
+                    old, _ = self.versions.popitem(last=False)
+                    self._encoded = {k: v for k, v in self._encoded.items() if old not in k}
+                self.changed.notify_all()
+            if self._announcer is not None:
+                self._announcer.announce(version)
+
+    def wait_published(self, version: int, timeout_s: float = 60) -> WeightVersion:
+        with self.changed:
+            ok = self.changed.wait_for(lambda: self.latest is not None and self.latest.version >= version, timeout_s)
+        if not ok:
+            raise TimeoutError(f"version {version} was not released within {timeout_s}s")
+        return self.versions.get(version) or self.latest
+
+    @property
+    def latest(self) -> WeightVersion | None:
+        return self.versions[next(reversed(self.versions))] if self.versions else None
+
+    def encoded(self, version: WeightVersion, base: WeightVersion | None) -> EncodedVersion:
+        """The wire form for (version, base), computed once however many subscribers need it."""
+        key = (version.version, base.version if base is not None else -1)
+        with self._encode_lock:
+            if key not in self._encoded:
+                self._encoded[key] = encode(version, base, self.wcfg.delta_zstd_level)
+            return self._encoded[key]
+
+    def close(self) -> None:
+        """Wait for versions still being sealed, then flush the announcements."""
+        for t in self._sealing:
+            t.join()
+        if self._announcer is not None:
+            self._announcer.close()
+
+
+class _Announcer:
+    """Puts each released version on the compacted policy-versions topic (key "policy")."""
+
+    def __init__(self, cfg: TbaConfig):
+        self.cfg = cfg
+        self._producer = None
+        self._codec = None
+
+    def announce(self, version: WeightVersion) -> None:
+        from ops import kafka_clients
+        from ops.topics import topic_names
+        from schemas.records import PolicyVersionCodec
+
+        try:
+            if self._producer is None:
+                self._codec = PolicyVersionCodec(_store(self.cfg))
+                self._producer = kafka_clients.producer(self.cfg, linger_ms=0)
+            value = self._codec.encode_version(version)
+            self._producer.send(topic_names(self.cfg).policy_versions, key=b"policy", value=value)
+        except Exception as exc:  # the service keeps serving weights when Kafka is away
+            log.warning("could not announce policy version %d on Kafka: %s", version.version, exc)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(timeout=self.cfg.kafka.client_timeout_s)
+            self._producer.close()
+
+
+def _store(cfg: TbaConfig):
+    from ops.schema_store import KafkaSchemaStore
+
+    return KafkaSchemaStore(cfg)
+
+
+def _store(cfg: TbaConfig):
+    from ops.schema_store import KafkaSchemaStore
+
+    return KafkaSchemaStore(cfg)
