@@ -30,7 +30,9 @@ case "${1:-}" in
   demo) shift; exec "$venv/bin/tba" "$@" demo ;;
   test)
     shift
-    "$venv/bin/ruff" check --quiet . && "$venv/bin/ruff" format --check --quiet .
+    # two commands, not `a && b`: set -e does not stop on a failure on the left of &&
+    "$venv/bin/ruff" check --quiet .
+    "$venv/bin/ruff" format --check --quiet .
     set +e
     "$venv/bin/python" -m pytest "$@"
     rc=$?

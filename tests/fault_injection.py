@@ -115,6 +115,12 @@ def _wait_dead(pid: int) -> None:
         time.sleep(0.01)
 
 
+def _batches_logged(run_dir: Path, name: str) -> int:
+    """How many batches the searcher's log (every run of it, appended) reports published."""
+    log = run_dir / "logs" / f"{name}.log"
+    return log.read_text(errors="replace").count("groups at policy version") if log.exists() else 0
+
+
 def _pid(supervisor: Supervisor, role: str) -> int | None:
     if role == "broker":
         status = supervisor.broker.status()
@@ -139,6 +145,7 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
     load.thread.start()
     run_dir = Path(cfg.trainer.run_dir)
     killed, expected_resumes, searcher_kills, stalls = Counter(), [], [], []
+    searched_before = 0  # batches the searcher had logged when last killed
     try:
         time.sleep(3 * interval_s)  # let every role start and the trainer take a few steps
         for i in range(kills):
@@ -149,6 +156,7 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
                 continue
             if role.startswith("searcher"):
                 searcher_kills.append(time.time())
+                searched_before = _batches_logged(run_dir, role)
             killed_at = time.time()
             os.kill(pid, signal.SIGKILL)
             killed[role] += 1
@@ -163,6 +171,10 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
         load.stop.set()
         load.thread.join(120)
         searcher = next(p for p in supervisor.processes if p.role == "searcher")
+        if searcher_kills:  # the restarted searcher must have published (it may have come back to no broker)
+            deadline = time.monotonic() + 150
+            while _batches_logged(run_dir, searcher.name) <= searched_before and time.monotonic() < deadline:
+                time.sleep(1)
         supervisor.terminate([searcher], 60)  # no new groups: what raw holds can be drained
         deadline = time.monotonic() + 180  # the filters drain what is left
         while sum(lag := filter_lag(cfg).values()) and time.monotonic() < deadline:

@@ -44,9 +44,9 @@ def run_trainer(
     synchronous job writes no groups to raw (it then needs no Kafka at all).
     """
     from ops.job import model_id
+    from ops.schema_store import KafkaSchemaStore
     from policy.models import apply_lora, load_model
     from policy.tasks import build_task
-    from schemas.codec import SchemaStore
     from trainer.admission import Admission, DeadLetters
     from trainer.curated_feed import CuratedFeed
     from trainer.weight_sync import WeightSyncServer
@@ -82,7 +82,7 @@ def run_trainer(
         trainer = Trainer(cfg, model, None, pad)
         trainer.resume()
         return _loop(cfg, trainer, None, Evaluator(cfg, task, tokenizer), stop, metrics_port)
-    store = SchemaStore(cfg)
+    store = KafkaSchemaStore(cfg)
     rejects = DeadLetters(cfg, store)
     admit = Admission(model, tokenizer, model_id(cfg))
     buffer = ReplayBuffer(cfg, store, seed=t.seed, admit=admit, reject=rejects)

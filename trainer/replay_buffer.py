@@ -256,7 +256,8 @@ class ReplayBuffer:
                     i = wanted.get((partition, rec.offset))
                     if i is not None and i not in found:
                         found[i] = self.codec.decode(rec.value)
-                        self.admit(found[i])  # admitted once already: this fills in what admission adds
+                        if found[i].prompt_token_ids.size == 0:  # admitted once: only the ids it filled in
+                            self.admit(found[i])  # are missing again (the checks need not run twice)
                         self._remember(i, found[i])
         return found
 

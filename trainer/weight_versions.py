@@ -131,9 +131,3 @@ def _store(cfg: TbaConfig):
     from ops.schema_store import KafkaSchemaStore
 
     return KafkaSchemaStore(cfg)
-
-
-def _store(cfg: TbaConfig):
-    from ops.schema_store import KafkaSchemaStore
-
-    return KafkaSchemaStore(cfg)
