@@ -102,7 +102,8 @@ def trl_grpo(tmp: Path, budget_s: float, seed: int, **sections) -> tuple[list[di
                 control.should_training_stop = True
 
     args = GRPOConfig(
-        output_dir=str(tmp / "trl"), use_cpu=True, seed=seed, report_to="none", save_strategy="no", logging_steps=1,
+        output_dir=str(tmp / "trl"), use_cpu=not torch.cuda.is_available(), seed=seed, report_to="none",
+        save_strategy="no", logging_steps=1,
         learning_rate=t.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=t.warmup_steps,
         max_grad_norm=t.max_grad_norm, per_device_train_batch_size=t.prompts_per_step * k, num_generations=k,
         max_completion_length=s.max_new_tokens, temperature=s.temperature, top_p=1.0, top_k=0,
@@ -185,6 +186,12 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{os.cpu_count()} cores, {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"{os.cpu_count()} cores, CPU only"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=900)
@@ -193,11 +200,12 @@ def main() -> None:
     parser.add_argument("--target-gain", type=float, default=0.05, help="target = mean start accuracy + this")
     parser.add_argument("--eval-problems", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=40, help="steps between evaluations")
+    parser.add_argument("--config", default=None, help="a config file (e.g. configs/math.yaml); default: embedded")
     parser.add_argument("--out", default=str(ROOT / "bench/results/learning.json"))
     args = parser.parse_args()
 
     runs: dict[str, list[dict]] = {name: [] for name in args.systems}
-    evaluation = {"task": {"eval_size": args.eval_problems},
+    evaluation = {"path": args.config, "task": {"eval_size": args.eval_problems},
                   "trainer": {"eval_prompts": args.eval_problems, "eval_every": args.eval_every}}  # fmt: skip
     for seed in args.seeds:
         for name in args.systems:
@@ -213,7 +221,8 @@ def main() -> None:
             "budget_s": args.budget_s,
             "seeds": args.seeds,
             "overrides": overrides(),
-            "machine": f"{os.cpu_count()} cores, CPU only",
+            "config": args.config or "embedded defaults",
+            "machine": machine(),
             **summarise(runs, args.target_gain),
             "runs": runs,
         },

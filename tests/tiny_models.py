@@ -30,19 +30,22 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 128, dtype=torch.float32) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int = 0, vocab_size: int = 128, dtype=torch.float32, head_dim: int = 8, context: int = 512
+) -> LlamaForCausalLM:
+    """head_dim 64 for vLLM, whose attention kernels take only the usual head sizes."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=1, pad_token_id=0,
-        bos_token_id=None,
+        vocab_size=vocab_size, hidden_size=4 * head_dim, intermediate_size=8 * head_dim, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=True,
+        eos_token_id=1, pad_token_id=0, bos_token_id=None,
     )  # fmt: skip
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def saved_tiny_llama(path, seed: int = 0) -> str:
+def saved_tiny_llama(path, seed: int = 0, **shape) -> str:
     """A tiny causal LM with the char tokenizer saved as a model folder (the way searchers load models)."""
-    tiny_llama(seed).save_pretrained(path)
+    tiny_llama(seed, **shape).save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return str(path)
 
