@@ -6,7 +6,8 @@ Both backends share one Hugging Face model and reference (vLLM adds its engine, 
 folder) and take turns on the same prompts: searcher.prompts_per_batch training prompts of the
 default task, searcher.samples_per_prompt samples each, up to searcher.max_new_tokens tokens, at
 the sampling temperature. A round is one `sample()` call of each: what a searcher does per batch,
-behaviour and reference log-probs included. tokens/s counts completion tokens. The log-prob gap is
+behaviour and reference log-probs included (`*_tokens_s`, `ratio`); each round also times sampling
+alone (`*_generate_tokens_s`, `generate_ratio`). tokens/s counts completion tokens. The log-prob gap is
 the largest per-token difference between vLLM's own log-probs (after temperature) and the Hugging
 Face log-probs of the same tokens.
 """
@@ -28,11 +29,16 @@ from bench.results import write_results  # noqa: E402
 from ops.config import load_config  # noqa: E402
 
 
-def timed_sample(generator, prompts, n) -> tuple[float, int, list]:
+def timed(generator, prompts, n) -> dict:
+    """One batch both ways: sampling alone (generate) and what a searcher gets (sample: log-probs too)."""
+    start = time.perf_counter()
+    _, _, _, lengths, _ = generator.generate(prompts, n, sample=True)
+    generated = time.perf_counter() - start
     start = time.perf_counter()
     groups = generator.sample(prompts, n)
-    seconds = time.perf_counter() - start
-    return seconds, sum(c.token_ids.size for g in groups for c in g), groups
+    sampled = time.perf_counter() - start
+    tokens = sum(c.token_ids.size for g in groups for c in g)
+    return {"generate": (generated, int(lengths.sum())), "sample": (sampled, tokens), "groups": groups}
 
 
 def main() -> None:
@@ -59,23 +65,24 @@ def main() -> None:
     vllm = VLLMGenerator(str(default_model_dir()), model, tokenizer, reference, s.temperature, s.max_new_tokens,
                          dtype="float32", enforce_eager=True, kv_cache_memory_bytes=1 << 30, seed=0)  # fmt: skip
     engine_load_s = time.perf_counter() - started
-    timed_sample(hf, prompts, s.samples_per_prompt)  # warm-up, not counted
-    timed_sample(vllm, prompts, s.samples_per_prompt)
-    totals = {"hf": [0.0, 0], "vllm": [0.0, 0]}
+    timed(hf, prompts, s.samples_per_prompt)  # warm-up, not counted
+    timed(vllm, prompts, s.samples_per_prompt)
+    totals = {(name, part): [0.0, 0] for name in ("hf", "vllm") for part in ("generate", "sample")}
     gap = 0.0
     for _ in range(args.rounds):  # taking turns: whatever else the machine does falls on both
         for name, generator in (("hf", hf), ("vllm", vllm)):
-            seconds, tokens, groups = timed_sample(generator, prompts, s.samples_per_prompt)
-            totals[name][0] += seconds
-            totals[name][1] += tokens
-            if generator is vllm:
-                completions = [c for g in groups for c in g]
+            batch = timed(generator, prompts, s.samples_per_prompt)
+            for part in ("generate", "sample"):
+                totals[name, part][0] += batch[part][0]
+                totals[name, part][1] += batch[part][1]
+            if generator is vllm:  # the engine's log-probs of its last batch (sample's) against Hugging Face's
+                completions = [c for g in batch["groups"] for c in g]
                 for c, engine in zip(completions, vllm.engine_logprobs, strict=True):
                     k = min(len(engine), c.logprobs.size)
                     gap = max(gap, float(np.abs(engine[:k] - c.logprobs[:k]).max(initial=0.0)))
     vllm.close()
-    hf_tokens_s = totals["hf"][1] / totals["hf"][0]
-    vllm_tokens_s = totals["vllm"][1] / totals["vllm"][0]
+    rate = {key: tokens / seconds for key, (seconds, tokens) in totals.items()}
+    hf_tokens_s, vllm_tokens_s = rate["hf", "sample"], rate["vllm", "sample"]
     write_results(args.out, {
         "model": "SmolLM2-135M-Instruct (float32)",
         "batch": {"prompts": len(prompts), "samples_per_prompt": s.samples_per_prompt,
@@ -85,6 +92,9 @@ def main() -> None:
         "hf_tokens_s": round(hf_tokens_s, 1),
         "vllm_tokens_s": round(vllm_tokens_s, 1),
         "ratio": round(vllm_tokens_s / hf_tokens_s, 3),
+        "hf_generate_tokens_s": round(rate["hf", "generate"], 1),  # sampling alone, no log-probs
+        "vllm_generate_tokens_s": round(rate["vllm", "generate"], 1),
+        "generate_ratio": round(rate["vllm", "generate"] / rate["hf", "generate"], 3),
         "logprob_max_abs_diff": gap,
         "vllm_engine_load_s": round(engine_load_s, 1),
     })  # fmt: skip
