@@ -124,6 +124,9 @@ class WeightsConfig(Section):
     reconnect_initial_s: float = Field(0.2, gt=0)
     reconnect_max_s: float = Field(5.0, gt=0)
     max_subscribers: int = Field(32, ge=1)
+    # subscribers on the service's host map each version from shared memory (/dev/shm) instead of
+    # receiving it: auto (detected by host id) | always (every subscriber that offers it) | never
+    shared_memory: Literal["auto", "always", "never"] = "auto"
     publish_token_env: str = "TBA_WEIGHTS_PUBLISH_TOKEN"
     subscribe_token_env: str = "TBA_WEIGHTS_SUBSCRIBE_TOKEN"
     tls_cert: Path | None = None  # server certificate (PEM); with tls_key, the server speaks TLS only

@@ -15,16 +15,13 @@ is removed.
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from ops.shared_memory import directory
 from policy.generation import HFGenerator
 from policy.models import merged_weights
-
-SHARED_MEMORY = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
 
 class WorkerWeights:
@@ -58,7 +55,7 @@ class VLLMGenerator(HFGenerator):
             weights[name] = tensor.contiguous().cpu()
         from safetensors.torch import save_file
 
-        path = SHARED_MEMORY / f"tba-vllm-weights-{os.getpid()}.safetensors"
+        path = directory() / f"tba-vllm-weights-{os.getpid()}.safetensors"
         try:
             save_file(weights, path)
             self.llm.collective_rpc("load_published", args=(str(path),))

@@ -4,6 +4,7 @@ A background thread keeps one Subscribe call open (calling again when the server
 its deadline), reconnects with exponential backoff when the server goes away, verifies each version's
 sha256 and keeps only the newest: the generation loop calls take() between batches and swaps
 weights when there is something new. A version that fails its checksum is dropped and fetched again.
+On the server's host (weights.shared_memory) a version is mapped from shared memory instead.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from ops import shared_memory
 from ops.config import WeightsConfig
 from ops.errors import TbaError
 from ops.grpc_security import call_metadata, channel, tokens
 from schemas import weight_sync_pb2 as pb
 from schemas import weight_sync_pb2_grpc as pb_grpc
-from schemas.weights import ChecksumError, VersionAssembler, WeightVersion
+from schemas.weights import ChecksumError, VersionAssembler, WeightVersion, verified
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class SubscriberStats:
     checksum_failures: int = 0
     reconnects: int = 0
     wire_bytes: int = 0
+    shared_memory: int = 0  # versions mapped from the server's shared memory instead of received
     received: list[int] = field(default_factory=list)  # version numbers, in the order they arrived
 
 
@@ -121,11 +124,15 @@ class WeightSubscriber:
             subscriber_id=self.subscriber_id,
             have_version=held.version if held is not None else -1,
             delta_ok=self.cfg.delta,  # deltas apply to have_version, or to what this call already sent
+            host_id=shared_memory.host_id() if self.cfg.shared_memory != "never" else "",
         )
         self._call = self._stub.Subscribe(request, timeout=self.cfg.subscription_s, metadata=self._metadata)
         assembler = None
         try:
             for chunk in self._call:
+                if chunk.shared_memory_path:  # on the server's host: map the bytes, check them
+                    self._deliver(self._mapped(chunk.header, chunk.shared_memory_path))
+                    continue
                 if chunk.HasField("header"):
                     assembler = VersionAssembler(chunk.header, self._newest)
                     continue
@@ -138,6 +145,14 @@ class WeightSubscriber:
                 raise  # a deadline just means: subscribe again
         finally:
             self._call.cancel()
+
+    def _mapped(self, header: pb.VersionHeader, path: str) -> WeightVersion:
+        try:
+            buffer = shared_memory.map_readonly(path, sum(t.nbytes for t in header.tensors))
+        except OSError as exc:  # superseded and removed before we got to it: the next call brings the newer one
+            raise ChecksumError(f"version {header.version} in shared memory: {exc}") from exc
+        self.stats.shared_memory += 1
+        return verified(header, buffer)
 
     def _deliver(self, version: WeightVersion) -> None:
         with self._arrived:

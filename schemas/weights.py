@@ -191,6 +191,25 @@ def chunks(encoded: EncodedVersion, chunk_bytes: int) -> Iterator[pb.Chunk]:
             yield pb.Chunk(tensor=i, offset=start, data=bytes(payload[start : start + chunk_bytes]))
 
 
+def header_specs(header: pb.VersionHeader) -> tuple[TensorSpec, ...]:
+    """Where each tensor of a header lies in the version's flat buffer: back to back, in header order."""
+    specs, offset = [], 0
+    for meta in header.tensors:
+        specs.append(TensorSpec(meta.name, meta.dtype, tuple(meta.shape), offset, meta.nbytes))
+        offset += meta.nbytes
+    return tuple(specs)
+
+
+def verified(header: pb.VersionHeader, buffer: np.ndarray) -> WeightVersion:
+    """A version whose bytes are all there already (a shared-memory mapping), if its checksum matches."""
+    specs = header_specs(header)
+    digests = tuple(_HASHERS.map(lambda t: tensor_digest(buffer[t.offset : t.offset + t.nbytes]), specs))
+    if version_digest(digests) != header.sha256:
+        raise ChecksumError(f"version {header.version}: sha256 mismatch, rejecting it")
+    h = header
+    return WeightVersion(h.version, h.step, h.wall_time, h.model_id, specs, buffer, digests)
+
+
 class VersionAssembler:
     """Chunks of one version -> a verified WeightVersion, written straight into its final buffer."""
 
@@ -199,12 +218,8 @@ class VersionAssembler:
             raise TbaError(f"delta against version {header.base_version}, which this receiver does not hold")
         self.header = header
         self.base = base
-        specs, offset = [], 0
-        for meta in header.tensors:
-            specs.append(TensorSpec(meta.name, meta.dtype, tuple(meta.shape), offset, meta.nbytes))
-            offset += meta.nbytes
-        self.specs = tuple(specs)
-        self.buffer = allocate(offset)
+        self.specs = specs = header_specs(header)
+        self.buffer = allocate(sum(t.nbytes for t in specs))
         self._pending: dict[int, bytearray] = {}  # compressed deltas being received
         self._received = [0] * len(specs)
         self._digests: list[bytes | None] = [None] * len(specs)

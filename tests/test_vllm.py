@@ -12,10 +12,11 @@ import torch
 
 from ops.config import with_overrides
 from ops.schema_store import KafkaSchemaStore
+from ops.shared_memory import directory
 from ops.topics import read_topic, topic_names
 from policy.logprobs import token_logprobs
 from policy.models import apply_lora, load_model, merged_weights
-from policy.vllm_backend import SHARED_MEMORY, VLLMGenerator
+from policy.vllm_backend import VLLMGenerator
 from producers.searcher import build_searcher
 from schemas.records import TrajectoryCodec
 from tests.conftest import make_config
@@ -120,7 +121,7 @@ def test_published_lora_versions_reach_the_running_engine_and_stream_to_kafka(jo
             assert len(engine) > 0
             np.testing.assert_allclose(engine, expected[: len(engine)], atol=ENGINE_ATOL)
     assert searcher.stats.swaps == 2
-    assert not list(SHARED_MEMORY.glob("tba-vllm-weights-*"))  # each version's file is gone once loaded
+    assert not list(directory().glob("tba-vllm-weights-*"))  # each version's file is gone once loaded
 
     codec = TrajectoryCodec(KafkaSchemaStore(cfg))
     raw = [codec.decode(r.value) for r in read_topic(cfg, topic_names(cfg).raw)]

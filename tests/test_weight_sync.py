@@ -34,7 +34,8 @@ def same_bits(a: dict, b: dict) -> bool:
 
 @pytest.fixture
 def wcfg(cfg):
-    return with_overrides(cfg, weights={"port": 0, "chunk_bytes": 4096, "subscription_s": 5})
+    # the chunked gRPC path, as for a subscriber on another host (shared memory: tests/test_weight_sync_shm.py)
+    return with_overrides(cfg, weights={"port": 0, "chunk_bytes": 4096, "subscription_s": 5, "shared_memory": "never"})
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from concurrent import futures
 import grpc
 import torch
 
+from ops import shared_memory
 from ops.config import TbaConfig
 from ops.grpc_security import TokenAuth, server_credentials, tokens
 from schemas import weight_sync_pb2 as pb
@@ -32,8 +33,16 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
         self.store = store
         self.wcfg = wcfg
 
+    def same_host(self, request: pb.SubscribeRequest) -> bool:
+        """Whether this subscriber maps versions from shared memory rather than receiving the bytes."""
+        mode = self.wcfg.shared_memory
+        if mode == "never" or not request.host_id:
+            return False
+        return mode == "always" or request.host_id == shared_memory.host_id()
+
     def Subscribe(self, request: pb.SubscribeRequest, context: grpc.ServicerContext):
         have = request.have_version
+        local = self.same_host(request)
         margin = 1.0  # end the stream cleanly before the client's deadline
         while context.is_active():
             remaining = context.time_remaining()
@@ -47,6 +56,11 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
                 newest = self.store.latest
                 base = self.store.versions.get(have) if request.delta_ok and self.wcfg.delta else None
             if newest is None or newest.version <= have:
+                continue
+            if local:  # the header alone, and where the bytes are
+                path = self.store.shared(newest)
+                yield pb.Chunk(header=self.store.encoded(newest, None).header, shared_memory_path=str(path))
+                have = newest.version
                 continue
             for chunk in chunks(self.store.encoded(newest, base), self.wcfg.chunk_bytes):
                 if not context.is_active():

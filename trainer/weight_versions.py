@@ -4,7 +4,8 @@ publish() copies the weights into a fresh staging buffer and returns: that copy 
 loop waits for. Hashing happens on another thread, and a version becomes visible only once sealed, so
 no subscriber ever sees one half-written. It keeps the newest weights.keep_versions versions (the
 bases deltas are computed against), encodes each (version, base) pair once however many subscribers
-need it, and announces every released version on the compacted policy-versions topic.
+need it, writes the newest version to shared memory for subscribers on this host when one asks (and
+removes it once superseded), and announces every released version on the compacted policy-versions topic.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
+from ops import shared_memory
 from ops.config import TbaConfig
 from schemas.weights import EncodedVersion, WeightVersion, encode, seal, stage
 
@@ -33,6 +36,10 @@ class VersionStore:
         self._next_version = 0
         self._announcer = _Announcer(cfg) if announce else None
         self._sealing: list[threading.Thread] = []
+        self._shared: dict[int, Path] = {}  # version -> its shared-memory file, written on first demand
+        self._shared_lock = threading.Lock()
+        if self.wcfg.shared_memory != "never" and (removed := shared_memory.remove_orphans()):
+            log.info("removed %d shared-memory weight files of services no longer running", removed)
 
     # -- trainer side -----------------------------------------------------------------------------
 
@@ -69,8 +76,22 @@ class VersionStore:
                     old, _ = self.versions.popitem(last=False)
                     self._encoded = {k: v for k, v in self._encoded.items() if old not in k}
                 self.changed.notify_all()
+            self._unshare(keep=version.version)
             if self._announcer is not None:
                 self._announcer.announce(version)
+
+    def shared(self, version: WeightVersion) -> Path:
+        """The version's shared-memory file (for subscribers on this host), written once."""
+        with self._shared_lock:
+            if version.version not in self._shared:
+                self._shared[version.version] = shared_memory.write(version.buffer, f"v{version.version}")
+            return self._shared[version.version]
+
+    def _unshare(self, keep: int | None = None) -> None:
+        """Remove the files of superseded versions (a subscriber that mapped one keeps its mapping)."""
+        with self._shared_lock:
+            for number in [v for v in self._shared if v != keep]:
+                self._shared.pop(number).unlink(missing_ok=True)
 
     def wait_published(self, version: int, timeout_s: float = 60) -> WeightVersion:
         with self.changed:
@@ -95,6 +116,7 @@ class VersionStore:
         """Wait for versions still being sealed, then flush the announcements."""
         for t in self._sealing:
             t.join()
+        self._unshare()
         if self._announcer is not None:
             self._announcer.close()
 

@@ -1,0 +1,67 @@
+"""Weight versions in shared memory, for subscribers on the publisher's own host.
+
+The weight service writes a version once to a file under /dev/shm (RAM, not disk) and tells
+same-host subscribers its path; each maps the bytes read-only instead of receiving them through
+gRPC. A file is removed when its version is superseded and when the service stops: a subscriber
+that mapped it keeps its mapping, and the kernel frees the memory when the last one goes. Names
+carry the writer's pid, so what a killed service left behind is removed when the next one starts.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+PREFIX = "tba-weights-"
+
+
+def directory() -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def host_id() -> str:
+    """The same for every process of one running kernel (so of one /dev/shm), different elsewhere."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() + "@" + socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
+def write(data: np.ndarray, tag: str) -> Path:
+    """A new file holding data's bytes, complete before its final name appears."""
+    path = directory() / f"{PREFIX}{os.getpid()}-{tag}"
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        f.write(memoryview(data))
+    os.replace(partial, path)
+    return path
+
+
+def map_readonly(path: str | Path, nbytes: int) -> np.ndarray:
+    """The file's first nbytes as a read-only uint8 array, shared with every other reader of it."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < nbytes:
+            raise OSError(f"{path}: shorter than the {nbytes} bytes announced")
+        if nbytes == 0:
+            return np.empty(0, np.uint8)
+        return np.frombuffer(mmap.mmap(f.fileno(), nbytes, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED), np.uint8)
+
+
+def remove_orphans() -> int:
+    """Remove the files of writers that are no longer running; how many were removed."""
+    removed = 0
+    for path in directory().glob(f"{PREFIX}*"):
+        try:
+            pid = int(path.name.removeprefix(PREFIX).split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed

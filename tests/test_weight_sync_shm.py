@@ -1,0 +1,88 @@
+"""Weight versions through shared memory for subscribers on the service's host (real gRPC, loopback)."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from ops import shared_memory
+from ops.config import with_overrides
+from producers.weight_subscriber import WeightSubscriber
+from schemas.weights import ChecksumError, verified
+from tests.tiny_models import tiny_llama
+from trainer.weight_sync import WeightSyncServer
+
+
+def files_of_this_process() -> set[str]:
+    return {p.name for p in shared_memory.directory().glob(f"{shared_memory.PREFIX}{os.getpid()}-*")}
+
+
+def serve(cfg, **weights) -> WeightSyncServer:
+    server = WeightSyncServer(with_overrides(cfg, weights={"port": 0, "subscription_s": 5, **weights}))
+    server.start()
+    return server
+
+
+def test_a_subscriber_on_the_same_host_maps_versions_from_shared_memory(cfg):
+    server = serve(cfg)
+    subscriber = WeightSubscriber(server.cfg.weights, server.target, "local").start()
+    try:
+        for version in (0, 1):
+            model = tiny_llama(version)
+            server.publish(model.state_dict(), step=version, version=version)
+            got = subscriber.wait_for(version, 20)
+            assert got.version == version and not got.buffer.flags.writeable
+            for name, tensor in got.state_dict().items():
+                assert torch.equal(tensor, model.state_dict()[name]), name
+            assert files_of_this_process() == {f"{shared_memory.PREFIX}{os.getpid()}-v{version}"}
+        assert subscriber.stats.shared_memory == 2 and subscriber.stats.wire_bytes == 0
+        held = subscriber.take().state_dict()  # a mapping outlives its file: v0's is gone, v1's too at stop
+    finally:
+        subscriber.close()
+        server.stop()
+    assert files_of_this_process() == set()
+    assert torch.equal(held["model.embed_tokens.weight"], tiny_llama(1).state_dict()["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("side", ["server", "subscriber"])
+def test_either_side_can_turn_shared_memory_off(cfg, side):
+    server = serve(cfg, shared_memory="never" if side == "server" else "auto")
+    wcfg = server.cfg.weights if side == "server" else with_overrides(cfg, weights={"shared_memory": "never"}).weights
+    subscriber = WeightSubscriber(wcfg, server.target, "remote-like").start()
+    try:
+        server.publish(tiny_llama(3).state_dict(), step=0, version=0)
+        subscriber.wait_for(0, 20)
+        assert subscriber.stats.shared_memory == 0 and subscriber.stats.wire_bytes > 0
+        assert files_of_this_process() == set()
+    finally:
+        subscriber.close()
+        server.stop()
+
+
+def test_a_killed_services_files_are_removed_when_the_next_one_starts(cfg):
+    dead = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True).stdout.strip()  # gone now
+    left = shared_memory.directory() / f"{shared_memory.PREFIX}{dead}-v7"
+    left.write_bytes(b"\0" * 64)
+    server = serve(cfg)
+    try:
+        assert not left.exists()
+    finally:
+        server.stop()
+
+
+def test_bytes_that_do_not_match_the_header_are_refused(cfg):
+    server = serve(cfg)
+    try:
+        server.publish(tiny_llama(4).state_dict(), step=0, version=0)
+        version = server.store.wait_published(0)
+        header = server.store.encoded(version, None).header
+        assert verified(header, version.buffer).version == 0
+        corrupted = version.buffer.copy()
+        corrupted[10] ^= 0xFF
+        with pytest.raises(ChecksumError):
+            verified(header, corrupted)
+        assert np.array_equal(shared_memory.map_readonly(server.store.shared(version), version.nbytes), version.buffer)
+    finally:
+        server.stop()
