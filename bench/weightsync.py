@@ -1,11 +1,18 @@
-"""Weight-sync benchmark on loopback: a SmolLM2-135M-shaped bf16 state dict, subscribers as processes.
+"""Weight-sync benchmark on loopback: SmolLM2-shaped bf16 state dicts, subscribers as processes, the
+chunked gRPC path (as for a subscriber on another host) and shared memory (one on the service's host),
+side by side in one run.
 
     python bench/weightsync.py  ->  bench/results/weightsync.json
 
-raw_socket_mb_s           one plain TCP socket sending the same bytes (the limit)
-grpc_mb_s_1, grpc_mb_s_4  a full version from publish() to verified-and-loaded in 1 / 4 subscribers (aggregate)
-seconds_per_version_135m  publish() start to applied in the subscriber's model, 1 subscriber
-delta_bytes_fraction      after one AdamW step at lr 1e-6: bytes on the wire / full bytes, and its seconds
+raw_socket_mb_s            one plain TCP socket sending the same bytes (the reference)
+grpc_mb_s_1, grpc_mb_s_4   a full 135M version from publish() to verified-and-applied in 1 / 4 subscribers
+                           (aggregate), through gRPC chunks; ratio_vs_raw_socket = grpc_mb_s_1 / raw
+shm_mb_s_1, shm_mb_s_4     the same through shared memory; ratio_shm_vs_raw_socket = shm_mb_s_1 / raw
+seconds_per_version_135m   publish() start to applied in the subscriber's weights, 1 subscriber, shared
+                           memory (grpc_seconds_per_version_135m: the same through gRPC)
+seconds_per_version_1p7b   the same for a SmolLM2-1.7B-shaped state dict (3.4 GB), shared memory
+delta_bytes_fraction       after one AdamW step at lr 1e-6: bytes on the wire / full bytes (gRPC)
+peak_extra_mb_per_subscriber_{grpc,shm}  a subscriber's private memory grown by holding a version
 MB are 10^6 bytes.
 """
 
@@ -25,19 +32,49 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results import write_results  # noqa: E402
-from ops.config import load_config  # noqa: E402
+from ops.config import load_config, with_overrides  # noqa: E402
 from trainer.weight_sync import WeightSyncServer  # noqa: E402
+
+SHAPES = {  # (vocab, hidden, intermediate, layers, heads, kv heads), SmolLM2's, embeddings tied
+    "135m": (49152, 576, 1536, 30, 9, 3),
+    "1p7b": (49152, 2048, 8192, 24, 32, 32),
+}
+
+
+def llama_config(shape: str):
+    from transformers import LlamaConfig
+
+    vocab, hidden, inter, layers, heads, kv = SHAPES[shape]
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048, tie_word_embeddings=True,
+    )  # fmt: skip
 
 
 def smollm2_135m(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).to(torch.bfloat16)
+    return LlamaForCausalLM(llama_config("135m")).to(torch.bfloat16)
+
+
+def zeros_shaped(shape: str) -> dict[str, torch.Tensor]:
+    """A state dict of the model's shapes, bf16 zeros (content does not change the cost of moving it)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(shape))
+    return {
+        k: torch.zeros(v.shape, dtype=torch.bfloat16) for k, v in model.state_dict().items() if k != "lm_head.weight"
+    }
+
+
+def private_mb() -> float:
+    """This process's anonymous (unshared) resident memory."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1e3
+    return 0.0
 
 
 def raw_socket_mb_s(payload: memoryview) -> float:
@@ -64,47 +101,50 @@ def raw_socket_mb_s(payload: memoryview) -> float:
     return len(payload) / elapsed / 1e6
 
 
-def subscriber_process(target: str, versions: int, ready, results) -> None:
-    """A searcher: subscribe, apply each version into its own model in place, report when done."""
-    from policy.models import load_into
+def subscriber_process(target: str, mode: str, shape: str, versions: int, ready, results) -> None:
+    """A searcher: subscribe, apply each version into weights of its own in place, report when done."""
     from producers.weight_subscriber import WeightSubscriber
 
     torch.set_num_threads(1)
-    model = smollm2_135m(seed=1)
-    sub = WeightSubscriber(load_config(environ={}).weights, target, "bench").start()
+    own = smollm2_135m(seed=1).state_dict() if shape == "135m" else zeros_shaped(shape)
+    wcfg = load_config(environ={}, weights={"shared_memory": mode}).weights
+    before = private_mb()
+    sub = WeightSubscriber(wcfg, target, "bench").start()
     ready.set()
     for v in range(versions):
-        got = sub.wait_for(v, 300)
-        load_into(model, got.state_dict())
-        results.put((v, time.time(), sub.stats.wire_bytes))
+        got = sub.wait_for(v, 600)
+        with torch.no_grad():
+            for name, tensor in got.state_dict().items():
+                own[name].copy_(tensor)
+        results.put((v, time.time(), sub.stats.wire_bytes, private_mb() - before))
     sub.close()
 
 
-def push(server: WeightSyncServer, subscribers: int, state_dicts: list) -> list[tuple[float, list]]:
-    """Publish each state dict (callables: made when their turn comes) once all subscribers have the previous.
-
-    Returns (publish start, subscriber reports) per version.
+def push(cfg, mode: str, shape: str, subscribers: int, state_dicts: list) -> list[tuple[float, list]]:
+    """A service whose subscribers take the mode's path; publish each state dict (callables: made when their
+    turn comes) once all subscribers have the previous. Returns (publish start, reports) per version.
     """
+    server = WeightSyncServer(with_overrides(cfg, weights={"shared_memory": mode}), announce=False)
+    server.start()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     ready = [ctx.Event() for _ in range(subscribers)]
-    procs = [
-        ctx.Process(target=subscriber_process, args=(server.target, len(state_dicts), ready[i], results))
-        for i in range(subscribers)
-    ]
+    args = (server.target, mode, shape, len(state_dicts))
+    procs = [ctx.Process(target=subscriber_process, args=(*args, ready[i], results)) for i in range(subscribers)]
     for p in procs:
         p.start()
     for r in ready:
-        r.wait(300)
+        r.wait(600)
     time.sleep(1.0)  # subscriptions open
     out = []
     for make in state_dicts:
         sd = make()
         start = time.time()
         server.publish(sd, step=len(out))  # stages a copy: sd may change right after
-        out.append((start, [results.get(timeout=300) for _ in range(subscribers)]))
+        out.append((start, [results.get(timeout=600) for _ in range(subscribers)]))
     for p in procs:
         p.join(60)
+    server.stop()
     return out
 
 
@@ -129,22 +169,30 @@ def main() -> None:
         optimizer.step()
         return model.state_dict()
 
-    # one subscriber: a full version, then one AdamW step later the delta
-    server = WeightSyncServer(cfg, announce=False)
-    server.start()
-    (start0, [(_, t0, bytes0)]), (start1, [(_, t1, bytes1)]) = push(server, 1, [model.state_dict, one_adamw_step])
-    server.stop()
-    result["seconds_per_version_135m"] = t0 - start0
+    # one subscriber: a full version, then one AdamW step later the delta (gRPC)
+    (start0, [(_, t0, bytes0, grpc_mb)]), (start1, [(_, t1, bytes1, _)]) = push(
+        cfg, "never", "135m", 1, [model.state_dict, one_adamw_step]
+    )
+    result["grpc_seconds_per_version_135m"] = t0 - start0
     result["grpc_mb_s_1"] = nbytes / (t0 - start0) / 1e6
     result["ratio_vs_raw_socket"] = result["grpc_mb_s_1"] / result["raw_socket_mb_s"]
     result["delta_bytes_fraction"] = (bytes1 - bytes0) / bytes0
     result["delta_seconds"] = t1 - start1
+    [(start, reports)] = push(cfg, "never", "135m", 4, [model.state_dict])
+    result["grpc_mb_s_4"] = 4 * nbytes / (max(r[1] for r in reports) - start) / 1e6
 
-    server = WeightSyncServer(cfg, announce=False)
-    server.start()
-    [(start, reports)] = push(server, 4, [model.state_dict])
-    server.stop()
-    result["grpc_mb_s_4"] = 4 * nbytes / (max(t for _, t, _ in reports) - start) / 1e6
+    [(start, [(_, t, _, shm_mb)])] = push(cfg, "auto", "135m", 1, [model.state_dict])
+    result["seconds_per_version_135m"] = t - start
+    result["shm_mb_s_1"] = nbytes / (t - start) / 1e6
+    result["ratio_shm_vs_raw_socket"] = result["shm_mb_s_1"] / result["raw_socket_mb_s"]
+    [(start, reports)] = push(cfg, "auto", "135m", 4, [model.state_dict])
+    result["shm_mb_s_4"] = 4 * nbytes / (max(r[1] for r in reports) - start) / 1e6
+    result["peak_extra_mb_per_subscriber_grpc"] = grpc_mb
+    result["peak_extra_mb_per_subscriber_shm"] = max(shm_mb, max(r[3] for r in reports))
+    big = zeros_shaped("1p7b")
+    result["bytes_1p7b"] = sum(t.numel() * t.element_size() for t in big.values())
+    [(start, [(_, t, _, _)])] = push(cfg, "auto", "1p7b", 1, [lambda: big])
+    result["seconds_per_version_1p7b"] = t - start
     result["machine"] = f"{mp.cpu_count()} cores, loopback"
 
     write_results(args.out, result)
