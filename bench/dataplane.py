@@ -168,7 +168,7 @@ def measure_codec(groups) -> dict:
 
 
 def measure_index(n: int) -> dict:
-    cfg = load_config(environ={}, buffer={"cache_groups": 0})
+    cfg = load_config(environ={}, kafka={"namespace": "bench-index"}, buffer={"cache_groups": 0})
     rng = np.random.default_rng(3)
     template = synthetic_group(rng, 0, SAMPLES, TOKENS)
     buffer = ReplayBuffer.__new__(ReplayBuffer)  # index only: no Kafka clients needed to add

@@ -131,3 +131,25 @@ def test_replay_of_a_missing_topic_is_a_clear_error(cfg, store):
     other = with_overrides(cfg, kafka={"namespace": cfg.kafka.namespace + "-absent"})
     with pytest.raises(TbaError, match="does not exist; run `tba topics create`"):
         CuratedFeed(other, ReplayBuffer(other, store))
+
+
+def test_a_step_reads_its_evicted_groups_back_together_and_samples_as_if_all_were_cached(cfg, store, rng):
+    groups = [synthetic_group(rng, i % 30, samples=4) for i in range(120)]  # 30 prompts, 4 groups each
+    publish_curated(cfg, store, groups)
+    cached = filled(with_overrides(cfg, buffer={"cache_groups": 1000}), store)
+    evicting = filled(with_overrides(cfg, buffer={"cache_groups": 0}), store)  # every group read back
+    evicting.fetch([0])
+    polls, poll = [], evicting._fetcher.poll
+    evicting._fetcher.poll = lambda **kw: polls.append(1) or poll(**kw)
+    wanted, fetch = [], evicting.fetch
+    evicting.fetch = lambda idxs: wanted.append(len(idxs)) or fetch(idxs)
+    for _ in range(3):
+        a, b = cached.sample(16, 4), evicting.sample(16, 4)  # same seed, same draws: the same distribution
+        assert [x.prompt_id for x in a] == [x.prompt_id for x in b]
+        assert [x.policy_versions for x in a] == [x.policy_versions for x in b]
+        for x, y in zip(a, b, strict=True):
+            assert all(np.array_equal(s.token_ids, t.token_ids) for s, t in zip(x.samples, y.samples, strict=True))
+    assert len(wanted) == 3  # one read-back per step, for all its prompts
+    assert len(polls) < sum(wanted)  # fewer requests than groups: each asks every partition at once
+    cached.close()
+    evicting.close()

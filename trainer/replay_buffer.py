@@ -235,30 +235,34 @@ class ReplayBuffer:
         return self.fetch([idx])[idx]
 
     def fetch(self, idxs: list[int]) -> dict[int, TrajectoryGroup]:
-        """Read groups back from the curated topic by seeking to their offsets."""
+        """Read groups back from the curated topic by offset: each request asks every partition that still
+        owes groups for its next wanted offset, so a batch costs about as many round trips as the most
+        groups wanted from one partition (not one per group), and records between are read at most once."""
         if self._fetcher is None:
             self._fetcher = kafka_clients.consumer(self._kafka_cfg)
-        wanted: dict[tuple[int, int], int] = {
-            (int(self.partition.values[i]), int(self.offset.values[i])): i for i in idxs
-        }
+        owed: dict[int, dict[int, int]] = {}  # partition -> {offset: index row}
+        for i in idxs:
+            owed.setdefault(int(self.partition.values[i]), {})[int(self.offset.values[i])] = i
         found: dict[int, TrajectoryGroup] = {}
-        for partition, offset in sorted(wanted):
-            if wanted[(partition, offset)] in found:
-                continue
-            tp = TopicPartition(self.topic, partition)
-            self._fetcher.assign([tp])
-            self._fetcher.seek(tp, offset)
-            while wanted[(partition, offset)] not in found:
-                records = self._fetcher.poll(timeout_ms=self._kafka_cfg.kafka.client_timeout_s * 1000).get(tp)
-                if not records:
-                    raise TbaError(f"{self.topic}[{partition}] offset {offset} could not be read back (retention?)")
-                for rec in records:
-                    i = wanted.get((partition, rec.offset))
-                    if i is not None and i not in found:
+        partitions = {p: TopicPartition(self.topic, p) for p in owed}
+        while owed:
+            self._fetcher.assign([partitions[p] for p in owed])  # only those that still owe groups
+            for p, offsets in owed.items():
+                self._fetcher.seek(partitions[p], min(offsets))
+            batch = self._fetcher.poll(timeout_ms=self._kafka_cfg.kafka.client_timeout_s * 1000)
+            if not any(batch.get(partitions[p]) for p in owed):
+                gone = {p: sorted(o) for p, o in owed.items()}
+                raise TbaError(f"{self.topic} offsets {gone} could not be read back (retention?)")
+            for p in list(owed):
+                for rec in batch.get(partitions[p], ()):
+                    i = owed[p].pop(rec.offset, None)
+                    if i is not None:
                         found[i] = self.codec.decode(rec.value)
                         if found[i].prompt_token_ids.size == 0:  # admitted once: only the ids it filled in
                             self.admit(found[i])  # are missing again (the checks need not run twice)
                         self._remember(i, found[i])
+                if not owed[p]:
+                    del owed[p]
         return found
 
     # -- sampling -------------------------------------------------------------------------------
@@ -276,7 +280,9 @@ class ReplayBuffer:
             pid = self._pick(pool, taken)
             taken.add(pid)
             chosen.append((pid, on_policy))
-        return [self._draw(pid, on_policy, k) for pid, on_policy in chosen]
+        draws = [self._draw(pid, on_policy, k) for pid, on_policy in chosen]
+        decoded = self._groups({g for _, _, refs, picks in draws for g in (refs[i][0] for i in picks)})
+        return [self._sampled(*draw, decoded) for draw in draws]  # every group a step needs, read back at once
 
     def _pick(self, pool: list[int] | None, taken: set[int]) -> int:
         if pool:
@@ -286,7 +292,8 @@ class ReplayBuffer:
             if pid not in taken:
                 return pid
 
-    def _draw(self, pid: int, on_policy: bool, k: int) -> SampledPrompt:
+    def _draw(self, pid: int, on_policy: bool, k: int):
+        """(pid, on_policy, refs, picks): k of the prompt's samples drawn by reward, as (group, sample) refs."""
         refs, rewards, seen = [], [], set()
         # newest first, so the cap keeps the newest samples and duplicates keep the newest copy
         for g in self._prompt_groups(pid):
@@ -308,7 +315,9 @@ class ReplayBuffer:
         p = np.exp(logits - logits.max())
         p /= p.sum()
         picks = self.rng.choice(len(refs), size=k, replace=len(refs) < k, p=p)
-        decoded = self._groups({g for g, _ in (refs[i] for i in picks)})
+        return pid, on_policy, refs, picks
+
+    def _sampled(self, pid: int, on_policy: bool, refs, picks, decoded) -> SampledPrompt:
         samples = [decoded[refs[i][0]].samples[refs[i][1]] for i in picks]
         first = decoded[refs[picks[0]][0]]
         return SampledPrompt(
