@@ -37,8 +37,12 @@ def write(data: np.ndarray, tag: str) -> Path:
     """A new file holding data's bytes, complete before its final name appears."""
     path = directory() / f"{PREFIX}{os.getpid()}-{tag}"
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        f.write(memoryview(data))
+    try:
+        with open(partial, "wb") as f:
+            f.write(memoryview(data))
+    except OSError:
+        partial.unlink(missing_ok=True)  # a full /dev/shm keeps nothing half-written
+        raise
     os.replace(partial, path)
     return path
 

@@ -86,3 +86,20 @@ def test_bytes_that_do_not_match_the_header_are_refused(cfg):
         assert np.array_equal(shared_memory.map_readonly(server.store.shared(version), version.nbytes), version.buffer)
     finally:
         server.stop()
+
+
+def test_a_full_shared_memory_falls_back_to_the_stream(cfg, monkeypatch):
+    def full(data, tag):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shared_memory, "write", full)
+    server = serve(cfg)
+    subscriber = WeightSubscriber(server.cfg.weights, server.target, "local").start()
+    try:
+        server.publish(tiny_llama(5).state_dict(), step=0, version=0)
+        got = subscriber.wait_for(0, 20)
+        assert torch.equal(got.state_dict()["model.norm.weight"], tiny_llama(5).state_dict()["model.norm.weight"])
+        assert subscriber.stats.shared_memory == 0 and subscriber.stats.wire_bytes > 0
+    finally:
+        subscriber.close()
+        server.stop()

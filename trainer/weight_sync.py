@@ -58,10 +58,15 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
             if newest is None or newest.version <= have:
                 continue
             if local:  # the header alone, and where the bytes are
-                path = self.store.shared(newest)
-                yield pb.Chunk(header=self.store.encoded(newest, None).header, shared_memory_path=str(path))
-                have = newest.version
-                continue
+                try:
+                    path = self.store.shared(newest)
+                except OSError as exc:  # /dev/shm full or too small (containers): send the bytes instead
+                    log.warning("cannot share version %d in memory (%s): sending it through gRPC", newest.version, exc)
+                    local = False
+                else:
+                    yield pb.Chunk(header=self.store.encoded(newest, None).header, shared_memory_path=str(path))
+                    have = newest.version
+                    continue
             for chunk in chunks(self.store.encoded(newest, base), self.wcfg.chunk_bytes):
                 if not context.is_active():
                     return
