@@ -111,6 +111,8 @@ def trainer_metrics(trainer) -> Iterable[Metric]:
         yield _gauge("trainer_curated_offset", "Next curated offsets to ingest (sum)", ingested, labels)
         yield _counter("trainer_rejected_groups", "Curated groups it cannot train on (to the dlq)",
                        trainer.buffer.rejected, labels)  # fmt: skip
+        yield _gauge("trainer_unreadable_groups", "Buffered groups gone from Kafka (retention), dropped",
+                     len(trainer.buffer.unreadable), labels)  # fmt: skip
     last = trainer.last.get("train", {})
     for key, doc in (("loss", "Loss of the last step"), ("mean_reward", "Mean reward of the last batch"),
                      ("beta", "TB beta of the last step"), ("seconds", "Seconds of the last step")):  # fmt: skip

@@ -153,3 +153,34 @@ def test_a_step_reads_its_evicted_groups_back_together_and_samples_as_if_all_wer
     assert len(polls) < sum(wanted)  # fewer requests than groups: each asks every partition at once
     cached.close()
     evicting.close()
+
+
+def test_groups_that_retention_removed_are_dropped_with_a_warning_and_sampling_goes_on(cfg, store, rng, caplog):
+    from kafka import TopicPartition
+
+    from ops import kafka_clients
+
+    groups = [synthetic_group(rng, i % 12, samples=4) for i in range(72)]  # 12 prompts, 6 groups each
+    publish_curated(cfg, store, groups)
+    buffer = filled(with_overrides(cfg, buffer={"cache_groups": 0}), store)  # every draw reads Kafka
+    topic = topic_names(cfg).curated
+    ends = dict(buffer.next_offsets)
+    admin = kafka_clients.admin(cfg)
+    try:
+        admin.delete_records({TopicPartition(topic, p): end // 2 for p, end in ends.items()})  # "retention"
+        for _ in range(4):
+            batch = buffer.sample(6, 4)
+            assert len(batch) == 6 and all(len(x.samples) == 4 for x in batch)
+        rows = sorted(buffer.unreadable)
+        assert rows and all(buffer.offset.values[i] < ends[int(buffer.partition.values[i])] // 2 for i in rows)
+        assert "could not be read back" in caplog.text and "training goes on" in caplog.text
+
+        emptied = max(ends, key=ends.get)  # a whole partition removed: nothing comes back from it at all
+        admin.delete_records({TopicPartition(topic, emptied): ends[emptied]})
+        for _ in range(4):
+            batch = buffer.sample(12, 4)  # its prompts are no longer drawn; the others still are
+            assert batch and all(len(x.samples) == 4 for x in batch)
+        assert {int(buffer.partition.values[i]) for i in buffer.unreadable} >= {emptied}
+    finally:
+        admin.close()
+        buffer.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 
 from kafka import TopicPartition
 
@@ -10,6 +12,9 @@ from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import TbaError
 from trainer.replay_buffer import ReplayBuffer
+
+log = logging.getLogger(__name__)
+PROGRESS_S = 5.0  # a long fill says how far it got this often
 
 
 class CuratedFeed:
@@ -74,7 +79,16 @@ class CuratedFeed:
         for tp in self.partitions:
             self.consumer.seek(tp, start[tp])
         added = 0
+        total = sum(stop[tp] - start[tp] for tp in todo)
+        began = reported = time.monotonic()
         while todo and not (stop_event and stop_event.is_set()):
+            if time.monotonic() - reported >= PROGRESS_S:
+                reported = time.monotonic()
+                read = total - sum(stop[tp] - self.consumer.position(tp) for tp in todo)
+                rate = read / max(reported - began, 1e-6)
+                left = (total - read) / rate if rate else float("inf")
+                log.info("filling from %s: %d of %d records read, %.0f a second, about %.0f s left (Ctrl-C stops)",
+                         self.buffer.topic, read, total, rate, left)  # fmt: skip
             for tp, records in self.consumer.poll(timeout_ms=500).items():
                 if tp not in todo:
                     continue

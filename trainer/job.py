@@ -162,8 +162,10 @@ def _loop(
                     break
                 fetch_s = time.monotonic() - fetch
                 result = trainer.train_step(batch)
+                unreadable = len(trainer.buffer.unreadable) if trainer.buffer is not None else 0
                 record("train", **{k: v for k, v in result.__dict__.items() if k != "step"}, batch_s=fetch_s,
-                       trainer_wait_fraction=trainer.waited_s / (time.monotonic() - started))  # fmt: skip
+                       trainer_wait_fraction=trainer.waited_s / (time.monotonic() - started),
+                       unreadable_groups=unreadable)  # fmt: skip
                 if trainer.step % t.eval_every == 0 and main:
                     record("eval", **evaluate(trainer.model))
                 if trainer.step % t.checkpoint_every == 0 and main:

@@ -16,6 +16,7 @@ completions removed.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from ops.schema_store import KafkaSchemaStore
 from ops.topics import topic_names
 from schemas.codec import SchemaStore
 from schemas.records import Sample, TrajectoryCodec, TrajectoryGroup
+
+log = logging.getLogger(__name__)
 
 
 class Column:
@@ -105,6 +108,7 @@ class ReplayBuffer:
         self.next_offsets: dict[int, int] = {}  # partition -> next offset to ingest
         self._cache: OrderedDict[int, TrajectoryGroup] = OrderedDict()
         self._fetcher = None
+        self.unreadable: set[int] = set()  # index rows whose records are gone from Kafka: never drawn again
 
     def __len__(self) -> int:
         return self.partition.size
@@ -251,19 +255,48 @@ class ReplayBuffer:
                 self._fetcher.seek(partitions[p], min(offsets))
             batch = self._fetcher.poll(timeout_ms=self._kafka_cfg.kafka.client_timeout_s * 1000)
             if not any(batch.get(partitions[p]) for p in owed):
-                gone = {p: sorted(o) for p, o in owed.items()}
-                raise TbaError(f"{self.topic} offsets {gone} could not be read back (retention?)")
+                self._drop_expired(owed, partitions)
+                continue
             for p in list(owed):
-                for rec in batch.get(partitions[p], ()):
+                records = batch.get(partitions[p], ())
+                for rec in records:
                     i = owed[p].pop(rec.offset, None)
                     if i is not None:
                         found[i] = self.codec.decode(rec.value)
                         if found[i].prompt_token_ids.size == 0:  # admitted once: only the ids it filled in
                             self.admit(found[i])  # are missing again (the checks need not run twice)
                         self._remember(i, found[i])
+                # records come in offset order from the one sought: an owed offset they passed over is gone
+                # (retention removed it and the read started at the log's new beginning, or compaction)
+                gone = sorted(o for o in owed[p] if records and o <= records[-1].offset)
+                if gone:
+                    self._drop(p, {o: owed[p].pop(o) for o in gone})
                 if not owed[p]:
                     del owed[p]
         return found
+
+    def _drop_expired(self, owed: dict[int, dict[int, int]], partitions: dict[int, TopicPartition]) -> None:
+        """Nothing came back: what is owed before its partition's beginning is gone (retention); if nothing
+        is, Kafka did not answer, which is an error."""
+        start = self._fetcher.beginning_offsets([partitions[p] for p in owed])
+        expired = {p: {o: i for o, i in rows.items() if o < start[partitions[p]]} for p, rows in owed.items()}
+        if not any(expired.values()):
+            wanted = {p: sorted(rows) for p, rows in owed.items()}
+            raise TbaError(f"{self.topic} offsets {wanted} could not be read back")
+        for p, rows in expired.items():
+            if rows:
+                self._drop(p, rows)
+                owed[p] = {o: i for o, i in owed[p].items() if o not in rows}
+                if not owed[p]:
+                    del owed[p]
+
+    def _drop(self, partition: int, rows: dict[int, int]) -> None:
+        self.unreadable.update(rows.values())
+        log.warning(
+            "%d groups of %s[%d] could not be read back (offsets %d..%d: retention or compaction removed them); "
+            "they are dropped from the replay buffer and training goes on",
+            len(rows), self.topic, partition, min(rows), max(rows),
+        )  # fmt: skip
 
     # -- sampling -------------------------------------------------------------------------------
 
@@ -280,8 +313,13 @@ class ReplayBuffer:
             pid = self._pick(pool, taken)
             taken.add(pid)
             chosen.append((pid, on_policy))
-        draws = [self._draw(pid, on_policy, k) for pid, on_policy in chosen]
+        draws = [d for d in (self._draw(pid, on_policy, k) for pid, on_policy in chosen) if d[2]]
         decoded = self._groups({g for _, _, refs, picks in draws for g in (refs[i][0] for i in picks)})
+        while any(refs[i][0] not in decoded for _, _, refs, picks in draws for i in picks):
+            # some groups were gone from Kafka (now in self.unreadable): draw those prompts again without them
+            draws = [d if all(d[2][i][0] in decoded for i in d[3]) else self._draw(d[0], d[1], k) for d in draws]
+            draws = [d for d in draws if d[2]]  # a prompt none of whose groups can be read any more
+            decoded.update(self._groups({g for _, _, refs, picks in draws for g in (refs[i][0] for i in picks)}))
         return [self._sampled(*draw, decoded) for draw in draws]  # every group a step needs, read back at once
 
     def _pick(self, pool: list[int] | None, taken: set[int]) -> int:
@@ -295,6 +333,8 @@ class ReplayBuffer:
     def _draw(self, pid: int, on_policy: bool, k: int):
         """(pid, on_policy, refs, picks): k of the prompt's samples drawn by reward, as (group, sample) refs."""
         refs, rewards, seen = [], [], set()
+        if not any(True for _ in self._prompt_groups(pid)):
+            return pid, on_policy, [], []
         # newest first, so the cap keeps the newest samples and duplicates keep the newest copy
         for g in self._prompt_groups(pid):
             if on_policy and self.version.values[g] != self.newest_version:
@@ -333,7 +373,8 @@ class ReplayBuffer:
         """The prompt's groups, newest first."""
         g = int(self._newest_group.values[pid])
         while g >= 0:
-            yield g
+            if g not in self.unreadable:
+                yield g
             g = int(self.previous.values[g])
 
     def _groups(self, idxs: set[int]) -> dict[int, TrajectoryGroup]:
