@@ -32,6 +32,7 @@ from schemas.codec import SchemaStore
 from schemas.records import Sample, TrajectoryCodec, TrajectoryGroup
 
 log = logging.getLogger(__name__)
+READ_BACK_BYTES = 64 * 1024  # per partition and request when reading evicted groups back
 
 
 class Column:
@@ -242,8 +243,9 @@ class ReplayBuffer:
         """Read groups back from the curated topic by offset: each request asks every partition that still
         owes groups for its next wanted offset, so a batch costs about as many round trips as the most
         groups wanted from one partition (not one per group), and records between are read at most once."""
-        if self._fetcher is None:
-            self._fetcher = kafka_clients.consumer(self._kafka_cfg)
+        if self._fetcher is None:  # small fetches: a read-back wants a record or a few, not megabytes of
+            # neighbours to parse (Kafka still returns a whole record batch, however large)
+            self._fetcher = kafka_clients.consumer(self._kafka_cfg, max_partition_fetch_bytes=READ_BACK_BYTES)
         owed: dict[int, dict[int, int]] = {}  # partition -> {offset: index row}
         for i in idxs:
             owed.setdefault(int(self.partition.values[i]), {})[int(self.offset.values[i])] = i
