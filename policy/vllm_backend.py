@@ -22,6 +22,7 @@ import torch
 from ops.shared_memory import directory
 from policy.generation import HFGenerator
 from policy.models import merged_weights
+from schemas.weights import unaliased
 
 
 class WorkerWeights:
@@ -47,13 +48,10 @@ class VLLMGenerator(HFGenerator):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         super().load_weights(state_dict)
-        weights, seen = {}, set()
-        for name, tensor in merged_weights(self.model).items():
-            if tensor.data_ptr() in seen:  # tied to one already written (lm_head to the embeddings)
-                continue
-            seen.add(tensor.data_ptr())
-            weights[name] = tensor.contiguous().cpu()
         from safetensors.torch import save_file
+
+        # a tied tensor (lm_head to the embeddings) once: the engine ties it again
+        weights = {name: t.contiguous().cpu() for name, t in unaliased(merged_weights(self.model))}
 
         path = directory() / f"tba-vllm-weights-{os.getpid()}.safetensors"
         try:

@@ -89,19 +89,26 @@ def allocate(nbytes: int) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), np.uint8)
 
 
+def unaliased(state_dict: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, detached tensor) of each distinct tensor: one that aliases an earlier one (lm_head tied to
+    the embeddings) is left out, its first name kept."""
+    seen = set()
+    for name, tensor in state_dict.items():
+        t = tensor.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            yield name, t
+
+
 def stage(state_dict: dict[str, torch.Tensor]) -> tuple[tuple[TensorSpec, ...], np.ndarray]:
     """Copy a state dict into one new staging buffer: the only work a publish does on the caller's time.
 
     Tensors that alias one another (tied embeddings) are sent once, under the first name.
     """
-    specs, seen, offset = [], set(), 0
+    specs, offset = [], 0
     tensors = []
-    for name, tensor in state_dict.items():
-        t = tensor.detach()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
+    for name, t in unaliased(state_dict):
         nbytes = t.numel() * t.element_size()
         specs.append(TensorSpec(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
         tensors.append(t)
@@ -129,8 +136,14 @@ _HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256")  # has
 def seal(specs, buffer: np.ndarray, version: int, step: int, model_id: str = "", wall_time: float | None = None):
     """Hash a staged buffer into a WeightVersion; the buffer is read-only from here on."""
     buffer.flags.writeable = False
-    digests = tuple(_HASHERS.map(lambda t: tensor_digest(buffer[t.offset : t.offset + t.nbytes]), specs))
-    return WeightVersion(version, step, wall_time or time.time(), model_id, tuple(specs), buffer, digests)
+    return WeightVersion(
+        version, step, wall_time or time.time(), model_id, tuple(specs), buffer, _digests(specs, buffer)
+    )
+
+
+def _digests(specs, buffer: np.ndarray) -> tuple[bytes, ...]:
+    """Each tensor's sha256, two at a time."""
+    return tuple(_HASHERS.map(lambda t: tensor_digest(buffer[t.offset : t.offset + t.nbytes]), specs))
 
 
 @dataclass(frozen=True)
@@ -203,7 +216,7 @@ def header_specs(header: pb.VersionHeader) -> tuple[TensorSpec, ...]:
 def verified(header: pb.VersionHeader, buffer: np.ndarray) -> WeightVersion:
     """A version whose bytes are all there already (a shared-memory mapping), if its checksum matches."""
     specs = header_specs(header)
-    digests = tuple(_HASHERS.map(lambda t: tensor_digest(buffer[t.offset : t.offset + t.nbytes]), specs))
+    digests = _digests(specs, buffer)
     if version_digest(digests) != header.sha256:
         raise ChecksumError(f"version {header.version}: sha256 mismatch, rejecting it")
     h = header

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from kafka import TopicPartition
@@ -75,6 +76,16 @@ class SampledPrompt:
     samples: list[Sample]
     policy_versions: list[int]
     on_policy: bool  # drawn in the probability-m branch (newest policy version only)
+
+
+class Draw(NamedTuple):
+    """A prompt's samples chosen for a step, as (group index row, sample) pairs, before they are read."""
+
+    pid: int
+    on_policy: bool
+    picked: list[tuple[int, int]]
+
+    groups = property(lambda self: {g for g, _ in self.picked})
 
 
 class ReplayBuffer:
@@ -240,11 +251,9 @@ class ReplayBuffer:
         return self.fetch([idx])[idx]
 
     def fetch(self, idxs: list[int]) -> dict[int, TrajectoryGroup]:
-        """Read groups back from the curated topic by offset: each request asks every partition that still
-        owes groups for its next wanted offset, so a batch costs about as many round trips as the most
-        groups wanted from one partition (not one per group), and records between are read at most once."""
-        if self._fetcher is None:  # small fetches: a read-back wants a record or a few, not megabytes of
-            # neighbours to parse (Kafka still returns a whole record batch, however large)
+        """Read groups back by offset: each request asks every partition that still owes groups for the next
+        one, so a batch costs as many round trips as the most groups owed by one partition, not one a group."""
+        if self._fetcher is None:  # small fetches: a record or a few, not megabytes of neighbours to parse
             self._fetcher = kafka_clients.consumer(self._kafka_cfg, max_partition_fetch_bytes=READ_BACK_BYTES)
         owed: dict[int, dict[int, int]] = {}  # partition -> {offset: index row}
         for i in idxs:
@@ -258,46 +267,40 @@ class ReplayBuffer:
             batch = self._fetcher.poll(timeout_ms=self._kafka_cfg.kafka.client_timeout_s * 1000)
             if not any(batch.get(partitions[p]) for p in owed):
                 self._drop_expired(owed, partitions)
-                continue
-            for p in list(owed):
+            for p in owed:
                 records = batch.get(partitions[p], ())
                 for rec in records:
                     i = owed[p].pop(rec.offset, None)
                     if i is not None:
                         found[i] = self.codec.decode(rec.value)
-                        if found[i].prompt_token_ids.size == 0:  # admitted once: only the ids it filled in
-                            self.admit(found[i])  # are missing again (the checks need not run twice)
+                        if found[i].prompt_token_ids.size == 0:  # admission tokenised the prompt: again,
+                            self.admit(found[i])  # as the record does not hold the ids
                         self._remember(i, found[i])
                 # records come in offset order from the one sought: an owed offset they passed over is gone
-                # (retention removed it and the read started at the log's new beginning, or compaction)
-                gone = sorted(o for o in owed[p] if records and o <= records[-1].offset)
-                if gone:
-                    self._drop(p, {o: owed[p].pop(o) for o in gone})
-                if not owed[p]:
-                    del owed[p]
+                # (retention moved the log's beginning past it, or compaction)
+                self._drop(owed, p, [o for o in owed[p] if records and o <= records[-1].offset])
+            owed = {p: offsets for p, offsets in owed.items() if offsets}
         return found
 
     def _drop_expired(self, owed: dict[int, dict[int, int]], partitions: dict[int, TopicPartition]) -> None:
         """Nothing came back: what is owed before its partition's beginning is gone (retention); if nothing
         is, Kafka did not answer, which is an error."""
         start = self._fetcher.beginning_offsets([partitions[p] for p in owed])
-        expired = {p: {o: i for o, i in rows.items() if o < start[partitions[p]]} for p, rows in owed.items()}
+        expired = {p: [o for o in offsets if o < start[partitions[p]]] for p, offsets in owed.items()}
         if not any(expired.values()):
-            wanted = {p: sorted(rows) for p, rows in owed.items()}
-            raise TbaError(f"{self.topic} offsets {wanted} could not be read back")
-        for p, rows in expired.items():
-            if rows:
-                self._drop(p, rows)
-                owed[p] = {o: i for o, i in owed[p].items() if o not in rows}
-                if not owed[p]:
-                    del owed[p]
+            raise TbaError(f"{self.topic} offsets { ({p: sorted(o) for p, o in owed.items()}) } could not be read back")
+        for p, offsets in expired.items():
+            self._drop(owed, p, offsets)
 
-    def _drop(self, partition: int, rows: dict[int, int]) -> None:
-        self.unreadable.update(rows.values())
+    def _drop(self, owed: dict[int, dict[int, int]], partition: int, offsets: list[int]) -> None:
+        """Owed groups Kafka no longer holds leave the index (never drawn again), with one warning."""
+        if not offsets:
+            return
+        self.unreadable.update(owed[partition].pop(o) for o in offsets)
         log.warning(
             "%d groups of %s[%d] could not be read back (offsets %d..%d: retention or compaction removed them); "
             "they are dropped from the replay buffer and training goes on",
-            len(rows), self.topic, partition, min(rows), max(rows),
+            len(offsets), self.topic, partition, min(offsets), max(offsets),
         )  # fmt: skip
 
     # -- sampling -------------------------------------------------------------------------------
@@ -315,14 +318,16 @@ class ReplayBuffer:
             pid = self._pick(pool, taken)
             taken.add(pid)
             chosen.append((pid, on_policy))
-        draws = [d for d in (self._draw(pid, on_policy, k) for pid, on_policy in chosen) if d[2]]
-        decoded = self._groups({g for _, _, refs, picks in draws for g in (refs[i][0] for i in picks)})
-        while any(refs[i][0] not in decoded for _, _, refs, picks in draws for i in picks):
-            # some groups were gone from Kafka (now in self.unreadable): draw those prompts again without them
-            draws = [d if all(d[2][i][0] in decoded for i in d[3]) else self._draw(d[0], d[1], k) for d in draws]
-            draws = [d for d in draws if d[2]]  # a prompt none of whose groups can be read any more
-            decoded.update(self._groups({g for _, _, refs, picks in draws for g in (refs[i][0] for i in picks)}))
-        return [self._sampled(*draw, decoded) for draw in draws]  # every group a step needs, read back at once
+        # every group the step needs is read back at once; one found gone from Kafka (now unreadable)
+        # has its prompt drawn again without it, and a prompt none of whose groups can be read is left out
+        draws = [self._draw(pid, on_policy, k) for pid, on_policy in chosen]
+        decoded: dict[int, TrajectoryGroup] = {}
+        while True:
+            draws = [d for d in draws if d is not None]
+            decoded.update(self._groups(set().union(*(d.groups for d in draws)) - decoded.keys()))
+            if all(d.groups <= decoded.keys() for d in draws):
+                return [self._sampled(d, decoded) for d in draws]
+            draws = [d if d.groups <= decoded.keys() else self._draw(d.pid, d.on_policy, k) for d in draws]
 
     def _pick(self, pool: list[int] | None, taken: set[int]) -> int:
         if pool:
@@ -332,11 +337,9 @@ class ReplayBuffer:
             if pid not in taken:
                 return pid
 
-    def _draw(self, pid: int, on_policy: bool, k: int):
-        """(pid, on_policy, refs, picks): k of the prompt's samples drawn by reward, as (group, sample) refs."""
+    def _draw(self, pid: int, on_policy: bool, k: int) -> Draw | None:
+        """k of the prompt's samples drawn by reward; None when none of its groups can be read."""
         refs, rewards, seen = [], [], set()
-        if not any(True for _ in self._prompt_groups(pid)):
-            return pid, on_policy, [], []
         # newest first, so the cap keeps the newest samples and duplicates keep the newest copy
         for g in self._prompt_groups(pid):
             if on_policy and self.version.values[g] != self.newest_version:
@@ -353,22 +356,23 @@ class ReplayBuffer:
                     break
             if len(refs) == self.cfg.per_prompt_cap:
                 break
+        if not refs:
+            return None
         logits = self.cfg.reward_inv_temp * np.array(rewards)  # (N,)
         p = np.exp(logits - logits.max())
         p /= p.sum()
         picks = self.rng.choice(len(refs), size=k, replace=len(refs) < k, p=p)
-        return pid, on_policy, refs, picks
+        return Draw(pid, on_policy, [refs[i] for i in picks])
 
-    def _sampled(self, pid: int, on_policy: bool, refs, picks, decoded) -> SampledPrompt:
-        samples = [decoded[refs[i][0]].samples[refs[i][1]] for i in picks]
-        first = decoded[refs[picks[0]][0]]
+    def _sampled(self, draw: Draw, decoded: dict[int, TrajectoryGroup]) -> SampledPrompt:
+        first = decoded[draw.picked[0][0]]
         return SampledPrompt(
-            prompt_id=self._prompt_names[pid],
+            prompt_id=self._prompt_names[draw.pid],
             prompt=first.prompt,
             prompt_token_ids=first.prompt_token_ids,
-            samples=samples,
-            policy_versions=[int(self.version.values[refs[i][0]]) for i in picks],
-            on_policy=on_policy,
+            samples=[decoded[g].samples[j] for g, j in draw.picked],
+            policy_versions=[int(self.version.values[g]) for g, _ in draw.picked],
+            on_policy=draw.on_policy,
         )
 
     def _prompt_groups(self, pid: int):
