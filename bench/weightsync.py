@@ -13,6 +13,7 @@ seconds_per_version_135m   publish() start to applied in the subscriber's weight
 seconds_per_version_1p7b   the same for a SmolLM2-1.7B-shaped state dict (3.4 GB), shared memory
 delta_bytes_fraction       after one AdamW step at lr 1e-6: bytes on the wire / full bytes (gRPC)
 peak_extra_mb_per_subscriber_{grpc,shm}  a subscriber's private memory grown by holding a version
+publish_blocked_s_135m     how long publish() holds the training loop (staging the copy), per path
 MB are 10^6 bytes.
 """
 
@@ -120,6 +121,9 @@ def subscriber_process(target: str, mode: str, shape: str, versions: int, ready,
     sub.close()
 
 
+PUBLISH_BLOCKED_S: dict[str, float] = {}  # mode -> how long the first publish() held its caller
+
+
 def push(cfg, mode: str, shape: str, subscribers: int, state_dicts: list) -> list[tuple[float, list]]:
     """A service whose subscribers take the mode's path; publish each state dict (callables: made when their
     turn comes) once all subscribers have the previous. Returns (publish start, reports) per version.
@@ -141,7 +145,9 @@ def push(cfg, mode: str, shape: str, subscribers: int, state_dicts: list) -> lis
         sd = make()
         start = time.time()
         server.publish(sd, step=len(out))  # stages a copy: sd may change right after
+        blocked = time.time() - start
         out.append((start, [results.get(timeout=600) for _ in range(subscribers)]))
+        PUBLISH_BLOCKED_S.setdefault(mode, blocked)
     for p in procs:
         p.join(60)
     server.stop()
@@ -187,6 +193,7 @@ def main() -> None:
     result["ratio_shm_vs_raw_socket"] = result["shm_mb_s_1"] / result["raw_socket_mb_s"]
     [(start, reports)] = push(cfg, "auto", "135m", 4, [model.state_dict])
     result["shm_mb_s_4"] = 4 * nbytes / (max(r[1] for r in reports) - start) / 1e6
+    result["publish_blocked_s_135m"] = {"shared_memory": PUBLISH_BLOCKED_S["auto"], "grpc": PUBLISH_BLOCKED_S["never"]}
     result["peak_extra_mb_per_subscriber_grpc"] = grpc_mb
     result["peak_extra_mb_per_subscriber_shm"] = max(shm_mb, max(r[3] for r in reports))
     big = zeros_shaped("1p7b")

@@ -1,8 +1,8 @@
 """Weight versions in shared memory, for subscribers on the publisher's own host.
 
-The weight service writes a version once to a file under /dev/shm (RAM, not disk) and tells
-same-host subscribers its path; each maps the bytes read-only instead of receiving them through
-gRPC. A file is removed when its version is superseded and when the service stops: a subscriber
+The weight service stages a version once into a file under /dev/shm (RAM, not disk), keeps a
+read-only mapping of it as the version's buffer, and tells same-host subscribers its path; each maps
+the same pages instead of receiving the bytes through gRPC. A file is removed when its version is superseded and when the service stops: a subscriber
 that mapped it keeps its mapping, and the kernel frees the memory when the last one goes. Names
 carry the writer's pid, so what a killed service left behind is removed when the next one starts.
 """
@@ -13,6 +13,7 @@ import mmap
 import os
 import socket
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +34,23 @@ def host_id() -> str:
         return socket.gethostname()
 
 
-def write(data: np.ndarray, tag: str) -> Path:
-    """A new file holding data's bytes, complete before its final name appears."""
+def write(parts: Iterable[np.ndarray], tag: str) -> Path:
+    """A new file holding the parts' bytes back to back, complete before its final name appears.
+
+    Plain writes, not a mapping: tmpfs allocates and fills its pages in one pass (~2 GB/s here),
+    where faulting a fresh shared mapping in page by page costs about twice that.
+    """
     path = directory() / f"{PREFIX}{os.getpid()}-{tag}"
     partial = path.with_name(path.name + ".partial")
     try:
-        with open(partial, "wb") as f:
-            f.write(memoryview(data))
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for part in parts:
+                view = memoryview(part).cast("B")
+                while view:  # one write() moves at most ~2 GiB
+                    view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
     except OSError:
         partial.unlink(missing_ok=True)  # a full /dev/shm keeps nothing half-written
         raise
@@ -54,7 +65,9 @@ def map_readonly(path: str | Path, nbytes: int) -> np.ndarray:
             raise OSError(f"{path}: shorter than the {nbytes} bytes announced")
         if nbytes == 0:
             return np.empty(0, np.uint8)
-        return np.frombuffer(mmap.mmap(f.fileno(), nbytes, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED), np.uint8)
+        # populated up front: one call instead of a page fault per 4 KiB when the bytes are first read
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return np.frombuffer(mmap.mmap(f.fileno(), nbytes, prot=mmap.PROT_READ, flags=flags), np.uint8)
 
 
 def remove_orphans() -> int:

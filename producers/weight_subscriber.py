@@ -4,7 +4,7 @@ A background thread keeps one Subscribe call open (calling again when the server
 its deadline), reconnects with exponential backoff when the server goes away, verifies each version's
 sha256 and keeps only the newest: the generation loop calls take() between batches and swaps
 weights when there is something new. A version that fails its checksum is dropped and fetched again.
-On the server's host (weights.shared_memory) a version is mapped from shared memory instead.
+On the server's host (weights.shared_memory) a version is mapped from shared memory instead, checked with xxh3.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ops.errors import TbaError
 from ops.grpc_security import call_metadata, channel, tokens
 from schemas import weight_sync_pb2 as pb
 from schemas import weight_sync_pb2_grpc as pb_grpc
-from schemas.weights import ChecksumError, VersionAssembler, WeightVersion, verified
+from schemas.weights import ChecksumError, VersionAssembler, WeightVersion, verified_mapping
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class WeightSubscriber:
         try:
             for chunk in self._call:
                 if chunk.shared_memory_path:  # on the server's host: map the bytes, check them
-                    self._deliver(self._mapped(chunk.header, chunk.shared_memory_path))
+                    self._deliver(self._mapped(chunk))
                     continue
                 if chunk.HasField("header"):
                     assembler = VersionAssembler(chunk.header, self._newest)
@@ -146,13 +146,14 @@ class WeightSubscriber:
         finally:
             self._call.cancel()
 
-    def _mapped(self, header: pb.VersionHeader, path: str) -> WeightVersion:
+    def _mapped(self, chunk: pb.Chunk) -> WeightVersion:
+        header = chunk.header
         try:
-            buffer = shared_memory.map_readonly(path, sum(t.nbytes for t in header.tensors))
+            buffer = shared_memory.map_readonly(chunk.shared_memory_path, sum(t.nbytes for t in header.tensors))
         except OSError as exc:  # superseded and removed before we got to it: the next call brings the newer one
             raise ChecksumError(f"version {header.version} in shared memory: {exc}") from exc
         self.stats.shared_memory += 1
-        return verified(header, buffer)
+        return verified_mapping(header, buffer, chunk.shared_memory_xxh3)
 
     def _deliver(self, version: WeightVersion) -> None:
         with self._arrived:

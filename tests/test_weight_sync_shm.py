@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from ops import shared_memory
 from ops.config import with_overrides
 from producers.weight_subscriber import WeightSubscriber
-from schemas.weights import ChecksumError, verified
+from schemas.weights import ChecksumError, verified_mapping, version_header
 from tests.tiny_models import tiny_llama
 from trainer.weight_sync import WeightSyncServer
 
@@ -55,7 +56,9 @@ def test_either_side_can_turn_shared_memory_off(cfg, side):
         server.publish(tiny_llama(3).state_dict(), step=0, version=0)
         subscriber.wait_for(0, 20)
         assert subscriber.stats.shared_memory == 0 and subscriber.stats.wire_bytes > 0
-        assert files_of_this_process() == set()
+        # a service that may share stages each version in shared memory, whoever subscribes
+        staged = {f"{shared_memory.PREFIX}{os.getpid()}-v0"} if side == "subscriber" else set()
+        assert files_of_this_process() == staged
     finally:
         subscriber.close()
         server.stop()
@@ -77,19 +80,24 @@ def test_bytes_that_do_not_match_the_header_are_refused(cfg):
     try:
         server.publish(tiny_llama(4).state_dict(), step=0, version=0)
         version = server.store.wait_published(0)
-        header = server.store.encoded(version, None).header
-        assert verified(header, version.buffer).version == 0
+        header = version_header(version)
+        path, xxh3 = server.store.shared(version)
+        assert verified_mapping(header, version.buffer, xxh3).version == 0
         corrupted = version.buffer.copy()
         corrupted[10] ^= 0xFF
         with pytest.raises(ChecksumError):
-            verified(header, corrupted)
-        assert np.array_equal(shared_memory.map_readonly(server.store.shared(version), version.nbytes), version.buffer)
+            verified_mapping(header, corrupted, xxh3)
+        # staged in shared memory: the service's own buffer is a mapping of the file subscribers map
+        assert str(path) in Path("/proc/self/maps").read_text()
+        mapped = shared_memory.map_readonly(path, version.nbytes)
+        assert np.array_equal(mapped, version.buffer)
+        assert verified_mapping(header, mapped, xxh3).digests == version.digests  # sha256 of the same bytes
     finally:
         server.stop()
 
 
 def test_a_full_shared_memory_falls_back_to_the_stream(cfg, monkeypatch):
-    def full(data, tag):
+    def full(parts, tag):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(shared_memory, "write", full)

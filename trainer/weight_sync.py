@@ -20,7 +20,7 @@ from ops.config import TbaConfig
 from ops.grpc_security import TokenAuth, server_credentials, tokens
 from schemas import weight_sync_pb2 as pb
 from schemas import weight_sync_pb2_grpc as pb_grpc
-from schemas.weights import VersionAssembler, WeightVersion, chunks, encode, seal, stage
+from schemas.weights import VersionAssembler, WeightVersion, chunks, encode, seal, stage, version_header
 from trainer.weight_versions import VersionStore
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,13 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
                 continue
             if local:  # the header alone, and where the bytes are
                 try:
-                    path = self.store.shared(newest)
+                    path, xxh3 = self.store.shared(newest)
                 except OSError as exc:  # /dev/shm full or too small (containers): send the bytes instead
                     log.warning("cannot share version %d in memory (%s): sending it through gRPC", newest.version, exc)
                     local = False
                 else:
-                    yield pb.Chunk(header=self.store.encoded(newest, None).header, shared_memory_path=str(path))
+                    header = version_header(newest)
+                    yield pb.Chunk(header=header, shared_memory_path=str(path), shared_memory_xxh3=xxh3)
                     have = newest.version
                     continue
             for chunk in chunks(self.store.encoded(newest, base), self.wcfg.chunk_bytes):

@@ -1,11 +1,14 @@
 """VersionStore: the policy versions a weight-sync service holds, and their wire forms.
 
 publish() copies the weights into a fresh staging buffer and returns: that copy is all the training
-loop waits for. Hashing happens on another thread, and a version becomes visible only once sealed, so
-no subscriber ever sees one half-written. It keeps the newest weights.keep_versions versions (the
-bases deltas are computed against), encodes each (version, base) pair once however many subscribers
-need it, writes the newest version to shared memory for subscribers on this host when one asks (and
-removes it once superseded), and announces every released version on the compacted policy-versions topic.
+loop waits for. With shared memory on, the staging buffer is itself a file in /dev/shm, mapped back:
+subscribers on this host map the same pages, so a version is written once and never copied again.
+A version becomes visible only once complete, so no subscriber ever sees one half-written; it is
+released to this host's subscribers first (checked with xxh3), then hashed with sha256 for the stream
+and the announcement, off the training loop's time. The store keeps the newest weights.keep_versions
+versions (the bases deltas are computed against), encodes each (version, base) pair once however many
+subscribers need it, removes a version's file once superseded, and announces every released version
+on the compacted policy-versions topic.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from ops import shared_memory
 from ops.config import TbaConfig
-from schemas.weights import EncodedVersion, WeightVersion, encode, seal, stage
+from schemas.weights import EncodedVersion, WeightVersion, encode, fingerprint, layout, seal, stage
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class VersionStore:
         self._next_version = 0
         self._announcer = _Announcer(cfg) if announce else None
         self._sealing: list[threading.Thread] = []
-        self._shared: dict[int, Path] = {}  # version -> its shared-memory file, written on first demand
+        self._shared: dict[int, tuple[Path, bytes]] = {}  # version -> its shared-memory file and xxh3
         self._shared_lock = threading.Lock()
         if self.wcfg.shared_memory != "never" and (removed := shared_memory.remove_orphans()):
             log.info("removed %d shared-memory weight files of services no longer running", removed)
@@ -51,18 +54,34 @@ class VersionStore:
         version defaults to one more than the last; returns it. wait_published(version) blocks until
         subscribers can get it.
         """
-        specs, buffer = stage(state_dict)
         with self.changed:
             if version is None:
                 version = self._next_version
             self._next_version = max(self._next_version, version + 1)
-        thread = threading.Thread(target=self._seal, args=(specs, buffer, version, step, model_id), daemon=True)
+        specs, buffer, path = self._stage(state_dict, version)
+        thread = threading.Thread(target=self._seal, args=(specs, buffer, path, version, step, model_id), daemon=True)
         thread.start()
         self._sealing = [t for t in self._sealing if t.is_alive()] + [thread]
         return version
 
-    def _seal(self, specs, buffer, version: int, step: int, model_id: str) -> None:
-        self.release(seal(specs, buffer, version, step, model_id))
+    def _stage(self, state_dict, version: int):
+        """(specs, buffer, shared-memory file or None): staged in /dev/shm when this host may share."""
+        if self.wcfg.shared_memory != "never":
+            specs, tensors = layout(state_dict)
+            try:
+                path = shared_memory.write((t.cpu().numpy() for t in tensors), f"v{version}")
+            except OSError as exc:  # /dev/shm full or too small (containers): stage in private memory
+                log.warning("cannot stage version %d in shared memory (%s)", version, exc)
+            else:
+                return specs, shared_memory.map_readonly(path, sum(t.nbytes for t in specs)), path
+        return *stage(state_dict), None
+
+    def _seal(self, specs, buffer, path: Path | None, version: int, step: int, model_id: str) -> None:
+        sealed = seal(specs, buffer, version, step, model_id)
+        if path is not None:
+            with self._shared_lock:
+                self._shared[version] = (path, fingerprint(buffer))
+        self.release(sealed)
 
     def release(self, version: WeightVersion) -> None:
         """Make a sealed version the newest one (older ones that arrive late are dropped)."""
@@ -76,22 +95,25 @@ class VersionStore:
                     old, _ = self.versions.popitem(last=False)
                     self._encoded = {k: v for k, v in self._encoded.items() if old not in k}
                 self.changed.notify_all()
-            self._unshare(keep=version.version)
+            self._unshare(older_than=version.version)
+            _ = version.sha256  # hashed now: after this host's subscribers have it, before the stream needs it
             if self._announcer is not None:
                 self._announcer.announce(version)
 
-    def shared(self, version: WeightVersion) -> Path:
-        """The version's shared-memory file (for subscribers on this host), written once."""
+    def shared(self, version: WeightVersion) -> tuple[Path, bytes]:
+        """The version's shared-memory file (for subscribers on this host) and its xxh3, written once
+        if the version was not staged there (it came through Publish)."""
         with self._shared_lock:
             if version.version not in self._shared:
-                self._shared[version.version] = shared_memory.write(version.buffer, f"v{version.version}")
+                path = shared_memory.write([version.buffer], f"v{version.version}")
+                self._shared[version.version] = (path, fingerprint(version.buffer))
             return self._shared[version.version]
 
-    def _unshare(self, keep: int | None = None) -> None:
-        """Remove the files of superseded versions (a subscriber that mapped one keeps its mapping)."""
+    def _unshare(self, older_than: int | None = None) -> None:
+        """Remove the files of superseded versions (whoever mapped one, this store included, keeps it)."""
         with self._shared_lock:
-            for number in [v for v in self._shared if v != keep]:
-                self._shared.pop(number).unlink(missing_ok=True)
+            for number in [v for v in self._shared if older_than is None or v < older_than]:
+                self._shared.pop(number)[0].unlink(missing_ok=True)
 
     def wait_published(self, version: int, timeout_s: float = 60) -> WeightVersion:
         with self.changed:
