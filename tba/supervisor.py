@@ -156,7 +156,8 @@ class Supervisor:
         check_resume(self.cfg)
 
     def _launch(self, p: RoleProcess) -> None:
-        argv = [sys.executable, "-m", "tba.cli", "--config", str(self.config_path), *p.args]
+        verbose = ["--verbose"] if logging.getLogger().isEnabledFor(logging.DEBUG) else []  # as `tba run` was asked
+        argv = [sys.executable, "-m", "tba.cli", *verbose, "--config", str(self.config_path), *p.args]
         if p.metrics_port:
             argv += ["--metrics-port", str(p.metrics_port)]
         # config.yaml already holds the TBA__ overrides, resolved (a free port for port 0): not again on top
