@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -186,19 +187,8 @@ class LocalBroker:
         tmp.rename(props)
 
     def _java(self, main: str, *args: str) -> list[str]:
-        return [
-            "java",
-            "-Xms256m",
-            f"-Xmx{self.heap}",
-            "-XX:+UseG1GC",
-            "-XX:MaxGCPauseMillis=20",
-            "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={LOG4J}",
-            "-cp",
-            classpath(),
-            main,
-            *args,
-        ]
+        jvm = ["-Xms256m", f"-Xmx{self.heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
+        return ["java", *jvm, f"-Dlog4j2.configurationFile={LOG4J}", "-cp", classpath(), main, *args]
 
     def launch(self) -> int:
         """Start the node process (server.properties must exist); returns its pid. Does not wait."""
@@ -229,8 +219,8 @@ class LocalBroker:
         )
         return proc.pid
 
-    def start(self, timeout_s: float = 90) -> BrokerStatus:
-        """Format (first time), start and wait until metadata answers. Idempotent."""
+    def start(self, timeout_s: float = 90, stop: threading.Event | None = None) -> BrokerStatus:
+        """Format (first time), start and wait until metadata answers (or stop is set). Idempotent."""
         running = self.status()
         if running:
             return running
@@ -238,7 +228,7 @@ class LocalBroker:
         if not (self.data_dir / "server.properties").exists():
             self.configure({self.node_id: free_port()}, _cluster_id())
         self.launch()
-        wait_ready([self], timeout_s)
+        wait_ready([self], timeout_s, stop)
         return self.status()
 
     def check_port_free(self) -> None:
@@ -320,8 +310,8 @@ def _cluster_id() -> str:
     return proc.stdout.strip()
 
 
-def wait_ready(nodes: list[LocalBroker], timeout_s: float) -> None:
-    """Poll cluster metadata until every node is registered; fail early if a process dies."""
+def wait_ready(nodes: list[LocalBroker], timeout_s: float, stop: threading.Event | None = None) -> None:
+    """Poll cluster metadata until every node is registered (or stop is set); fail early if a process dies."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
@@ -331,6 +321,8 @@ def wait_ready(nodes: list[LocalBroker], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            return
         for node in nodes:
             if node.status() is None:
                 raise BrokerError(

@@ -243,6 +243,7 @@ class RunConfig(Section):
     max_restarts: int = Field(5, ge=0)  # per process; one more crash stops the job with an error
     stop_timeout_s: float = Field(120.0, gt=0)  # how long the trainer may take to checkpoint and exit
     live_view: bool = True  # the rich terminal view (only when stdout is a terminal)
+    keep_broker: bool = False  # a local broker the job started keeps running after it (one running before does)
 
 
 class DemoConfig(Section):

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ops.broker import configured_broker
-from ops.config import TbaConfig, load_config
+from ops.config import TbaConfig, load_config, with_overrides
 from ops.errors import TbaError
 from tba.logs import configure_logging
 from tba.signals import stop_on_signals
@@ -231,7 +231,6 @@ def replay(
     metrics_port: int | None,
 ) -> None:
     """Train a new policy on a past range of a job's curated topic, in trainer.run_dir (which must be its own)."""
-    from ops.config import with_overrides
     from ops.job import recorded_namespace
     from trainer.checkpoint import checkpoint_at
     from trainer.job import run_trainer
@@ -288,8 +287,9 @@ def inspect_(obj: Context, scan: int, as_json: bool) -> None:
 
 @cli.command("run")
 @click.argument("config", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--keep-broker", is_flag=True, help="Leave a local broker it starts running (run.keep_broker).")
 @click.pass_obj
-def run_(obj: Context, config: str | None) -> None:
+def run_(obj: Context, config: str | None, keep_broker: bool) -> None:
     """The whole job on one machine: broker, topics, trainer + weight sync, searchers, filters, supervised.
 
     Ctrl-C / SIGTERM (or run.budget_s) stops it in order, the trainer checkpointing first; run it again
@@ -301,6 +301,7 @@ def run_(obj: Context, config: str | None) -> None:
     from tba.supervisor import run_job
 
     cfg = load_config(config) if config else obj.cfg
+    cfg = with_overrides(cfg, run={"keep_broker": True}) if keep_broker else cfg
     stop = stop_on_signals()
     view = JobView(cfg)
     if cfg.run.live_view and sys.stdout.isatty():
