@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,11 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results import write_results  # noqa: E402
 from ops.broker import free_port, job_broker  # noqa: E402
-from ops.config import ENV_PREFIX, TbaConfig, load_config  # noqa: E402
+from ops.config import ENV_PREFIX, TbaConfig, load_config, with_overrides  # noqa: E402
 from ops.metrics import metric_rows  # noqa: E402
 from ops.schema_store import KafkaSchemaStore  # noqa: E402
 from ops.topics import read_topic, topic_names  # noqa: E402
 from schemas.records import TrajectoryCodec  # noqa: E402
+from tba.signals import Stop  # noqa: E402
 from tba.supervisor import run_job  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def run_tba(cfg: TbaConfig) -> dict:
 
     load_model("")  # the default model converted once, before the clock starts
     started = time.monotonic()
-    run_job(cfg, threading.Event())
+    run_job(with_overrides(cfg, run={"keep_broker": True}), Stop())  # its topics are read below
     wall = time.monotonic() - started
     end_eval = final_evaluation(cfg)
     rows = metric_rows(Path(cfg.trainer.run_dir))

@@ -8,11 +8,13 @@ node.json (pid and ports), so `start` twice is one broker and a restart reuses t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from ops.errors import BrokerError
 
+log = logging.getLogger(__name__)
 KAFKA_VERSION = "4.3.1"
 ROOT = Path(__file__).resolve().parents[1]
 POM = Path(__file__).with_name("kafka") / "pom.xml"
@@ -96,9 +99,11 @@ class LocalBroker:
         heap: str = "1g",
         sasl_port: int | None = None,
         sasl_users: dict[str, str] | None = None,
+        port_setting: str = "",
     ):
         self.data_dir = Path(data_dir).resolve()
         self.port = port
+        self.port_setting = port_setting  # how a user moves the port, for the error when it is taken
         self.node_id = node_id
         self.heap = heap
         # an extra SASL_PLAINTEXT listener (mechanism PLAIN) for these users -> passwords; the
@@ -106,6 +111,7 @@ class LocalBroker:
         self.sasl_port = sasl_port
         self.sasl_users = sasl_users or {}
         self._state = self.data_dir / "node.json"
+        self._log_start = 0  # where this start's lines begin in broker.log (it keeps every start's)
 
     @property
     def bootstrap(self) -> str:
@@ -181,19 +187,8 @@ class LocalBroker:
         tmp.rename(props)
 
     def _java(self, main: str, *args: str) -> list[str]:
-        return [
-            "java",
-            "-Xms256m",
-            f"-Xmx{self.heap}",
-            "-XX:+UseG1GC",
-            "-XX:MaxGCPauseMillis=20",
-            "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={LOG4J}",
-            "-cp",
-            classpath(),
-            main,
-            *args,
-        ]
+        jvm = ["-Xms256m", f"-Xmx{self.heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
+        return ["java", *jvm, f"-Dlog4j2.configurationFile={LOG4J}", "-cp", classpath(), main, *args]
 
     def launch(self) -> int:
         """Start the node process (server.properties must exist); returns its pid. Does not wait."""
@@ -204,10 +199,11 @@ class LocalBroker:
         controller_port = int(
             next(line for line in props.read_text().splitlines() if line.startswith("listeners=")).rsplit(":", 1)[1]
         )
-        with open(self.log_file, "ab") as log:
+        with open(self.log_file, "ab") as out:
+            self._log_start = out.tell()
             proc = subprocess.Popen(
                 self._java("kafka.Kafka", str(props)),
-                stdout=log,
+                stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
@@ -223,16 +219,43 @@ class LocalBroker:
         )
         return proc.pid
 
-    def start(self, timeout_s: float = 90) -> BrokerStatus:
-        """Format (first time), start and wait until metadata answers. Idempotent."""
+    def start(self, timeout_s: float = 90, stop: threading.Event | None = None) -> BrokerStatus:
+        """Format (first time), start and wait until metadata answers (or stop is set). Idempotent."""
         running = self.status()
         if running:
             return running
+        self.check_port_free()
         if not (self.data_dir / "server.properties").exists():
             self.configure({self.node_id: free_port()}, _cluster_id())
         self.launch()
-        wait_ready([self], timeout_s)
+        wait_ready([self], timeout_s, stop)
         return self.status()
+
+    def check_port_free(self) -> None:
+        """Fail at once when another program listens on the port: Kafka would only die after a long wait."""
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Kafka binds: a TIME_WAIT is no obstacle
+            try:
+                s.bind(("127.0.0.1", self.port))
+            except OSError as exc:
+                move = f": free it, or move the broker with {self.port_setting}" if self.port_setting else ""
+                raise BrokerError(
+                    f"port {self.port} on 127.0.0.1 is taken by another program ({exc.strerror}){move}"
+                ) from exc
+
+    def first_error(self) -> str:
+        """The first ERROR line this start wrote to broker.log (with the exception line under it): the cause,
+        where the last lines are the consequences. Its last lines when there is no ERROR."""
+        if not self.log_file.exists():
+            return ""
+        with open(self.log_file, "rb") as f:
+            f.seek(self._log_start)
+            lines = f.read().decode(errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            if "] ERROR " in line:
+                cause = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("[") else ""
+                return "\n".join(filter(None, (line, cause)))
+        return "\n".join(lines[-20:])
 
     def stop(self, timeout_s: float = 30) -> bool:
         """SIGTERM (controlled shutdown), SIGKILL after timeout_s. True if a node was stopped."""
@@ -287,21 +310,27 @@ def _cluster_id() -> str:
     return proc.stdout.strip()
 
 
-def wait_ready(nodes: list[LocalBroker], timeout_s: float) -> None:
-    """Poll cluster metadata until every node is registered; fail early if a process dies."""
+def wait_ready(nodes: list[LocalBroker], timeout_s: float, stop: threading.Event | None = None) -> None:
+    """Poll cluster metadata until every node is registered (or stop is set); fail early if a process dies."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
     bootstrap = [n.bootstrap for n in nodes]
+    log.info("waiting for Kafka at %s to start (up to %.0fs; its log: %s)", ",".join(bootstrap), timeout_s,
+             ", ".join(str(n.log_file) for n in nodes))  # fmt: skip
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            return
         for node in nodes:
             if node.status() is None:
-                tail = node.log_file.read_text(errors="replace")[-3000:] if node.log_file.exists() else ""
-                raise BrokerError(f"Kafka node {node.node_id} exited during start; see {node.log_file}:\n{tail}")
-        try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+                raise BrokerError(
+                    f"Kafka node {node.node_id} exited during start; its first error ({node.log_file}):\n"
+                    f"{node.first_error()}"
+                )
+        try:  # a short bootstrap wait: a node that dies meanwhile is seen within seconds
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000, bootstrap_timeout_ms=3000)
             try:
                 brokers = admin.describe_cluster()["brokers"]
             finally:
@@ -346,7 +375,10 @@ class LocalCluster:
 
 def configured_broker(cfg) -> LocalBroker:
     """The local broker that cfg.broker describes (`tba kafka start|stop|status`)."""
-    return LocalBroker(cfg.broker.data_dir, cfg.broker.port, heap=cfg.broker.heap)
+    from ops.config import ENV_PREFIX
+
+    move = f"broker.port (environment {ENV_PREFIX}BROKER__PORT), and kafka.bootstrap to the same port"
+    return LocalBroker(cfg.broker.data_dir, cfg.broker.port, heap=cfg.broker.heap, port_setting=move)
 
 
 def job_broker(cfg) -> LocalBroker | None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -242,6 +243,7 @@ class RunConfig(Section):
     max_restarts: int = Field(5, ge=0)  # per process; one more crash stops the job with an error
     stop_timeout_s: float = Field(120.0, gt=0)  # how long the trainer may take to checkpoint and exit
     live_view: bool = True  # the rich terminal view (only when stdout is a terminal)
+    keep_broker: bool = False  # a local broker the job started keeps running after it (one running before does)
 
 
 class DemoConfig(Section):
@@ -271,9 +273,14 @@ class TbaConfig(Section):
 ENV_PREFIX = "TBA__"
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    """TBA__KAFKA__BOOTSTRAP=host:9092 -> {"kafka": {"bootstrap": "host:9092"}}; values are YAML."""
+def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """TBA__KAFKA__BOOTSTRAP=host:9092 -> {"kafka": {"bootstrap": "host:9092"}}, and each path's variable.
+
+    A field that takes text (a string, a path, one of some words) takes the value as written, so
+    TBA__KAFKA__NAMESPACE=2024 is the name "2024"; any other value is YAML (numbers, lists, null).
+    """
     tree: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
@@ -281,8 +288,19 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(value) if value else value
-    return tree
+        node[path[-1]] = value if not value or _takes_text(path) else yaml.safe_load(value)
+        sources[tuple(path)] = key
+    return tree, sources
+
+
+def _takes_text(path: list[str]) -> bool:
+    section = TbaConfig.model_fields.get(path[0])
+    field = section.annotation.model_fields.get(path[1]) if section and len(path) == 2 else None
+    if field is None:  # unknown (validation names it) or inside a mapping field such as task.dataset_args
+        return False
+    annotation = field.annotation
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return any(o in (str, Path) or get_origin(o) is Literal for o in options)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -295,14 +313,18 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _explain(exc: ValidationError) -> str:
+def _explain(exc: ValidationError, sources: dict[tuple[str, ...], str]) -> str:
+    """One clause per error, naming the field and, when its value came from one, the environment variable."""
     lines = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"])
+        loc = tuple(str(p) for p in err["loc"])
+        field = ".".join(loc)
         if err["type"] == "extra_forbidden":
-            lines.append(f"{field}: unknown field")
+            line = f"{field}: unknown field"
         else:
-            lines.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+            line = f"{field}: {err['msg']} (got {err.get('input')!r})"
+        variable = next((v for path, v in sources.items() if path[: len(loc)] == loc or loc[: len(path)] == path), None)
+        lines.append(f"{line} (from the environment variable {variable})" if variable else line)
     return "; ".join(lines)
 
 
@@ -316,12 +338,12 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
             raise ConfigError(f"config file {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
-    data = _merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
-    data = _merge(data, overrides)
+    from_env, sources = _env_overrides(dict(os.environ if environ is None else environ))
+    data = _merge(_merge(data, from_env), overrides)
     try:
         return TbaConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"config error: {_explain(exc)}") from exc
+        raise ConfigError(f"config error: {_explain(exc, sources)}") from exc
 
 
 def with_overrides(cfg: TbaConfig, **sections: dict[str, Any]) -> TbaConfig:

@@ -8,15 +8,18 @@ unset, a job gets `tba-<run dir name>-<random>` when it first starts, and `<run_
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
 from ops.config import TbaConfig, with_overrides
-from ops.errors import ConfigError
+from ops.errors import ConfigError, TbaError
 
 
 def recorded_namespace(run_dir: str | Path) -> str | None:
@@ -80,3 +83,24 @@ def write_config(cfg: TbaConfig, exclusive: bool = False) -> bool:
             return False
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked_run_dir(run_dir: str | Path) -> Iterator[None]:
+    """Hold run_dir for one job (an flock on run_dir/.lock, gone with the process however it ends): a
+    second `tba run` there fails at once instead of sharing its checkpoints, logs and job.json."""
+    path = Path(run_dir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise TbaError(
+                f"run dir {path} is in use by another `tba run` (pid {lock.read().strip() or '?'}): "
+                "stop that one first, or give this job its own trainer.run_dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield

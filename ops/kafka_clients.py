@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
@@ -11,6 +12,8 @@ from kafka.errors import KafkaTimeoutError, SaslAuthenticationFailedError
 
 from ops.config import TbaConfig
 from ops.errors import BrokerError, ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _common(cfg: TbaConfig) -> dict[str, Any]:
@@ -94,6 +97,8 @@ def admin(cfg: TbaConfig, **overrides: Any) -> KafkaAdminClient:
 def _connect(cfg: TbaConfig, client, *args: Any, **settings: Any):
     """A client, or one error line saying what to fix (clients connect, and authenticate, as they start)."""
     k = cfg.kafka
+    if not _listening(k):  # the one line saying what kafka-python's retries (debug lines) are about
+        log.info("waiting for Kafka at kafka.bootstrap=%s to answer (up to %.0fs)", k.bootstrap, k.client_timeout_s)
     try:
         return client(*args, **settings)
     except (SaslAuthenticationFailedError, KafkaTimeoutError) as exc:  # timeout: no first metadata answer

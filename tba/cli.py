@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import click
 
 from ops.broker import configured_broker
-from ops.config import TbaConfig, load_config
+from ops.config import TbaConfig, load_config, with_overrides
 from ops.errors import TbaError
+from tba.logs import configure_logging
+from tba.signals import stop_on_signals
 
 
 class Context:
-    def __init__(self, config_path: str | None):
+    def __init__(self, config_path: str | None, verbose: bool = False):
         self.config_path = config_path
+        self.verbose = verbose
         self._cfg: TbaConfig | None = None
 
     @property
@@ -34,14 +35,6 @@ class Context:
         return for_job(self.cfg, create)
 
 
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or Ctrl-C: long-running commands finish their unit of work and stop."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    return stop
-
-
 metrics_port_option = click.option(
     "--metrics-port", type=int, default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics."
 )
@@ -49,10 +42,12 @@ metrics_port_option = click.option(
 
 @click.group()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="TBA_CONFIG", help="YAML config file.")
+@click.option("--verbose", is_flag=True, help="Debug lines too, kafka-python's among them.")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None) -> None:
+def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """tba-stream: asynchronous off-policy post-training (Trajectory Balance) on Apache Kafka."""
-    ctx.obj = Context(config_path)
+    configure_logging(verbose)
+    ctx.obj = Context(config_path, verbose)
 
 
 @cli.group()
@@ -236,7 +231,6 @@ def replay(
     metrics_port: int | None,
 ) -> None:
     """Train a new policy on a past range of a job's curated topic, in trainer.run_dir (which must be its own)."""
-    from ops.config import with_overrides
     from ops.job import recorded_namespace
     from trainer.checkpoint import checkpoint_at
     from trainer.job import run_trainer
@@ -293,8 +287,9 @@ def inspect_(obj: Context, scan: int, as_json: bool) -> None:
 
 @cli.command("run")
 @click.argument("config", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--keep-broker", is_flag=True, help="Leave a local broker it starts running (run.keep_broker).")
 @click.pass_obj
-def run_(obj: Context, config: str | None) -> None:
+def run_(obj: Context, config: str | None, keep_broker: bool) -> None:
     """The whole job on one machine: broker, topics, trainer + weight sync, searchers, filters, supervised.
 
     Ctrl-C / SIGTERM (or run.budget_s) stops it in order, the trainer checkpointing first; run it again
@@ -306,6 +301,7 @@ def run_(obj: Context, config: str | None) -> None:
     from tba.supervisor import run_job
 
     cfg = load_config(config) if config else obj.cfg
+    cfg = with_overrides(cfg, run={"keep_broker": True}) if keep_broker else cfg
     stop = stop_on_signals()
     view = JobView(cfg)
     if cfg.run.live_view and sys.stdout.isatty():
@@ -313,7 +309,8 @@ def run_(obj: Context, config: str | None) -> None:
         from rich.logging import RichHandler
 
         handler = RichHandler(show_path=False)
-        logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        configure_logging(obj.verbose, handler, replace=True)
         with Live(view.renderable, refresh_per_second=2) as live:
 
             def refresh(supervisor) -> None:
@@ -372,13 +369,6 @@ def demo(obj: Context) -> None:
 
 
 def main() -> None:
-    import logging
-    import os
-
-    logging.basicConfig(
-        level=os.environ.get("TBA_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python narrates every connection at INFO
     try:
         cli(standalone_mode=True)
     except TbaError as exc:

@@ -75,26 +75,30 @@ def inspect_job(cfg: TbaConfig, scan: int = 10_000) -> dict:
     }
 
 
-def print_tables(report: dict) -> None:
-    """`tba inspect` without --json: the report as tables in the terminal."""
+def print_tables(report: dict, console=None) -> None:
+    """`tba inspect` without --json: the report as tables that read at 80 columns. A first column (a topic,
+    a scorer) is never cut and the others wrap; a topic's figures and settings share one cell, and a
+    checksum shows its first 12 digits (--json has it whole)."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = console or Console()
+    topics = [{"topic": r["topic"], "figures and settings": ", ".join(f"{k} {v}" for k, v in r.items() if k != "topic")}
+              for r in report["topics"]]  # fmt: skip
     for title, rows in (
-        ("topics", report["topics"]),
-        ("filter lag (raw partition: records)", [report["filter_lag"]]),
+        ("topics", topics),
+        ("filter lag", [{"raw partition": p, "records": n} for p, n in report["filter_lag"].items()]),
         (
             "curated groups by policy version",
             [{"version": v, **x} for v, x in report["curated_by_policy_version"].items()],
         ),
         ("dead letters by scorer", [{"scorer": k, **x} for k, x in report["dlq_by_scorer"].items()]),
-        ("announced policy versions", report["policy_versions"]),
+        ("announced policy versions", [{**v, "sha256": v["sha256"][:12]} for v in report["policy_versions"]]),
     ):
         table = Table(title=title)
         columns = list(dict.fromkeys(k for row in rows for k in row))
-        for column in columns:
-            table.add_column(column)
+        for i, column in enumerate(columns):
+            table.add_column(column, no_wrap=i == 0, overflow="fold")
         for row in rows:
             table.add_row(
                 *(f"{row.get(c, ''):.3f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns)

@@ -7,6 +7,7 @@ offsets and the filter group's committed offsets, and the trainer's run_dir/metr
 from __future__ import annotations
 
 import http.client
+import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -46,6 +47,9 @@ class JobView:
         self.rates: dict[str, dict[str, float]] = {}
         self.kafka: dict = {}
         self.kafka_at = 0.0
+        # Kafka is read on a thread of its own: a broker away makes each read wait for the client timeout,
+        # and the supervisor calling this view must not wait with it
+        self._reading: threading.Thread | None = None
         self.renderable = Text("starting...")
 
     def __call__(self, supervisor) -> None:
@@ -59,18 +63,32 @@ class JobView:
                 if now > then:
                     self.rates[p.name] = {k: (v - before.get(k, 0.0)) / (now - then) for k, v in current.items()}
                 self.previous[p.name] = (now, current)
-        if now - self.kafka_at >= KAFKA_EVERY_S:
-            self.kafka, self.kafka_at = self._read_kafka(), now
+        reading = self._reading is not None and self._reading.is_alive()
+        if not reading and now - self.kafka_at >= KAFKA_EVERY_S:
+            self.kafka_at = now
+            self._reading = threading.Thread(target=self._read_kafka_into_view, daemon=True, name="live-view-kafka")
+            self._reading.start()
+        elif reading and now - self.kafka_at >= KAFKA_EVERY_S:  # longer than a read takes when Kafka answers
+            self.kafka = {"error": f"waiting for Kafka at {self.cfg.kafka.bootstrap} to answer"}
         self.renderable = self.render(supervisor.state(), scraped)
 
+    def _read_kafka_into_view(self) -> None:
+        self.kafka = self._read_kafka()
+
     def _read_kafka(self) -> dict:
+        from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError
+
         from ops.topics import end_offsets, topic_names
         from tba.inspection import filter_lag
 
         try:
             names = topic_names(self.cfg)
             ends = end_offsets(self.cfg, [names.raw, names.curated, names.dlq])
-            return {"ends": ends, "filter_lag": sum(filter_lag(self.cfg).values())}
+            try:
+                lag = str(sum(filter_lag(self.cfg).values()))
+            except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
+                lag = "waiting for the filter group's coordinator"  # a new broker still loading its offsets
+            return {"ends": ends, "filter_lag": lag}
         except Exception as exc:  # the broker may be restarting: show it, keep going
             return {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -109,7 +127,7 @@ class JobView:
                 kafka.add_column(column)
             kafka.add_row(
                 str(ends[self._topic("raw")]),
-                str(self.kafka["filter_lag"]),
+                self.kafka["filter_lag"],
                 str(curated_end),
                 # the trainer keeps its offsets in its checkpoint, not in a group (a transaction marker counts 1)
                 str(max(0, curated_end - int(trainer.get("tba_trainer_curated_offset", 0)))) if trainer else "",

@@ -9,7 +9,9 @@ trainer.run_dir resumes: the trainer restores its checkpoint, filters continue f
 offsets and searchers from the newest policy version.
 
 Everything a process says goes to run_dir/logs/<name>.log; the state of each process is written to
-run_dir/job.json every tick, for the live view and for anyone watching from outside.
+run_dir/job.json every tick, for the live view and for anyone watching from outside. One job at a
+time holds a run dir (run_dir/.lock). A second Ctrl-C kills the processes instead of waiting for them.
+A broker the job started itself is stopped with it, unless run.keep_broker (`tba run --keep-broker`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from pathlib import Path
 from ops.broker import job_broker
 from ops.config import ENV_PREFIX, TbaConfig, with_overrides
 from ops.errors import TbaError
-from ops.job import write_config
+from ops.job import locked_run_dir, write_config
+from tba.signals import Stop
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,31 +126,41 @@ class Supervisor:
         self.trainer = self.processes[0]
         self.started = time.monotonic()
         self.failed: str | None = None  # why the job stopped early, if it did
+        self.stage = "preparing"  # preparing | running | stopping | stopped
         self.broker = None  # the local broker, when this job runs it
+        self.started_broker = False  # it was not running before: the job stops it as it ends
         self.broker_restarts = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def prepare(self, progress=None) -> None:
+    def prepare(self, progress=None, stop: threading.Event | None = None) -> bool:
         """Broker (if local), topics, the default model (once, before any process wants it) and the
-        resolved config every process reads. progress(message) gives a context to wait in (a spinner)."""
+        resolved config every process reads. progress(message) gives a context to wait in (a spinner).
+        False when stop was set meanwhile: the rest is left undone (the broker's start is cut short too)."""
         from ops.topics import create_topics
 
+        stop = stop or threading.Event()
         self.check_resume()
         progress = progress or (lambda message: contextlib.nullcontext())
         self.broker = job_broker(self.cfg)
         if self.broker is not None:
+            self.started_broker = self.broker.status() is None
             with progress(f"starting the local Kafka broker on {self.broker.bootstrap} (jars resolved once)"):
-                status = self.broker.start()
+                status = self.broker.start(stop=stop)
+            if stop.is_set():
+                return False
             log.info("broker at %s (pid %d, data in %s)", self.broker.bootstrap, status.pid, self.broker.data_dir)
         create_topics(self.cfg)
         if not self.cfg.searcher.model or not self.cfg.trainer.model:
             from policy.default_model import default_model_dir
 
+            if stop.is_set():
+                return False
             with progress("preparing the default model (converted once)"):
                 default_model_dir()
         self.logs.mkdir(parents=True, exist_ok=True)
         write_config(self.cfg)
+        return not stop.is_set()
 
     def check_resume(self) -> None:
         """A run dir holding a checkpoint resumes only the job that wrote it (trainer/checkpoint.py's rule)."""
@@ -156,7 +169,8 @@ class Supervisor:
         check_resume(self.cfg)
 
     def _launch(self, p: RoleProcess) -> None:
-        argv = [sys.executable, "-m", "tba.cli", "--config", str(self.config_path), *p.args]
+        verbose = ["--verbose"] if logging.getLogger().isEnabledFor(logging.DEBUG) else []  # as `tba run` was asked
+        argv = [sys.executable, "-m", "tba.cli", *verbose, "--config", str(self.config_path), *p.args]
         if p.metrics_port:
             argv += ["--metrics-port", str(p.metrics_port)]
         # config.yaml already holds the TBA__ overrides, resolved (a free port for port 0): not again on top
@@ -201,14 +215,20 @@ class Supervisor:
         budget = self.cfg.run.budget_s
         return not (budget and now - self.started >= budget)
 
-    def stop(self) -> None:
-        """The trainer first (it checkpoints on SIGTERM), then searchers and filters; SIGKILL if they hang."""
-        self.terminate([self.trainer], self.cfg.run.stop_timeout_s)
-        self.terminate(self.processes[1:], 30.0)
+    def stop(self, hurry: threading.Event | None = None) -> None:
+        """The trainer first (it checkpoints on SIGTERM), then searchers and filters; SIGKILL if they hang,
+        or at once when hurry is set (a second Ctrl-C)."""
+        self.stage = "stopping"
+        self.write_state()
+        self.terminate([self.trainer], self.cfg.run.stop_timeout_s, hurry)
+        self.terminate(self.processes[1:], 30.0, hurry)
+        self.stage = "stopped"
         self.write_state()
 
-    def terminate(self, processes: list[RoleProcess], timeout_s: float) -> None:
-        """SIGTERM these processes, wait up to timeout_s, then SIGKILL. They are not restarted."""
+    def terminate(self, processes: list[RoleProcess], timeout_s: float, hurry: threading.Event | None = None) -> None:
+        """SIGTERM these processes, wait up to timeout_s (or until hurry is set), then SIGKILL.
+        They are not restarted."""
+        hurry = hurry or threading.Event()
         for p in processes:  # one waiting out a restart back-off must not start after this either
             p.done = p.done or "stopped"
         running = [(p, p.proc) for p in processes if p.running]
@@ -216,13 +236,26 @@ class Supervisor:
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for p, proc in running:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %.0fs; killing it", p.name, timeout_s)
+            while proc.poll() is None and time.monotonic() < deadline and not hurry.wait(0.1):
+                pass
+            if proc.poll() is None:
+                why = "a second Ctrl-C" if hurry.is_set() else f"it did not stop within {timeout_s:.0f}s"
+                log.warning("killing %s: %s", p.name, why)
                 proc.kill()
                 proc.wait()
             p.exit_codes.append(proc.returncode)
+
+    def release_broker(self) -> None:
+        """Stop the local broker if this job started it, unless run.keep_broker; one that was running stays."""
+        if self.broker is None or not self.started_broker:
+            return
+        if self.cfg.run.keep_broker:
+            log.info(
+                "the broker at %s keeps running (run.keep_broker); `tba kafka stop` stops it", self.broker.bootstrap
+            )
+            return
+        log.info("stopping the broker this job started at %s (--keep-broker keeps it)", self.broker.bootstrap)
+        self.broker.stop()
 
     def state(self) -> dict:
         return {
@@ -230,37 +263,47 @@ class Supervisor:
             "bootstrap": self.cfg.kafka.bootstrap,
             "elapsed_s": time.monotonic() - self.started,
             "budget_s": self.cfg.run.budget_s,
-            "failed": self.failed,
+            "stage": self.stage,
+            **({"failed": self.failed} if self.failed else {}),  # why it stopped, only when it failed
             "broker_restarts": self.broker_restarts,
             "processes": [p.state() for p in self.processes],
         }
 
     def write_state(self) -> None:
         path = self.run_dir / "job.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".tmp").write_text(json.dumps(self.state(), indent=1))
         path.with_suffix(".tmp").replace(path)
 
 
-def run_job(cfg: TbaConfig, stop: threading.Event, view=None, progress=None) -> dict:
+def run_job(cfg: TbaConfig, stop: Stop, view=None, progress=None) -> dict:
     """`tba run`: prepare, supervise until stop / budget / max_steps / too many crashes, stop in order.
 
     view: called with the supervisor once a second (the live view); progress: see prepare().
     Returns the final job state.
     """
-    supervisor = Supervisor(cfg)
-    supervisor.prepare(progress)
-    try:
-        while supervisor.tick() and not stop.wait(1.0):
-            if view is not None:
-                view(supervisor)
-    finally:
-        log.info("stopping: trainer first (checkpoint), then searchers and filters")
-        supervisor.stop()
-    state = supervisor.state()
-    _snapshot_topics(cfg, supervisor.run_dir / "inspect.json")
+    with locked_run_dir(cfg.trainer.run_dir):
+        supervisor = Supervisor(cfg)
+        supervisor.write_state()  # this run's job.json from the start, never the previous run's
+        prepared = False
+        try:
+            prepared = supervisor.prepare(progress, stop)
+            supervisor.stage = "running" if prepared else supervisor.stage
+            while prepared and supervisor.tick() and not stop.wait(1.0):
+                if view is not None:
+                    view(supervisor)
+        except Exception as exc:  # job.json says why, not only the terminal
+            supervisor.failed = supervisor.failed or (str(exc) if isinstance(exc, TbaError) else repr(exc))
+            raise
+        finally:
+            log.info("stopping: trainer first (checkpoint), then searchers and filters; Ctrl-C again kills them")
+            supervisor.stop(stop.hurry)
+            if prepared:
+                _snapshot_topics(supervisor.cfg, supervisor.run_dir / "inspect.json")
+            supervisor.release_broker()
     if supervisor.failed:
         raise TbaError(f"the job stopped: {supervisor.failed}")
-    return state
+    return supervisor.state()
 
 
 def _snapshot_topics(cfg: TbaConfig, path: Path) -> None:

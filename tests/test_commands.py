@@ -18,6 +18,11 @@ def tba(*args, env=None, timeout=120):
     )
 
 
+def library_lines(stderr: str) -> list[str]:
+    """The lines kafka-python's loggers wrote (format: date time logger level message)."""
+    return [line for line in stderr.splitlines() if line.count(" ") >= 3 and line.split()[2].startswith("kafka")]
+
+
 def test_kafka_start_status_stop(tmp_path):
     port = free_port()
     config = tmp_path / "tba.yaml"
@@ -27,6 +32,9 @@ def test_kafka_start_status_stop(tmp_path):
     started = tba("kafka", "start", env=env)
     assert started.returncode == 0, started.stderr
     assert f"bootstrap 127.0.0.1:{port}" in started.stdout
+    # one line of ours says what is waited for; kafka-python's refused connections meanwhile are debug lines
+    assert f"waiting for Kafka at 127.0.0.1:{port} to start" in started.stderr
+    assert library_lines(started.stderr) == []
     again = tba("kafka", "start", env=env)
     assert again.stdout == started.stdout  # same pid: one broker
     status = tba("kafka", "status", env=env)
@@ -90,3 +98,15 @@ def test_a_missing_model_path_is_one_clear_error(broker, tmp_path):
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: searcher.model: cannot load a model from") and "nowhere" in last
+
+
+def test_a_command_before_kafka_answers_says_what_it_waits_for_and_library_lines_only_when_verbose():
+    env = {**os.environ, "TBA__KAFKA__BOOTSTRAP": f"127.0.0.1:{free_port()}", "TBA__KAFKA__NAMESPACE": "nobody",
+           "TBA__KAFKA__CLIENT_TIMEOUT_S": "2"}  # fmt: skip
+    quiet = tba("topics", "describe", env=env)
+    assert quiet.returncode == 2
+    assert f"waiting for Kafka at kafka.bootstrap={env['TBA__KAFKA__BOOTSTRAP']} to answer" in quiet.stderr
+    assert quiet.stderr.strip().splitlines()[-1].startswith("error: no Kafka broker answered")
+    assert library_lines(quiet.stderr) == [] and len(quiet.stderr.strip().splitlines()) == 2
+    verbose = tba("--verbose", "topics", "describe", env=env)
+    assert verbose.returncode == 2 and any("ECONNREFUSED" in line for line in library_lines(verbose.stderr))

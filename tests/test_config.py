@@ -87,3 +87,30 @@ def test_a_job_gets_a_namespace_of_its_own_kept_in_its_run_dir(tmp_path):
     assert for_job(other, create=True).kafka.namespace not in (first, None)  # same name, another job
     named = load_config(environ={}, kafka={"namespace": "mine"}, trainer={"run_dir": str(tmp_path / "named")})
     assert for_job(named, create=True).kafka.namespace == "mine" and not (tmp_path / "named").exists()
+
+
+def test_environment_values_of_text_fields_are_taken_as_written_and_others_as_yaml():
+    cfg = load_config(
+        environ={
+            "TBA__KAFKA__NAMESPACE": "2024",
+            "TBA__TOPICS__COMPRESSION": "none",
+            "TBA__TOPICS__PARTITIONS": "6",
+            "TBA__FILTER__SCORERS": "[structure, lengths]",
+            "TBA__SEARCHER__MAX_MODEL_LEN": "null",
+            "TBA__TASK__DATASET_ARGS__MAX_TERMS": "3",
+        }
+    )
+    assert cfg.kafka.namespace == "2024" and cfg.topics.compression == "none" and cfg.topics.partitions == 6
+    assert cfg.filter.scorers == ["structure", "lengths"] and cfg.searcher.max_model_len is None
+    assert cfg.task.dataset_args["max_terms"] == 3
+
+
+def test_a_bad_environment_value_or_key_names_its_variable():
+    with pytest.raises(ConfigError, match=r"kafka\.bootstrapp: unknown field \(from the environment variable "
+                       r"TBA__KAFKA__BOOTSTRAPP\)"):  # fmt: skip
+        load_config(environ={"TBA__KAFKA__BOOTSTRAPP": "x:9092"})
+    with pytest.raises(ConfigError, match=r"kafk: unknown field \(from the environment variable TBA__KAFK__X\)"):
+        load_config(environ={"TBA__KAFK__X": "1"})
+    with pytest.raises(ConfigError, match=r"topics\.partitions: .* \(from the environment variable "
+                       r"TBA__TOPICS__PARTITIONS\)"):  # fmt: skip
+        load_config(environ={"TBA__TOPICS__PARTITIONS": "many"})

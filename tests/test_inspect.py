@@ -1,9 +1,11 @@
 """`tba inspect` reads a job's state back from Kafka: versions, rewards, dead letters, lag, weights."""
 
+import io
 import json
 
 import numpy as np
 from click.testing import CliRunner
+from rich.console import Console
 
 from ops import kafka_clients
 from ops.config import with_overrides
@@ -11,7 +13,7 @@ from ops.topics import topic_names
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import bad_nan_reward, synthetic_group
 from tba.cli import cli
-from tba.inspection import inspect_job
+from tba.inspection import inspect_job, print_tables
 from tests.test_filter import run_filters
 from tests.tiny_models import tiny_llama
 from trainer.weight_sync import WeightSyncServer
@@ -49,3 +51,13 @@ def test_inspect_reports_what_the_topics_hold(cfg, store, monkeypatch):
     assert json.loads(out.output)["curated_by_policy_version"]["1"]["groups"] == 10
     tables = CliRunner().invoke(cli, ["inspect"])
     assert tables.exit_code == 0 and "dead letters by scorer" in tables.output
+
+    # at 80 columns nothing is cut: whole topic names, whole headers
+    console = Console(file=io.StringIO(), width=80)
+    print_tables(report, console)
+    text = console.file.getvalue()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    assert all(name in text for name in vars(topic_names(cfg)).values())
+    headers = ("topic", "figures and settings", "raw partition", "records", "version", "groups", "mean_reward",
+               "scorer", "example", "step", "sha256", "published_at")  # fmt: skip
+    assert all(header in text for header in headers)

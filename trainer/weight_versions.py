@@ -14,9 +14,11 @@ on the compacted policy-versions topic.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -144,31 +146,52 @@ class VersionStore:
 
 
 class _Announcer:
-    """Puts each released version on the compacted policy-versions topic (key "policy")."""
+    """Puts each released version on the compacted policy-versions topic (key "policy"), from a thread of
+    its own: a release never waits for Kafka, and close() waits for it a bounded time, so the service
+    stops in time whatever Kafka does (away, the producer would wait on its bootstrap, then on close)."""
+
+    close_timeout_s = 5.0  # for announcements still in flight; Kafka answering, the flush takes milliseconds
 
     def __init__(self, cfg: TbaConfig):
         self.cfg = cfg
-        self._producer = None
-        self._codec = None
+        self._pending: queue.Queue[SimpleNamespace | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="policy-version-announcer", daemon=True)
+        self._thread.start()
 
     def announce(self, version: WeightVersion) -> None:
+        # what the record says, not the version: a queue waiting on Kafka must not hold the weights
+        fields = ("version", "step", "sha256", "wall_time", "model_id", "dtype", "nbytes")
+        self._pending.put(SimpleNamespace(**{name: getattr(version, name) for name in fields}))
+
+    def _run(self) -> None:
         from ops import kafka_clients
         from ops.topics import topic_names
         from schemas.records import PolicyVersionCodec
 
-        try:
-            if self._producer is None:
-                self._codec = PolicyVersionCodec(_store(self.cfg))
-                self._producer = kafka_clients.producer(self.cfg, linger_ms=0)
-            value = self._codec.encode_version(version)
-            self._producer.send(topic_names(self.cfg).policy_versions, key=b"policy", value=value)
-        except Exception as exc:  # the service keeps serving weights when Kafka is away
-            log.warning("could not announce policy version %d on Kafka: %s", version.version, exc)
+        producer = codec = None
+        while (version := self._pending.get()) is not None:
+            try:
+                if producer is None:
+                    codec = PolicyVersionCodec(_store(self.cfg))
+                    producer = kafka_clients.producer(self.cfg, linger_ms=0)
+                producer.send(topic_names(self.cfg).policy_versions, key=b"policy", value=codec.encode_version(version))
+            except Exception as exc:  # the service keeps serving weights when Kafka is away
+                log.warning("could not announce policy version %d on Kafka: %s", version.version, exc)
+        if producer is not None:
+            try:
+                producer.flush(timeout=self.close_timeout_s)
+            finally:
+                producer.close(timeout=self.close_timeout_s)
 
     def close(self) -> None:
-        if self._producer is not None:
-            self._producer.flush(timeout=self.cfg.kafka.client_timeout_s)
-            self._producer.close()
+        self._pending.put(None)
+        self._thread.join(self.close_timeout_s)
+        if self._thread.is_alive():
+            log.warning(
+                "announcements of policy versions still waiting on Kafka at %s after %.0fs: left undone",
+                self.cfg.kafka.bootstrap,
+                self.close_timeout_s,
+            )
 
 
 def _store(cfg: TbaConfig):

@@ -1,0 +1,85 @@
+"""Every role stops within its stop timeout whatever Kafka does: here, Kafka not answering at all."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from rich.console import Console
+
+from ops.broker import free_port
+from ops.config import load_config, with_overrides
+from tba.signals import stop_on_signals
+from tba.supervisor import Supervisor
+from tests.tiny_models import tiny_llama
+from trainer.weight_sync import publish_remote
+
+
+def test_weights_serve_stops_on_sigterm_at_once_when_kafka_is_unreachable():
+    port = free_port()
+    env = {**os.environ, "TBA__KAFKA__BOOTSTRAP": f"127.0.0.1:{free_port()}", "TBA__KAFKA__NAMESPACE": "away",
+           "TBA__WEIGHTS__PORT": str(port)}  # fmt: skip
+    serve = subprocess.Popen([sys.executable, "-m", "tba.cli", "weights", "serve"], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        lines = []
+        while not any("weight sync serving" in line for line in lines):
+            lines.append(serve.stdout.readline())
+            assert lines[-1] or serve.poll() is None, "".join(lines)
+        started = time.monotonic()
+        cfg = load_config(environ={}, weights={"port": port})
+        publish_remote(cfg, f"127.0.0.1:{port}", tiny_llama(0).state_dict(), version=0, step=0)
+        assert time.monotonic() - started < 5  # the release does not wait for the announcement on Kafka
+        serve.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        output, _ = serve.communicate(timeout=30)
+        assert time.monotonic() - stopping < 10  # it took over 15 s, the announcer's producer waiting on Kafka
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    assert serve.returncode == 0, output
+    assert "announcements of policy versions still waiting on Kafka" in output and "left undone" in output
+
+
+def test_a_second_ctrl_c_kills_what_the_first_asked_to_stop(cfg, tmp_path):
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        stop = stop_on_signals()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(2) and not stop.hurry.is_set()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.hurry.wait(2)
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+    supervisor = Supervisor(with_overrides(cfg, trainer={"run_dir": str(tmp_path)}, weights={"port": 0}))
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(99)"
+    stubborn = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline().strip() == "up"
+    supervisor.trainer.proc = stubborn  # a trainer that does not stop on SIGTERM (e.g. stuck on Kafka)
+    hurry = threading.Event()
+    threading.Timer(1.0, hurry.set).start()  # the second Ctrl-C, a second after the first
+    started = time.monotonic()
+    supervisor.terminate([supervisor.trainer], 120, hurry)
+    assert 0.9 < time.monotonic() - started < 5 and supervisor.trainer.exit_codes == [-signal.SIGKILL]
+
+
+def test_the_live_view_never_holds_the_supervisor_when_kafka_is_unreachable(tmp_path, monkeypatch):
+    from tba import live_view
+
+    monkeypatch.setattr(live_view, "KAFKA_EVERY_S", 0.5)
+    cfg = load_config(environ={}, kafka={"bootstrap": f"127.0.0.1:{free_port()}", "namespace": "away"},
+                      trainer={"run_dir": str(tmp_path)}, weights={"port": 0})  # fmt: skip
+    supervisor, view = Supervisor(cfg), live_view.JobView(cfg)
+    for _ in range(4):
+        started = time.monotonic()
+        view(supervisor)
+        assert time.monotonic() - started < 0.5  # a read of Kafka waits for the 30 s client timeout
+        time.sleep(0.3)
+    console = Console(file=io.StringIO(), width=120)
+    console.print(view.renderable)
+    assert f"waiting for Kafka at {cfg.kafka.bootstrap} to answer" in console.file.getvalue()
