@@ -2,9 +2,10 @@
 
 The weight service stages a version once into a file under /dev/shm (RAM, not disk), keeps a
 read-only mapping of it as the version's buffer, and tells same-host subscribers its path; each maps
-the same pages instead of receiving the bytes through gRPC. A file is removed when its version is superseded and when the service stops: a subscriber
-that mapped it keeps its mapping, and the kernel frees the memory when the last one goes. Names
-carry the writer's pid, so what a killed service left behind is removed when the next one starts.
+the same pages instead of receiving the bytes through gRPC. A file is removed when its version is
+superseded and when the service stops: whoever mapped it keeps the mapping, and the kernel frees the
+memory when the last one goes. Names carry the writer's pid, so what a killed service left behind is
+removed when the next one starts.
 """
 
 from __future__ import annotations
