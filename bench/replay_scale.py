@@ -8,7 +8,7 @@ tokens for 10^6, to keep the topic near 1 GB), then `CuratedFeed.fill()` from th
 (`fill_groups_s`), `ReplayBuffer.sample()` with the default cache of decoded groups for 4, 16 and 64
 prompts (`sample_ms_b*`, the median of 5 draws), and the index's memory per million groups. On the
 largest history, 50 training steps of a tiny model at 64 prompts a step: the trainer's wait fraction
-(time drawing batches / time of the steps).
+(time waiting for batches / time of the steps), with prefetch (as the trainer runs) and without.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ def sample_ms(buffer: ReplayBuffer, prompts: int, k: int) -> float:
     return statistics.median(times)
 
 
-def wait_fraction(cfg, buffer: ReplayBuffer, k: int) -> float:
-    """50 steps of a tiny model on the buffer, 64 prompts a step: time drawing batches / time of the steps."""
+def wait_fraction(cfg, buffer: ReplayBuffer, k: int, prefetch: bool) -> float:
+    """50 steps of a tiny model on the buffer, 64 prompts a step: time waiting for batches / time of the steps.
+    With prefetch, as the trainer runs: the next batch is drawn as a step starts and read while it trains."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -84,15 +85,18 @@ def wait_fraction(cfg, buffer: ReplayBuffer, k: int) -> float:
     )
     cfg = with_overrides(cfg, trainer={"prompts_per_step": 64, "micro_batch_prompts": 64, "lora_r": 0})
     trainer = Trainer(cfg, tiny, buffer, pad_id=0)
-    drawing = total = 0.0
+    waiting = total = 0.0
+    pending = buffer.prefetch(64, k) if prefetch else None
     for _ in range(STEPS):
         start = time.perf_counter()
-        batch = buffer.sample(64, k)
+        batch = pending.result() if prefetch else buffer.sample(64, k)
+        if prefetch:
+            pending = buffer.prefetch(64, k)
         drawn = time.perf_counter()
         trainer.train_step(batch)
-        drawing += drawn - start
+        waiting += drawn - start
         total += time.perf_counter() - start
-    return drawing / total
+    return waiting / total
 
 
 def main() -> None:
@@ -125,7 +129,8 @@ def main() -> None:
                 for b in (4, 16, 64):
                     row[f"sample_ms_b{b}"] = round(sample_ms(buffer, b, samples), 1)
                 if n == max(args.sizes):
-                    row["trainer_wait_fraction"] = round(wait_fraction(cfg, buffer, samples), 3)
+                    row["trainer_wait_fraction_no_prefetch"] = round(wait_fraction(cfg, buffer, samples, False), 3)
+                    row["trainer_wait_fraction"] = round(wait_fraction(cfg, buffer, samples, True), 3)
                 result["sizes"][str(n)] = row
                 print(n, row, flush=True)
                 buffer.close()

@@ -109,6 +109,9 @@ class BufferConfig(Section):
     per_prompt_cap: int = Field(100, ge=1)  # newest samples kept per prompt
     cache_groups: int = Field(10_000, ge=0)  # decoded groups kept in memory
     samples_per_prompt: int = Field(8, ge=1)  # K
+    # draw the next step's batch as a step starts and read its groups back from Kafka while it trains
+    # (its draws then miss the groups that arrive during that one step)
+    prefetch: bool = True
 
 
 class WeightsConfig(Section):

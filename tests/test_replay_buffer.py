@@ -133,26 +133,53 @@ def test_replay_of_a_missing_topic_is_a_clear_error(cfg, store):
         CuratedFeed(other, ReplayBuffer(other, store))
 
 
+def same_batches(a, b) -> bool:
+    return (
+        [x.prompt_id for x in a] == [x.prompt_id for x in b]
+        and [x.policy_versions for x in a] == [x.policy_versions for x in b]
+        and all(
+            np.array_equal(s.token_ids, t.token_ids)
+            for x, y in zip(a, b, strict=True)
+            for s, t in zip(x.samples, y.samples, strict=True)
+        )
+    )
+
+
 def test_a_step_reads_its_evicted_groups_back_together_and_samples_as_if_all_were_cached(cfg, store, rng):
     groups = [synthetic_group(rng, i % 30, samples=4) for i in range(120)]  # 30 prompts, 4 groups each
     publish_curated(cfg, store, groups)
     cached = filled(with_overrides(cfg, buffer={"cache_groups": 1000}), store)
     evicting = filled(with_overrides(cfg, buffer={"cache_groups": 0}), store)  # every group read back
-    evicting.fetch([0])
-    polls, poll = [], evicting._fetcher.poll
-    evicting._fetcher.poll = lambda **kw: polls.append(1) or poll(**kw)
-    wanted, fetch = [], evicting.fetch
-    evicting.fetch = lambda idxs: wanted.append(len(idxs)) or fetch(idxs)
-    for _ in range(3):
-        a, b = cached.sample(16, 4), evicting.sample(16, 4)  # same seed, same draws: the same distribution
-        assert [x.prompt_id for x in a] == [x.prompt_id for x in b]
-        assert [x.policy_versions for x in a] == [x.policy_versions for x in b]
-        for x, y in zip(a, b, strict=True):
-            assert all(np.array_equal(s.token_ids, t.token_ids) for s, t in zip(x.samples, y.samples, strict=True))
+    evicting.fetch([0])  # the reader's consumer exists from here
+    polls, poll = [], evicting._reader._consumer.poll
+    evicting._reader._consumer.poll = lambda **kw: polls.append(1) or poll(**kw)
+    wanted, read = [], evicting._reader.read
+    evicting._reader.read = lambda rows: wanted.append(len(rows)) or read(rows)
+    for _ in range(3):  # same seed, same draws: the same distribution
+        assert same_batches(cached.sample(16, 4), evicting.sample(16, 4))
     assert len(wanted) == 3  # one read-back per step, for all its prompts
     assert len(polls) < sum(wanted)  # fewer requests than groups: each asks every partition at once
     cached.close()
     evicting.close()
+
+
+def test_a_prefetched_batch_is_the_one_sample_draws_and_is_read_on_another_thread(cfg, store, rng):
+    import threading
+
+    groups = [synthetic_group(rng, i % 30, samples=4) for i in range(120)]
+    publish_curated(cfg, store, groups)
+    plain = filled(with_overrides(cfg, buffer={"cache_groups": 0}), store)
+    ahead = filled(with_overrides(cfg, buffer={"cache_groups": 0}), store)
+    readers, read = [], ahead._reader.read
+    ahead._reader.read = lambda rows: readers.append(threading.current_thread().name) or read(rows)
+    pending = ahead.prefetch(16, 4)
+    for _ in range(3):
+        batch = pending.result()
+        pending = ahead.prefetch(16, 4)  # the next step's, read while this one would train
+        assert same_batches(plain.sample(16, 4), batch)
+    assert len(readers) == 4 and all(name.startswith("prefetch") for name in readers)
+    plain.close()
+    ahead.close()
 
 
 def test_groups_that_retention_removed_are_dropped_with_a_warning_and_sampling_goes_on(cfg, store, rng, caplog):

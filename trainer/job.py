@@ -113,11 +113,19 @@ def run_trainer(
     # what searchers start from (the initial policy, or the resumed one)
     server.publish(trainer.published_state(), step=trainer.step, version=trainer.policy_version)
 
+    pending = None
+
     def from_buffer() -> list[SampledPrompt] | None:
+        nonlocal pending
         if trainer.feed is not None:
             trainer.feed.poll(0)
         trainer.wait_for_data(stop)
-        return None if stop.is_set() else buffer.sample(t.prompts_per_step)
+        if stop.is_set():
+            return None
+        batch = pending.result() if pending is not None else buffer.sample(t.prompts_per_step)
+        if cfg.buffer.prefetch:  # the next step's batch: drawn now, read back from Kafka while this one trains
+            pending = buffer.prefetch(t.prompts_per_step)
+        return batch
 
     try:
         return _loop(cfg, trainer, from_buffer, Evaluator(cfg, task, tokenizer), stop, metrics_port)

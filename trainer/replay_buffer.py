@@ -5,8 +5,9 @@ timestamp, first sample, previous group of the same prompt) and one row per samp
 content hash): 40 + 12*K bytes a group (136 for K = 8), and up to a quarter more while a column
 waits to grow: a million 8-sample groups measured 155 MB (bench/results/dataplane.json). A prompt's
 groups form a linked list from its newest group backwards, so no per-prompt Python containers.
-Decoded groups live in a bounded LRU cache; an evicted group is read back from Kafka by seeking to
-its offset: the topic is the storage.
+Decoded groups live in a bounded LRU cache; an evicted group is read back from Kafka by its offset
+(trainer/read_back.py): the topic is the storage. prefetch() draws the next step's batch and reads its
+groups back on another thread while the current step trains.
 
 Sampling (TBA): with probability m a prompt that has groups from the newest policy version, drawing
 only from those; otherwise any buffered prompt, drawing from its newest `per_prompt_cap` samples.
@@ -17,23 +18,23 @@ completions removed.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from kafka import TopicPartition
 
-from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import DecodeError, TbaError
 from ops.schema_store import KafkaSchemaStore
 from ops.topics import topic_names
 from schemas.codec import SchemaStore
 from schemas.records import Sample, TrajectoryCodec, TrajectoryGroup
+from trainer.read_back import GroupReader
 
 log = logging.getLogger(__name__)
-READ_BACK_BYTES = 64 * 1024  # per partition and request when reading evicted groups back
 
 
 class Column:
@@ -119,7 +120,9 @@ class ReplayBuffer:
         self._newest_prompts: set[int] = set()
         self.next_offsets: dict[int, int] = {}  # partition -> next offset to ingest
         self._cache: OrderedDict[int, TrajectoryGroup] = OrderedDict()
-        self._fetcher = None
+        self._cache_lock = threading.Lock()  # a prefetch fills the cache from its own thread
+        self._reader = GroupReader(cfg, self.topic)
+        self._prefetcher: ThreadPoolExecutor | None = None
         self.unreadable: set[int] = set()  # index rows whose records are gone from Kafka: never drawn again
 
     def __len__(self) -> int:
@@ -131,16 +134,7 @@ class ReplayBuffer:
 
     def index_nbytes(self) -> int:
         """Memory of the index columns (the cache of decoded groups excluded)."""
-        cols = (
-            self.partition,
-            self.offset,
-            self.prompt,
-            self.version,
-            self.timestamp,
-            self.first_sample,
-            self.previous,
-        )
-        return sum(c.nbytes for c in (*cols, self.reward, self.content, self._newest_group))
+        return sum(getattr(self, name).nbytes for name in self._COLUMNS) + self._newest_group.nbytes
 
     _COLUMNS = (
         "partition",
@@ -216,10 +210,11 @@ class ReplayBuffer:
     def _remember(self, idx: int, group: TrajectoryGroup) -> None:
         if self.cfg.cache_groups == 0:
             return
-        self._cache[idx] = group
-        self._cache.move_to_end(idx)
-        while len(self._cache) > self.cfg.cache_groups:
-            self._cache.popitem(last=False)
+        with self._cache_lock:
+            self._cache[idx] = group
+            self._cache.move_to_end(idx)
+            while len(self._cache) > self.cfg.cache_groups:
+                self._cache.popitem(last=False)
 
     def ingest(self, records) -> int:
         """Decode, admit and index Kafka ConsumerRecords of the curated topic; returns how many were new."""
@@ -244,70 +239,52 @@ class ReplayBuffer:
 
     def group(self, idx: int) -> TrajectoryGroup:
         """The decoded group at index row idx: from the cache, else read back from Kafka by offset."""
-        cached = self._cache.get(idx)
-        if cached is not None:
-            self._cache.move_to_end(idx)
-            return cached
-        return self.fetch([idx])[idx]
+        return self._groups({idx})[idx]
 
-    def fetch(self, idxs: list[int]) -> dict[int, TrajectoryGroup]:
-        """Read groups back by offset: each request asks every partition that still owes groups for the next
-        one, so a batch costs as many round trips as the most groups owed by one partition, not one a group."""
-        if self._fetcher is None:  # small fetches: a record or a few, not megabytes of neighbours to parse
-            self._fetcher = kafka_clients.consumer(self._kafka_cfg, max_partition_fetch_bytes=READ_BACK_BYTES)
-        owed: dict[int, dict[int, int]] = {}  # partition -> {offset: index row}
-        for i in idxs:
-            owed.setdefault(int(self.partition.values[i]), {})[int(self.offset.values[i])] = i
-        found: dict[int, TrajectoryGroup] = {}
-        partitions = {p: TopicPartition(self.topic, p) for p in owed}
-        while owed:
-            self._fetcher.assign([partitions[p] for p in owed])  # only those that still owe groups
-            for p, offsets in owed.items():
-                self._fetcher.seek(partitions[p], min(offsets))
-            batch = self._fetcher.poll(timeout_ms=self._kafka_cfg.kafka.client_timeout_s * 1000)
-            if not any(batch.get(partitions[p]) for p in owed):
-                self._drop_expired(owed, partitions)
-            for p in owed:
-                records = batch.get(partitions[p], ())
-                for rec in records:
-                    i = owed[p].pop(rec.offset, None)
-                    if i is not None:
-                        found[i] = self.codec.decode(rec.value)
-                        if found[i].prompt_token_ids.size == 0:  # admission tokenised the prompt: again,
-                            self.admit(found[i])  # as the record does not hold the ids
-                        self._remember(i, found[i])
-                # records come in offset order from the one sought: an owed offset they passed over is gone
-                # (retention moved the log's beginning past it, or compaction)
-                self._drop(owed, p, [o for o in owed[p] if records and o <= records[-1].offset])
-            owed = {p: offsets for p, offsets in owed.items() if offsets}
+    def fetch(self, idxs) -> dict[int, TrajectoryGroup]:
+        """Read groups back from Kafka by offset, all at once; those Kafka no longer holds leave the index."""
+        return self._fetched({(int(self.partition.values[i]), int(self.offset.values[i])): i for i in idxs})
+
+    def _fetched(self, rows: dict[tuple[int, int], int]) -> dict[int, TrajectoryGroup]:
+        """rows: (partition, offset) -> index row, located by the caller (a prefetch's thread reads no column)."""
+        values, gone = self._reader.read(list(rows))
+        found = {}
+        for key, value in values.items():
+            group = found[rows[key]] = self.codec.decode(value)
+            if group.prompt_token_ids.size == 0:  # admission tokenised the prompt: again, as the record
+                self.admit(group)  # does not hold the ids
+            self._remember(rows[key], group)
+        for partition in sorted({p for p, _ in gone}):
+            offsets = [o for p, o in gone if p == partition]
+            self.unreadable.update(rows[(partition, o)] for o in offsets)  # never drawn again
+            log.warning(
+                "%d groups of %s[%d] could not be read back (offsets %d..%d: retention or compaction removed "
+                "them); they are dropped from the replay buffer and training goes on",
+                len(offsets), self.topic, partition, min(offsets), max(offsets),
+            )  # fmt: skip
         return found
-
-    def _drop_expired(self, owed: dict[int, dict[int, int]], partitions: dict[int, TopicPartition]) -> None:
-        """Nothing came back: what is owed before its partition's beginning is gone (retention); if nothing
-        is, Kafka did not answer, which is an error."""
-        start = self._fetcher.beginning_offsets([partitions[p] for p in owed])
-        expired = {p: [o for o in offsets if o < start[partitions[p]]] for p, offsets in owed.items()}
-        if not any(expired.values()):
-            raise TbaError(f"{self.topic} offsets { ({p: sorted(o) for p, o in owed.items()}) } could not be read back")
-        for p, offsets in expired.items():
-            self._drop(owed, p, offsets)
-
-    def _drop(self, owed: dict[int, dict[int, int]], partition: int, offsets: list[int]) -> None:
-        """Owed groups Kafka no longer holds leave the index (never drawn again), with one warning."""
-        if not offsets:
-            return
-        self.unreadable.update(owed[partition].pop(o) for o in offsets)
-        log.warning(
-            "%d groups of %s[%d] could not be read back (offsets %d..%d: retention or compaction removed them); "
-            "they are dropped from the replay buffer and training goes on",
-            len(offsets), self.topic, partition, min(offsets), max(offsets),
-        )  # fmt: skip
 
     # -- sampling -------------------------------------------------------------------------------
 
     def sample(self, num_prompts: int, k: int | None = None) -> list[SampledPrompt]:
         """num_prompts distinct prompts (fewer if the buffer has fewer), k samples each."""
         k = k or self.cfg.samples_per_prompt
+        return self.read(self.draw(num_prompts, k), k)
+
+    def prefetch(self, num_prompts: int, k: int | None = None) -> PendingBatch:
+        """sample(), drawn now, its groups read back on another thread: call it for the next step before
+        training on this one, and .result() when the next step starts (the same draws as sample())."""
+        k = k or self.cfg.samples_per_prompt
+        draws = self.draw(num_prompts, k)
+        with self._cache_lock:
+            missing = {g for d in draws for g in d.groups if g not in self._cache}
+        rows = {(int(self.partition.values[i]), int(self.offset.values[i])): i for i in missing}
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        return PendingBatch(self, draws, k, self._prefetcher.submit(self._fetched, rows))
+
+    def draw(self, num_prompts: int, k: int) -> list[Draw]:
+        """Which prompts and which of their samples a step trains on, from the index alone."""
         if len(self) == 0:
             return []
         chosen: list[tuple[int, bool]] = []
@@ -318,10 +295,13 @@ class ReplayBuffer:
             pid = self._pick(pool, taken)
             taken.add(pid)
             chosen.append((pid, on_policy))
-        # every group the step needs is read back at once; one found gone from Kafka (now unreadable)
-        # has its prompt drawn again without it, and a prompt none of whose groups can be read is left out
-        draws = [self._draw(pid, on_policy, k) for pid, on_policy in chosen]
-        decoded: dict[int, TrajectoryGroup] = {}
+        return [self._draw(pid, on_policy, k) for pid, on_policy in chosen]
+
+    def read(self, draws: list[Draw | None], k: int, decoded=None) -> list[SampledPrompt]:
+        """The drawn samples, decoded. Every group the step needs is read back at once; one found gone from
+        Kafka (now unreadable) has its prompt drawn again without it, and a prompt none of whose groups can
+        be read is left out."""
+        decoded: dict[int, TrajectoryGroup] = dict(decoded or {})
         while True:
             draws = [d for d in draws if d is not None]
             decoded.update(self._groups(set().union(*(d.groups for d in draws)) - decoded.keys()))
@@ -384,16 +364,33 @@ class ReplayBuffer:
             g = int(self.previous.values[g])
 
     def _groups(self, idxs: set[int]) -> dict[int, TrajectoryGroup]:
-        out = {i: self._cache[i] for i in idxs if i in self._cache}
+        with self._cache_lock:
+            out = {i: self._cache[i] for i in idxs if i in self._cache}
+            for i in out:
+                self._cache.move_to_end(i)
         missing = [i for i in idxs if i not in out]
         if missing:
             out.update(self.fetch(missing))
         return out
 
     def close(self) -> None:
-        if self._fetcher is not None:
-            self._fetcher.close()
-            self._fetcher = None
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown()
+            self._prefetcher = None
+        self._reader.close()
+
+
+@dataclass
+class PendingBatch:
+    """A batch drawn ahead, its groups being read back (ReplayBuffer.prefetch)."""
+
+    buffer: ReplayBuffer
+    draws: list[Draw | None]
+    k: int
+    reading: Future
+
+    def result(self) -> list[SampledPrompt]:
+        return self.buffer.read(self.draws, self.k, self.reading.result())
 
 
 def _raise(record, reason: str) -> None:
