@@ -173,5 +173,7 @@ class FilterConsumer:
                     self.consumer.seek(tp, committed)
 
     def close(self) -> None:
-        self.consumer.close()
-        self.producer.close()
+        try:
+            self.consumer.close(timeout_ms=int(kafka_clients.CLOSE_TIMEOUT_S * 1000))
+        finally:
+            self.producer.close(timeout=kafka_clients.CLOSE_TIMEOUT_S)

@@ -212,11 +212,10 @@ class LocalBroker:
         deadline = time.monotonic() + 10
         while not _alive(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)  # until exec has replaced the forked Python (status() checks the cmdline)
-        self._state.write_text(
-            json.dumps(
-                {"pid": proc.pid, "port": self.port, "controller_port": controller_port, "node_id": self.node_id}
-            )
-        )
+        state = {"pid": proc.pid, "port": self.port, "controller_port": controller_port, "node_id": self.node_id}
+        tmp = self._state.with_suffix(".tmp")  # whole or absent: status() in another thread reads it meanwhile
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self._state)
         return proc.pid
 
     def start(self, timeout_s: float = 90, stop: threading.Event | None = None) -> BrokerStatus:

@@ -14,6 +14,10 @@ from ops.config import TbaConfig
 from ops.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
+# How long a stopping role waits on Kafka for each client it closes. Kafka answering, a close takes
+# milliseconds; away, waiting the client timeout (and a producer's close waits forever by default)
+# would outlast the supervisor's stop timeout and end in a SIGKILL.
+CLOSE_TIMEOUT_S = 5.0
 
 
 def _common(cfg: TbaConfig) -> dict[str, Any]:

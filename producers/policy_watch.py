@@ -32,4 +32,4 @@ class PolicyWatch:
         return self.newest
 
     def close(self) -> None:
-        self.consumer.close()
+        self.consumer.close(timeout_ms=int(kafka_clients.CLOSE_TIMEOUT_S * 1000))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import ConfigError
 from ops.trajectory_producer import TrajectoryProducer
@@ -152,11 +153,15 @@ class Searcher:
         return groups
 
     def close(self) -> None:
-        self.producer.close()
-        self.generator.close()
-        for part in (self.subscriber, self.watch):
-            if part is not None:
-                part.close()
+        """Stops in bounded time whatever Kafka does: every batch was flushed, so what is left to send is
+        at most a batch that failed anyway."""
+        try:
+            self.producer.close(kafka_clients.CLOSE_TIMEOUT_S)
+        finally:
+            self.generator.close()
+            for part in (self.subscriber, self.watch):
+                if part is not None:
+                    part.close()
 
     def run(self, stop: threading.Event | None = None, max_batches: int | None = None) -> SearcherStats:
         stop = stop or threading.Event()

@@ -12,6 +12,8 @@ Everything a process says goes to run_dir/logs/<name>.log; the state of each pro
 run_dir/job.json every tick, for the live view and for anyone watching from outside. One job at a
 time holds a run dir (run_dir/.lock). A second Ctrl-C kills the processes instead of waiting for them.
 A broker the job started itself is stopped with it, unless run.keep_broker (`tba run --keep-broker`).
+Every HEAL_EVERY_S it looks for filter transactions left hanging by a broker's restart and aborts
+them (ops/transactions.py), which a person had to do by hand before.
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kafka.errors import KafkaError
+
 from ops.broker import job_broker
 from ops.config import ENV_PREFIX, TbaConfig, with_overrides
 from ops.errors import TbaError
 from ops.job import locked_run_dir, write_config
+from ops.transactions import HangingTransactions
 from tba.signals import Stop
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
+HEAL_EVERY_S = 15.0  # a look is a few admin requests; a hanging transaction is aborted after its 60 s grace
 
 
 @dataclass
@@ -130,6 +136,9 @@ class Supervisor:
         self.broker = None  # the local broker, when this job runs it
         self.started_broker = False  # it was not running before: the job stops it as it ends
         self.broker_restarts = 0
+        self.transactions = HangingTransactions(cfg)
+        self.healing: threading.Thread | None = None
+        self.next_heal = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -190,6 +199,7 @@ class Supervisor:
             self.broker_restarts += 1
             log.warning("the local broker is gone; restarting it on %s", self.broker.data_dir)
             self.broker.start()
+        self._heal_transactions(now)
         for p in self.processes:
             if p.done or p.running:
                 continue
@@ -214,6 +224,21 @@ class Supervisor:
         self.write_state()
         budget = self.cfg.run.budget_s
         return not (budget and now - self.started >= budget)
+
+    def _heal_transactions(self, now: float) -> None:
+        """Every HEAL_EVERY_S, on a thread of its own (a look waits on Kafka, the tick must not): abort
+        hanging transactions, which would otherwise hold the filter group and every curated reader."""
+        if now < self.next_heal or (self.healing is not None and self.healing.is_alive()):
+            return
+        self.next_heal = now + HEAL_EVERY_S
+        self.healing = threading.Thread(target=self._heal_once, name="heal-transactions", daemon=True)
+        self.healing.start()
+
+    def _heal_once(self) -> None:
+        try:
+            self.transactions.heal()
+        except (KafkaError, TbaError, OSError) as exc:  # Kafka restarting or away: the next look tries again
+            log.debug("could not look for hanging transactions: %r", exc)
 
     def stop(self, hurry: threading.Event | None = None) -> None:
         """The trainer first (it checkpoints on SIGTERM), then searchers and filters; SIGKILL if they hang,
@@ -266,6 +291,7 @@ class Supervisor:
             "stage": self.stage,
             **({"failed": self.failed} if self.failed else {}),  # why it stopped, only when it failed
             "broker_restarts": self.broker_restarts,
+            "hanging_transactions_healed": len(self.transactions.healed),
             "processes": [p.state() for p in self.processes],
         }
 

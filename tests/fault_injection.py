@@ -20,6 +20,7 @@ from ops.config import TbaConfig, load_config
 from ops.metrics import metric_rows
 from ops.schema_store import KafkaSchemaStore
 from ops.topics import end_offsets, read_topic, topic_names
+from ops.transactions import HangingTransactions
 from producers.synthetic import synthetic_group
 from schemas.records import DeadLetterCodec, TrajectoryCodec
 from tba.inspection import filter_lag
@@ -199,6 +200,8 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
         supervisor.stop()
     return {"kills": dict(killed), "runs": sum(killed.values()), "max_stall_seconds": max(stalls, default=0.0),
             "filter_lag_at_end": sum(lag), "open_transactions_at_end": open_transactions(cfg),
+            "hanging_transactions_healed": len(supervisor.transactions.healed),
+            "hanging_transactions_left": hanging_transactions_left(cfg),
             "load_sent": load.sent, "load_failed": load.failed, "load_still_sending": load.thread.is_alive(),
             "raw_written_after_drain": end_offsets(cfg, [raw])[raw] - drained,
             **check(cfg, load.acked, expected_resumes, searcher_kills)}  # fmt: skip
@@ -218,8 +221,18 @@ def open_transactions(cfg: TbaConfig) -> int:
     return sum(end_offsets(cfg, topics, "read_uncommitted").values()) - sum(end_offsets(cfg, topics).values())
 
 
+def hanging_transactions_left(cfg: TbaConfig) -> list[str]:
+    """Open transactions no coordinator has, now that every filter has stopped (no grace: none is live)."""
+    admin = kafka_clients.admin(cfg)
+    try:
+        return [str(t) for t in HangingTransactions(cfg, grace_s=0).find(admin)]
+    finally:
+        admin.close()
+
+
 def hanging_transactions(cfg: TbaConfig) -> list[str]:
-    """The transactions whose markers the broker skipped, from its log: 'transactional id: partitions'."""
+    """The transactions whose markers the broker skipped, from its log: 'transactional id: partitions'.
+    The supervisor aborts them (hanging_transactions_healed); none may be left."""
     log = Path(cfg.broker.data_dir) / "broker.log"
     text = log.read_text(errors="replace") if log.exists() else ""
     return [f"{txn}: {parts}" for parts, txn in SKIPPED_MARKERS.findall(text)]

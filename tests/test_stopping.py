@@ -7,14 +7,17 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from rich.console import Console
 
 from ops.broker import free_port
 from ops.config import load_config, with_overrides
+from ops.metrics import metric_rows
 from tba.signals import stop_on_signals
 from tba.supervisor import Supervisor
-from tests.tiny_models import tiny_llama
+from tests.fault_injection import job_config
+from tests.tiny_models import saved_tiny_llama, tiny_llama
 from trainer.weight_sync import publish_remote
 
 
@@ -83,3 +86,28 @@ def test_the_live_view_never_holds_the_supervisor_when_kafka_is_unreachable(tmp_
     console = Console(file=io.StringIO(), width=120)
     console.print(view.renderable)
     assert f"waiting for Kafka at {cfg.kafka.bootstrap} to answer" in console.file.getvalue()
+
+
+def test_every_role_stops_on_sigterm_within_its_stop_timeout_when_the_broker_is_gone(tmp_path):
+    cfg = job_config(tmp_path, saved_tiny_llama(tmp_path / "model"))
+    supervisor = Supervisor(cfg)
+    try:
+        supervisor.prepare()  # the job's own broker, to kill
+        deadline = time.monotonic() + 240
+        while not any(r["kind"] == "train" for r in metric_rows(Path(cfg.trainer.run_dir))):  # every role at work
+            assert time.monotonic() < deadline, "the job took no step"
+            supervisor.tick()
+            time.sleep(0.5)
+        supervisor.broker.kill()  # and no tick from here on: nothing restarts it
+        time.sleep(3)  # the roles are now on a Kafka that does not answer
+        stopped = {}
+        for p in supervisor.processes:
+            started = time.monotonic()
+            supervisor.terminate([p], cfg.run.stop_timeout_s if p is supervisor.trainer else 30.0)
+            stopped[p.name] = (round(time.monotonic() - started, 1), p.exit_codes[-1])
+    finally:
+        supervisor.terminate(supervisor.processes, 5)
+        supervisor.broker.stop()
+    print(stopped)
+    # none killed for outstaying its timeout: each came out of its Kafka waits and exited on its own
+    assert all(code != -signal.SIGKILL for _, code in stopped.values()), stopped

@@ -66,7 +66,6 @@ class DeadLetters:
         self.names = topic_names(cfg)
         self.codec = DeadLetterCodec(store)
         self.producer = kafka_clients.producer(cfg)
-        self.timeout_s = cfg.kafka.client_timeout_s
         self.sent = 0
 
     def __call__(self, record, reason: str) -> None:
@@ -78,5 +77,8 @@ class DeadLetters:
         self.sent += 1
 
     def close(self) -> None:
-        self.producer.flush(timeout=self.timeout_s)
-        self.producer.close(timeout=self.timeout_s)
+        """Waits on Kafka at most CLOSE_TIMEOUT_S: the trainer's stop must not hang on a dead letter."""
+        try:
+            self.producer.flush(timeout=kafka_clients.CLOSE_TIMEOUT_S)
+        finally:
+            self.producer.close(timeout=kafka_clients.CLOSE_TIMEOUT_S)

@@ -106,4 +106,4 @@ class CuratedFeed:
         return added
 
     def close(self) -> None:
-        self.consumer.close()
+        self.consumer.close(timeout_ms=int(kafka_clients.CLOSE_TIMEOUT_S * 1000))

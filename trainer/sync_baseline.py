@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import TbaError
 from trainer.replay_buffer import SampledPrompt
@@ -73,4 +74,4 @@ class SyncBatches:
 
     def close(self) -> None:
         if self.producer is not None:
-            self.producer.close()
+            self.producer.close(kafka_clients.CLOSE_TIMEOUT_S)

@@ -1,0 +1,116 @@
+"""A hanging transaction (open on a partition, over as far as its coordinator knows) is found and aborted,
+and read_committed readers move past it; a live transaction is left alone."""
+
+import contextlib
+import json
+import logging
+
+from kafka import KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType
+
+from ops import kafka_clients
+from ops.config import with_overrides
+from ops.topics import end_offsets, read_topic, topic_names
+from ops.transactions import OFFSETS_TOPIC, HangingTransactions, job_partitions, open_transactions
+from tba.supervisor import Supervisor
+
+VERIFICATION = "transaction.partition.verification.enable"
+
+
+@contextlib.contextmanager
+def partitions_unverified(cfg):
+    """Brokers stop checking that a transactional write's partition was added to its transaction (KIP-890)."""
+    admin = kafka_clients.admin(cfg)
+    brokers = [str(b["broker_id"]) for b in admin.describe_cluster()["brokers"]]
+    try:
+        admin.alter_configs([ConfigResource(ConfigResourceType.BROKER, b, {VERIFICATION: "false"}) for b in brokers])
+        yield
+    finally:
+        admin.reset_configs([ConfigResource(ConfigResourceType.BROKER, b, {VERIFICATION: None}) for b in brokers])
+        admin.close()
+
+
+def leave_hanging(cfg, tp: TopicPartition) -> None:
+    """A transactional write that never told its coordinator about the partition: the partition holds the
+    transaction open, the coordinator has none open, and nobody will end it. That is the state a broker
+    that skipped a commit's markers leaves (README, Reliability), made here without killing a broker."""
+    producer = kafka_clients.producer(cfg, transactional_id=f"{cfg.kafka.namespace}.hanging")
+    producer.init_transactions()
+    producer.begin_transaction()
+    manager = producer._transaction_manager
+
+    def added_without_asking(partition):  # skips AddPartitionsToTxn
+        with manager._lock:
+            manager._partitions_in_transaction.add(partition)
+
+    manager.maybe_add_partition_to_transaction = added_without_asking
+    producer.send(tp.topic, b"hanging", partition=tp.partition).get(timeout=20)
+    producer.close(timeout=0)
+
+
+def committed_write(cfg, tp: TopicPartition, value: bytes) -> None:
+    producer = kafka_clients.producer(cfg, transactional_id=f"{cfg.kafka.namespace}.writer")
+    producer.init_transactions()
+    producer.begin_transaction()
+    producer.send(tp.topic, value, partition=tp.partition)
+    producer.commit_transaction()
+    producer.close()
+
+
+def test_a_hanging_transaction_is_aborted_and_readers_move_past_it(cfg, caplog):
+    curated = topic_names(cfg).curated
+    hanging_at = TopicPartition(curated, 0)
+    with partitions_unverified(cfg):
+        leave_hanging(cfg, hanging_at)
+    committed_write(cfg, hanging_at, b"after")
+    hidden = end_offsets(cfg, [curated], "read_uncommitted")[curated] - end_offsets(cfg, [curated])[curated]
+    assert hidden == 3  # the hanging record, the committed one and its marker: read_committed stops at offset 0
+
+    # a live transaction of the filter's kind, on curated and the filter group's offsets, is no hanging one
+    live: KafkaProducer = kafka_clients.producer(cfg, transactional_id=f"{cfg.kafka.namespace}.live")
+    live.init_transactions()
+    live.begin_transaction()
+    live.send(curated, b"live", partition=1)
+    group = f"{cfg.kafka.namespace}.{cfg.filter.group}"
+    consumer = kafka_clients.consumer(cfg, group_id=group)
+    live.send_offsets_to_transaction({TopicPartition(curated, 1): OffsetAndMetadata(1, "", -1)},
+                                     consumer.group_metadata())  # fmt: skip
+    live.flush()
+    admin = kafka_clients.admin(cfg)
+    opened = {t.partition.topic: t for t in open_transactions(admin, job_partitions(cfg, admin))}
+    admin.close()
+    assert set(opened) == {curated, OFFSETS_TOPIC}  # job_partitions names the group's offsets partition right
+
+    patient = HangingTransactions(cfg)  # the 60 s grace: nothing is aborted at first sight
+    assert patient.heal() == [] and len(patient.first_seen) == 3
+
+    healer = HangingTransactions(cfg, grace_s=0)
+    with caplog.at_level(logging.WARNING, logger="ops.transactions"):
+        aborted = healer.heal()
+    assert [(t.partition, t.start_offset) for t in aborted] == [(hanging_at, 0)]
+    assert f"aborted a hanging transaction on {curated}-0 from offset 0" in caplog.text
+    assert healer.healed == [str(aborted[0])]
+    assert [r.value for r in read_topic(cfg, curated)] == [b"after"]  # the hanging write aborted, the rest seen
+
+    live.commit_transaction()  # untouched by the healer: it commits, and is read
+    live.close()
+    consumer.close()
+    assert sorted(r.value for r in read_topic(cfg, curated)) == [b"after", b"live"]
+    assert healer.heal() == []
+
+
+def test_the_supervisor_aborts_hanging_transactions_as_it_ticks(cfg, tmp_path):
+    curated = topic_names(cfg).curated
+    with partitions_unverified(cfg):
+        leave_hanging(cfg, TopicPartition(curated, 2))
+    supervisor = Supervisor(with_overrides(cfg, trainer={"run_dir": str(tmp_path)}, weights={"port": 0}))
+    supervisor.transactions.grace_s = 0
+    for p in supervisor.processes:
+        p.done = "stopped"  # the tick's other work: none
+    assert supervisor.tick()
+    looking = supervisor.healing  # the look runs beside the tick, which does not wait for Kafka
+    looking.join(30)
+    supervisor.write_state()
+    assert json.loads((tmp_path / "job.json").read_text())["hanging_transactions_healed"] == 1
+    assert end_offsets(cfg, [curated]) == end_offsets(cfg, [curated], "read_uncommitted")  # nothing held back
+    assert supervisor.tick() and supervisor.healing is looking  # the next look is HEAL_EVERY_S later
