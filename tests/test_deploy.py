@@ -253,3 +253,24 @@ def test_the_image_installs_the_packages_setup_cfg_names():
     assert set(packages) <= sources
     assert {"setup.cfg", "pyproject.toml", "README.md"} <= sources  # README.md: setup.cfg's long_description
     assert "pip install ." in (DEPLOY / "Dockerfile").read_text()
+
+
+def test_the_commands_in_docs_deploy_name_what_deploy_holds():
+    """docs/deploy.md's kubectl lines: the namespace, objects, label selectors and tba commands exist."""
+    lines = [line for line in (ROOT / "docs" / "deploy.md").read_text().splitlines() if line.startswith("kubectl")]
+    objects = {(d["kind"].lower(), d["metadata"]["name"]) for _, d in manifests()}
+    short = {"deploy": "deployment", "svc": "service"}
+    components = {d["metadata"].get("labels", {}).get("app.kubernetes.io/component") for _, d in manifests()}
+    namespaces = {d["metadata"]["name"] for _, d in manifests() if d["kind"] == "Namespace"}
+    runner = CliRunner()
+    assert lines
+    for line in lines:
+        if namespace := re.match(r"kubectl -n (\S+)", line):
+            assert namespace.group(1) in namespaces, line
+        for kind, name in re.findall(r"(?<!\S)(job|deployment|deploy|service|svc)/([\w-]+)(?!\S)", line):
+            assert (short.get(kind, kind), name) in objects, line
+        for selector in re.findall(r"component in \(([^)]*)\)", line):
+            assert set(selector.split(",")) <= components, line
+        if " -- tba " in line:
+            argv = line.split(" -- tba ", 1)[1].split()
+            assert runner.invoke(cli, [*argv, "--help"]).exit_code == 0, line
