@@ -70,41 +70,33 @@ def role_rights(cfg: TbaConfig) -> dict[str, list[Right]]:
         return [Right(operation, ResourceType.TOPIC, t) for t in topic]
 
     schemas = topics(READ, names.schemas) + topics(WRITE, names.schemas)
+    transactions = [
+        Right(READ, ResourceType.GROUP, group),  # joins the group, commits offsets in its transactions
+        Right(WRITE, ResourceType.TRANSACTIONAL_ID, f"{group}.", prefixed=True),
+    ]
     sync_history = [names.raw] if cfg.trainer.mode == "sync" else []  # the on-policy baseline's groups
     return {
         "searcher": topics(WRITE, names.raw) + topics(READ, prompts, names.policy_versions) + schemas,
         "generator": topics(WRITE, names.raw) + schemas,
-        "filter": topics(READ, names.raw)
-        + topics(WRITE, names.curated, names.dlq)
-        + schemas
-        + [
-            Right(READ, ResourceType.GROUP, group),
-            Right(WRITE, ResourceType.TRANSACTIONAL_ID, f"{group}.", prefixed=True),
+        "filter": topics(READ, names.raw) + topics(WRITE, names.curated, names.dlq) + transactions + schemas,
+        "trainer": [
+            *topics(READ, names.curated),
+            *topics(WRITE, names.policy_versions, names.dlq, *sync_history),
+            *schemas,
         ],  # fmt: skip
-        "trainer": topics(READ, names.curated)
-        + topics(WRITE, names.policy_versions, names.dlq, *sync_history)
-        + schemas,
     }
 
 
 def role_acls(cfg: TbaConfig) -> list[ACL]:
     """The ALLOW bindings for the roles kafka.principals names."""
     rights = role_rights(cfg)
-    return [
-        ACL(
-            f"User:{user}",
-            "*",
-            right.operation,
-            ACLPermissionType.ALLOW,
-            ResourcePattern(
-                right.resource,
-                right.name,
-                ACLResourcePatternType.PREFIXED if right.prefixed else ACLResourcePatternType.LITERAL,
-            ),
-        )  # fmt: skip
-        for role, user in cfg.kafka.principals.items()
-        for right in rights[role]
-    ]
+    acls = []
+    for role, user in cfg.kafka.principals.items():
+        for right in rights[role]:
+            pattern = ACLResourcePatternType.PREFIXED if right.prefixed else ACLResourcePatternType.LITERAL
+            resource = ResourcePattern(right.resource, right.name, pattern)
+            acls.append(ACL(f"User:{user}", "*", right.operation, ACLPermissionType.ALLOW, resource))
+    return acls
 
 
 def create_role_acls(cfg: TbaConfig) -> list[str]:
@@ -113,16 +105,12 @@ def create_role_acls(cfg: TbaConfig) -> list[str]:
     if not acls:
         return []
     if not cfg.kafka.security_protocol.startswith("SASL"):
-        raise ConfigError(
-            "kafka.principals: ACLs need each role to log in as its principal (kafka.security_protocol SASL_*)"
-        )
+        raise ConfigError("kafka.principals: ACLs need roles that log in (kafka.security_protocol SASL_*)")
     admin = kafka_clients.admin(cfg)
     try:
         result = admin.create_acls(acls)
-        if any(isinstance(e, SecurityDisabledError) or e is SecurityDisabledError for e in result["failed"]):
-            raise BrokerError(
-                "the Kafka brokers enforce no ACLs: set authorizer.class.name (KRaft: " + AUTHORIZER + ")"
-            )
+        if SecurityDisabledError in result["failed"]:  # error classes, one per binding refused
+            raise BrokerError(f"the Kafka brokers enforce no ACLs: set authorizer.class.name={AUTHORIZER}")
         if result["failed"]:
             raise TbaError(f"creating {len(result['failed'])} of {len(acls)} ACLs failed, first: {result['failed'][0]}")
         _wait_enforced(admin, acls, cfg.kafka.client_timeout_s)
@@ -172,7 +160,7 @@ def refusal(
     kind = {ResourceType.TOPIC: "", ResourceType.GROUP: "group ", ResourceType.TRANSACTIONAL_ID: "transactional id "}
     head = f"kafka principal User:{user} may not {operation.name.lower()} {kind[resource]}{', '.join(names)}"
     if not allowed:
-        return AccessDenied(f"{head}: no role may")
+        return AccessDenied(f"{head}: no role may (only the brokers' super users)")
     who = " or ".join(f"the {role}'s" for role in allowed)
     if any(cfg.kafka.principals.get(role) == user for role in allowed):  # the right principal: no ACLs yet
         return AccessDenied(
