@@ -11,6 +11,7 @@ is also its static group membership, so the restart gets the same partitions bac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -18,15 +19,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from kafka import OffsetAndMetadata, TopicPartition
-from kafka.errors import KafkaError, ProducerFencedError
+from kafka.errors import AuthorizationError, GroupAuthorizationFailedError, KafkaError, ProducerFencedError
 
 from consumers.scorers import build_scorers
 from ops import kafka_clients
+from ops.acls import READ, WRITE, one_line_refusals, refusal
 from ops.config import TbaConfig
 from ops.errors import DecodeError, TbaError
 from ops.job import model_id
 from ops.schema_store import KafkaSchemaStore
-from ops.topics import topic_names
+from ops.topics import filter_group, topic_names
 from schemas.codec import SchemaStore
 from schemas.records import DeadLetter, DeadLetterCodec, TrajectoryCodec
 
@@ -94,7 +96,7 @@ class FilterConsumer:
         self.topics = topic_names(cfg)
         self.filter = GroupFilter(cfg, store or KafkaSchemaStore(cfg))
         self.stats = FilterStats()
-        group = f"{cfg.kafka.namespace}.{cfg.filter.group}"
+        group = filter_group(cfg)
         # Static membership: a restarted instance takes its partitions straight back, no rebalance wait.
         self.consumer = kafka_clients.consumer(
             cfg,
@@ -109,13 +111,15 @@ class FilterConsumer:
             # An instance that dies and never returns holds back read_committed readers this long.
             transaction_timeout_ms=15_000,
         )
-        self.producer.init_transactions()
+        with one_line_refusals(cfg, WRITE, transactional_id=f"{group}.{instance}"):
+            self.producer.init_transactions()
 
     def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> FilterStats:
         stop = stop or threading.Event()
         last_input = time.monotonic()
         while not stop.is_set():
-            batch = self.consumer.poll(timeout_ms=100)
+            with one_line_refusals(self.cfg, READ):  # raw, or the group
+                batch = self.consumer.poll(timeout_ms=100)
             if batch:
                 self._process(batch)
                 last_input = time.monotonic()
@@ -141,6 +145,9 @@ class FilterConsumer:
             # (the Java client aborts it): wait for every send, and abort unless all were written
             self.producer.flush()
             failed = [f.exception for f in sends if f.failed()]
+            denied = [exc for exc in failed if isinstance(exc, AuthorizationError)]
+            if denied:
+                raise denied[0]
             if failed:
                 raise KafkaError(f"{len(failed)} of {len(sends)} sends failed, first: {failed[0]}")
             offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1) for tp, records in batch.items()}
@@ -155,6 +162,10 @@ class FilterConsumer:
                 f"filter instance fenced: another filter uses the same instance id ({exc}); "
                 "give each a distinct --instance"
             ) from exc
+        except AuthorizationError as exc:  # re-reading cannot help: stop with the one line saying who may
+            with contextlib.suppress(KafkaError):  # a refused transactional id leaves nothing to abort
+                self.producer.abort_transaction()
+            raise refusal(self.cfg, exc, READ if isinstance(exc, GroupAuthorizationFailedError) else WRITE) from exc
         except KafkaError as exc:
             # e.g. a rebalance took the partitions away mid-batch: abort, re-read from committed offsets
             log.warning("filter transaction aborted, re-reading the batch: %s", exc)

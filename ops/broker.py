@@ -27,6 +27,7 @@ KAFKA_VERSION = "4.3.1"
 ROOT = Path(__file__).resolve().parents[1]
 POM = Path(__file__).with_name("kafka") / "pom.xml"
 LOG4J = Path(__file__).with_name("kafka") / "log4j2.properties"
+AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"  # KRaft's, ACLs in the metadata log
 
 
 def cache_dir() -> Path:
@@ -99,6 +100,7 @@ class LocalBroker:
         heap: str = "1g",
         sasl_port: int | None = None,
         sasl_users: dict[str, str] | None = None,
+        super_users: tuple[str, ...] = (),
         port_setting: str = "",
     ):
         self.data_dir = Path(data_dir).resolve()
@@ -110,6 +112,7 @@ class LocalBroker:
         # PLAINTEXT listener stays for the brokers themselves
         self.sasl_port = sasl_port
         self.sasl_users = sasl_users or {}
+        self.super_users = super_users  # given: the authorizer enforces ACLs, these SASL users bypass them
         self._state = self.data_dir / "node.json"
         self._log_start = 0  # where this start's lines begin in broker.log (it keeps every start's)
 
@@ -174,6 +177,9 @@ class LocalBroker:
                 "listener.name.sasl_plaintext.plain.sasl.jaas.config":
                     f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
             })  # fmt: skip
+        if self.super_users:  # the broker's own PLAINTEXT and CONTROLLER listeners connect as User:ANONYMOUS
+            supers = ";".join(f"User:{name}" for name in ("ANONYMOUS", *self.super_users))
+            lines.update({"authorizer.class.name": AUTHORIZER, "super.users": supers})
         tmp = props.with_suffix(".tmp")
         tmp.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
         tmp.chmod(0o600)  # it may hold SASL passwords

@@ -39,6 +39,9 @@ class KafkaConfig(Section):
     ssl_cafile: Path | None = None  # CA to trust (SSL, SASL_SSL)
     ssl_certfile: Path | None = None  # client certificate and key, when the brokers ask for one
     ssl_keyfile: Path | None = None
+    # role -> its SASL user: `tba topics create` (as an admin) grants each named role only what it needs
+    # (ops/acls.py); each role's process then connects as its own user (kafka.sasl_username)
+    principals: dict[Literal["searcher", "generator", "filter", "trainer"], str] = {}
 
 
 class TopicsConfig(Section):

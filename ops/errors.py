@@ -3,7 +3,7 @@ DecodeError belong to the contract (schemas/errors.py), re-exported here."""
 
 from schemas.errors import DecodeError, TbaError
 
-__all__ = ["BrokerError", "ConfigError", "DecodeError", "DeliveryError", "TbaError"]
+__all__ = ["AccessDenied", "BrokerError", "ConfigError", "DecodeError", "DeliveryError", "TbaError"]
 
 
 class ConfigError(TbaError):
@@ -16,3 +16,7 @@ class BrokerError(TbaError):
 
 class DeliveryError(TbaError):
     """Kafka did not acknowledge a record the caller handed to a producer."""
+
+
+class AccessDenied(TbaError):
+    """The broker's authorizer refused this principal an operation (ops/acls.py says who may)."""

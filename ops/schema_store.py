@@ -6,6 +6,7 @@ from __future__ import annotations
 from kafka.errors import KafkaTimeoutError
 
 from ops import kafka_clients
+from ops.acls import READ, WRITE, one_line_refusals
 from ops.config import TbaConfig
 from ops.errors import TbaError
 from ops.topics import read_topic, topic_names
@@ -22,7 +23,8 @@ class KafkaSchemaStore(SchemaStore):
         producer = kafka_clients.producer(self.cfg, compression_type=None, linger_ms=0)
         timeout = self.cfg.kafka.client_timeout_s
         try:
-            producer.send(self.topic, key=fp.hex().encode(), value=canonical.encode()).get(timeout=timeout)
+            with one_line_refusals(self.cfg, WRITE):
+                producer.send(self.topic, key=fp.hex().encode(), value=canonical.encode()).get(timeout=timeout)
         except KafkaTimeoutError as exc:  # the broker answers, but not for this topic: it was never created
             raise TbaError(
                 f"could not publish a schema to {self.topic} within {timeout:.0f}s: "
@@ -32,4 +34,6 @@ class KafkaSchemaStore(SchemaStore):
             producer.close()
 
     def fetch(self) -> list[tuple[bytes, str]]:
-        return [(bytes.fromhex(r.key.decode()), r.value) for r in read_topic(self.cfg, self.topic, "read_uncommitted")]
+        with one_line_refusals(self.cfg, READ):
+            records = read_topic(self.cfg, self.topic, "read_uncommitted")
+        return [(bytes.fromhex(r.key.decode()), r.value) for r in records]

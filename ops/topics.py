@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from kafka import TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import TopicAlreadyExistsError, TopicAuthorizationFailedError
 
 from ops import kafka_clients
 from ops.config import TbaConfig
@@ -36,6 +36,11 @@ def topic_names(cfg: TbaConfig) -> TopicNames:
         schemas=f"{ns}.schemas",
         policy_versions=f"{ns}.policy.versions",
     )
+
+
+def filter_group(cfg: TbaConfig) -> str:
+    """The filter instances' consumer group; an instance's transactional id is this + "." + its instance id."""
+    return f"{cfg.kafka.namespace}.{cfg.filter.group}"
 
 
 def _retention(hours: float) -> str:
@@ -121,11 +126,25 @@ def end_offsets(cfg: TbaConfig, topics: list[str], isolation: str = "read_commit
         consumer.close()
 
 
+def topic_partitions(cfg: TbaConfig, consumer, topic: str) -> list[TopicPartition]:
+    """The topic's partitions, [] when it does not exist. A topic this principal may not see looks absent
+    in a consumer's metadata: the admin's answer tells the two apart (TopicAuthorizationFailedError)."""
+    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    if not parts and cfg.kafka.security_protocol.startswith("SASL"):
+        admin = kafka_clients.admin(cfg)
+        try:
+            if any(t["error_code"] == TopicAuthorizationFailedError.errno for t in admin.describe_topics([topic])):
+                raise TopicAuthorizationFailedError(topic)
+        finally:
+            admin.close()
+    return parts
+
+
 def read_topic(cfg: TbaConfig, topic: str, isolation: str = "read_committed", last: int | None = None) -> list:
     """Every record of a topic (or its last `last` offsets of each partition) up to its end as of now."""
     consumer = kafka_clients.consumer(cfg, isolation_level=isolation)
     try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        parts = topic_partitions(cfg, consumer, topic)
         consumer.assign(parts)
         end = consumer.end_offsets(parts)
         begin = consumer.beginning_offsets(parts)

@@ -7,9 +7,10 @@ or close: nothing acknowledged is ever silently lost, nothing lost is ever silen
 
 from __future__ import annotations
 
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import AuthorizationError, KafkaTimeoutError
 
 from ops import kafka_clients
+from ops.acls import WRITE, refusal
 from ops.config import TbaConfig
 from ops.errors import DeliveryError
 from ops.schema_store import KafkaSchemaStore
@@ -20,6 +21,7 @@ from schemas.records import TrajectoryCodec, TrajectoryGroup
 
 class TrajectoryProducer:
     def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None, topic: str | None = None):
+        self.cfg = cfg
         self.topic = topic or topic_names(cfg).raw
         self.codec = TrajectoryCodec(store or KafkaSchemaStore(cfg))
         self._producer = kafka_clients.producer(cfg)
@@ -50,6 +52,8 @@ class TrajectoryProducer:
         if self._failures:
             first, n = self._failures[0], len(self._failures)
             self._failures.clear()
+            if isinstance(first, AuthorizationError):  # no retry helps: this principal may not write here
+                raise refusal(self.cfg, first, WRITE) from first
             raise DeliveryError(f"{n} group(s) were not acknowledged by Kafka: {first}") from first
 
     def flush(self, timeout_s: float | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kafka import TopicPartition
 
 from ops import kafka_clients
+from ops.acls import READ, one_line_refusals
 from ops.config import TbaConfig
 from ops.schema_store import KafkaSchemaStore
 from ops.topics import topic_names
@@ -14,6 +15,7 @@ from schemas.records import PolicyVersionCodec
 
 class PolicyWatch:
     def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None):
+        self.cfg = cfg
         self.codec = PolicyVersionCodec(store or KafkaSchemaStore(cfg))
         self.tp = TopicPartition(topic_names(cfg).policy_versions, 0)
         self.consumer = kafka_clients.consumer(cfg, isolation_level="read_uncommitted")
@@ -23,12 +25,13 @@ class PolicyWatch:
 
     def poll(self) -> int:
         """The newest announced version (-1 before any); reads only the last record when more arrived."""
-        end = self.consumer.end_offsets([self.tp])[self.tp]
-        if end > self._read_to:
-            self.consumer.seek(self.tp, end - 1)
-            for rec in self.consumer.poll(timeout_ms=1000).get(self.tp, []):
-                self.newest = max(self.newest, self.codec.decode(rec.value)["version"])
-            self._read_to = end
+        with one_line_refusals(self.cfg, READ):
+            end = self.consumer.end_offsets([self.tp])[self.tp]
+            if end > self._read_to:
+                self.consumer.seek(self.tp, end - 1)
+                for rec in self.consumer.poll(timeout_ms=1000).get(self.tp, []):
+                    self.newest = max(self.newest, self.codec.decode(rec.value)["version"])
+                self._read_to = end
         return self.newest
 
     def close(self) -> None:

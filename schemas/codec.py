@@ -68,6 +68,8 @@ class SchemaStore:
                     parsed = fastavro.parse_schema(json.loads(canonical))
                 except (ValueError, fastavro.schema.SchemaParseException):
                     continue  # a foreign value in the store is not ours to trust
+                if schema_fingerprint(parsed) != key:  # every writer may write the store: trust no mislabelled one
+                    continue
                 with self._lock:
                     self._schemas.setdefault(key, parsed)
             schema = self._schemas.get(fp)

@@ -88,10 +88,14 @@ def topics() -> None:
 @topics.command("create")
 @click.pass_obj
 def topics_create(obj: Context) -> None:
+    from ops.acls import create_role_acls
     from ops.topics import create_topics
 
-    created = create_topics(obj.job(create=True))
+    cfg = obj.job(create=True)
+    created = create_topics(cfg)
     click.echo("\n".join(f"created {name}" for name in created) or "all topics exist")
+    for line in create_role_acls(cfg):  # the roles kafka.principals names, each only what it needs
+        click.echo(line)
 
 
 @topics.command("describe")
@@ -373,6 +377,14 @@ def main() -> None:
         cli(standalone_mode=True)
     except TbaError as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except Exception as exc:
+        from kafka.errors import AuthorizationError  # here: kafka-python takes a second to import
+
+        if not isinstance(exc, AuthorizationError):
+            raise
+        # a refusal that no role turned into its own line (ops/acls.py): still one line
+        click.echo(f"error: the Kafka brokers refused this principal: {exc} (ACLs from `tba topics create`)", err=True)
         sys.exit(2)
 
 

@@ -4,6 +4,8 @@ import copy
 
 import numpy as np
 import pytest
+from fastavro import parse_schema
+from fastavro.schema import to_parsing_canonical_form
 
 from ops.errors import DecodeError
 from ops.schema_store import KafkaSchemaStore
@@ -47,6 +49,20 @@ def test_v2_writer_read_by_v1_reader_through_the_schema_topic(cfg, rng):
     group = reader.decode(data)
     assert group.group_id == record["group_id"]
     assert "temperature" not in group.to_record()
+
+
+def test_a_mislabelled_schema_in_the_store_is_ignored(rng):
+    """Every writer may write the schemas topic (ops/acls.py): an entry counts only under its own fingerprint."""
+    data = Codec(v2_schema(), SchemaStore()).encode(synthetic_group(rng, 1).to_record() | {"temperature": 0.7})
+    fp = schema_fingerprint(v2_schema())
+    other = {"type": "record", "name": "Other", "fields": [{"name": "n", "type": "int"}]}
+
+    class Shared(SchemaStore):  # the topic as another process finds it: a forged entry first, then the real one
+        def fetch(self):
+            return [(fp, to_parsing_canonical_form(parse_schema(other))),
+                    (fp, to_parsing_canonical_form(parse_schema(v2_schema())))]  # fmt: skip
+
+    assert TrajectoryCodec(Shared()).decode(data).group_id
 
 
 def test_v1_writer_read_by_v2_reader_gets_the_default(cfg, rng):

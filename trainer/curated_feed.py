@@ -9,8 +9,10 @@ import time
 from kafka import TopicPartition
 
 from ops import kafka_clients
+from ops.acls import READ, one_line_refusals
 from ops.config import TbaConfig
 from ops.errors import TbaError
+from ops.topics import topic_partitions
 from trainer.replay_buffer import ReplayBuffer
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,8 @@ class CuratedFeed:
         self.buffer = buffer
         self.consumer = kafka_clients.consumer(cfg)
         topic = buffer.topic
-        self.partitions = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or ())]
+        with one_line_refusals(cfg, READ):
+            self.partitions = topic_partitions(cfg, self.consumer, topic)
         if not self.partitions:
             raise TbaError(f"topic {topic} does not exist; run `tba topics create`")
         self.consumer.assign(self.partitions)
