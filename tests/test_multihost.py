@@ -28,3 +28,27 @@ def test_a_job_spread_over_six_hosts_survives_losing_a_searcher_host(tmp_path):
     assert result["steps"] >= result["steps_at_kill"] + 3, result
     assert result["searcher_0_groups_after_kill"] > 0 and result["searcher_0_versions_after_kill"] > 0, result
     assert result["searcher_0_exit"] == 0, result
+
+
+def test_shared_memory_is_offered_only_where_the_files_are(tmp_path):
+    """host_id (when the weight service maps versions instead of sending them): another network namespace
+    alone still opens the same /dev/shm files, so it is the same host; a simulated host has its own."""
+    import os
+    import subprocess
+    import sys
+
+    from ops.shared_memory import host_id
+    from tests.multihost import ROOT
+    from tests.netns import Hosts
+
+    if reason := missing_requirements():
+        pytest.fail(reason)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    ask = [sys.executable, "-c", "from ops.shared_memory import host_id; print(host_id())"]
+    with Hosts(["other"]) as hosts:
+        elsewhere = hosts.run("other", ask, env, 60)
+        netns_only = subprocess.run(["ip", "netns", "exec", hosts.netns["other"], *ask], env=env, capture_output=True,
+                                    text=True, timeout=60)  # fmt: skip
+    assert elsewhere.returncode == 0 and netns_only.returncode == 0, elsewhere.stderr + netns_only.stderr
+    assert netns_only.stdout.strip() == host_id()
+    assert elsewhere.stdout.strip() not in ("", host_id())
