@@ -90,7 +90,7 @@ class BrokerStatus:
 
 
 class LocalBroker:
-    """One KRaft node (broker + controller) listening on 127.0.0.1:port."""
+    """One KRaft node (broker + controller) listening on host:port (127.0.0.1 unless told otherwise)."""
 
     def __init__(
         self,
@@ -102,7 +102,9 @@ class LocalBroker:
         sasl_users: dict[str, str] | None = None,
         super_users: tuple[str, ...] = (),
         port_setting: str = "",
+        host: str = "127.0.0.1",
     ):
+        self.host = host  # every listener's address, and the one advertised to clients
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.port_setting = port_setting  # how a user moves the port, for the error when it is taken
@@ -118,7 +120,7 @@ class LocalBroker:
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def log_file(self) -> Path:
@@ -140,15 +142,16 @@ class LocalBroker:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         replicas = min(3, cluster_size)
+        host = self.host
         lines = {
             "process.roles": "broker,controller",
             "node.id": self.node_id,
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{voters[self.node_id]}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listeners": f"PLAINTEXT://{host}:{self.port},CONTROLLER://{host}:{voters[self.node_id]}",
+            "advertised.listeners": f"PLAINTEXT://{host}:{self.port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "controller.quorum.voters": ",".join(f"{n}@127.0.0.1:{p}" for n, p in sorted(voters.items())),
+            "controller.quorum.voters": ",".join(f"{n}@{host}:{p}" for n, p in sorted(voters.items())),
             "log.dirs": self.data_dir / "data",
             "num.partitions": 4,
             "offsets.topic.replication.factor": replicas,
@@ -166,10 +169,10 @@ class LocalBroker:
         }
         if self.sasl_port:
             users = " ".join(f'user_{name}="{password}"' for name, password in self.sasl_users.items())
-            sasl = f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+            sasl = f"SASL_PLAINTEXT://{host}:{self.sasl_port}"
             lines.update({
                 # CONTROLLER stays last: launch() reads the controller port from the end of this line
-                "listeners": f"PLAINTEXT://127.0.0.1:{self.port},{sasl},CONTROLLER://127.0.0.1:{voters[self.node_id]}",
+                "listeners": f"PLAINTEXT://{host}:{self.port},{sasl},CONTROLLER://{host}:{voters[self.node_id]}",
                 "advertised.listeners": f"{lines['advertised.listeners']},{sasl}",
                 "listener.security.protocol.map":
                     "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -241,11 +244,11 @@ class LocalBroker:
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Kafka binds: a TIME_WAIT is no obstacle
             try:
-                s.bind(("127.0.0.1", self.port))
+                s.bind((self.host, self.port))
             except OSError as exc:
                 move = f": free it, or move the broker with {self.port_setting}" if self.port_setting else ""
                 raise BrokerError(
-                    f"port {self.port} on 127.0.0.1 is taken by another program ({exc.strerror}){move}"
+                    f"port {self.port} on {self.host} is taken by another program ({exc.strerror}){move}"
                 ) from exc
 
     def first_error(self) -> str:

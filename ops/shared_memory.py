@@ -28,11 +28,22 @@ def directory() -> Path:
 
 
 def host_id() -> str:
-    """The same for every process of one running kernel (so of one /dev/shm), different elsewhere."""
+    """The same for every process that sees the same shared-memory files, different elsewhere: the running
+    kernel (boot id), the host's name, and the device of the directory the files are in.
+
+    The device tells apart processes of one kernel that have each their own /dev/shm (containers, or
+    the simulated hosts of tests/netns.py): one could not open the other's files. A network namespace
+    alone is no reason to differ: its processes open the same files, and the bytes need no network.
+    """
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() + "@" + socket.gethostname()
+        device = os.stat(directory()).st_dev
     except OSError:
-        return socket.gethostname()
+        device = 0
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{boot}@{socket.gethostname()}:{device:x}"
 
 
 def write(parts: Iterable[np.ndarray], tag: str) -> Path:

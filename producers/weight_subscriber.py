@@ -127,18 +127,20 @@ class WeightSubscriber:
             host_id=shared_memory.host_id() if self.cfg.shared_memory != "never" else "",
         )
         self._call = self._stub.Subscribe(request, timeout=self.cfg.subscription_s, metadata=self._metadata)
-        assembler = None
+        assembler, received = None, 0
         try:
             for chunk in self._call:
                 if chunk.shared_memory_path:  # on the server's host: map the bytes, check them
-                    self._deliver(self._mapped(chunk))
+                    self._deliver(self._mapped(chunk), "mapped from shared memory")
                     continue
                 if chunk.HasField("header"):
-                    assembler = VersionAssembler(chunk.header, self._newest)
+                    assembler, received = VersionAssembler(chunk.header, self._newest), 0
                     continue
-                self.stats.wire_bytes += assembler.add(chunk)
+                added = assembler.add(chunk)
+                self.stats.wire_bytes += added
+                received += added
                 if assembler.done:
-                    self._deliver(assembler.finish())
+                    self._deliver(assembler.finish(), f"{received} bytes through gRPC")
                     assembler = None
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -155,7 +157,8 @@ class WeightSubscriber:
         self.stats.shared_memory += 1
         return verified_mapping(header, buffer, chunk.shared_memory_xxh3)
 
-    def _deliver(self, version: WeightVersion) -> None:
+    def _deliver(self, version: WeightVersion, how: str) -> None:
+        log.info("%s: weight version %d from %s, %s", self.subscriber_id, version.version, self.target, how)
         with self._arrived:
             self._newest = version
             self.stats.versions += 1
