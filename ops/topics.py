@@ -23,6 +23,7 @@ class TopicNames:
     dlq: str
     schemas: str
     policy_versions: str
+    prompts: str
 
 
 def topic_names(cfg: TbaConfig) -> TopicNames:
@@ -35,6 +36,7 @@ def topic_names(cfg: TbaConfig) -> TopicNames:
         dlq=f"{ns}.trajectories.dlq",
         schemas=f"{ns}.schemas",
         policy_versions=f"{ns}.policy.versions",
+        prompts=f"{ns}.prompts",
     )
 
 
@@ -57,6 +59,8 @@ def topic_specs(cfg: TbaConfig) -> list[NewTopic]:
         (names.dlq, 1, {**stream, "retention.ms": _retention(t.dlq_retention_hours)}),
         (names.schemas, 1, compacted),
         (names.policy_versions, 1, compacted),
+        # the searchers' consumer group cycles through it for as long as the job runs: kept forever
+        (names.prompts, t.partitions, {**stream, "retention.ms": "-1"}),
     ]
     return [
         NewTopic(name=name, num_partitions=parts, replication_factor=t.replication_factor, topic_configs=conf)
