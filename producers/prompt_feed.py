@@ -24,6 +24,7 @@ from kafka.structs import OffsetAndMetadata
 
 from ops import kafka_clients
 from ops.config import TbaConfig
+from ops.errors import BrokerError
 from ops.topics import topic_names
 from policy.tasks import Problem
 from policy.tasks.prompts import decode_problem, encode_problem
@@ -95,6 +96,12 @@ class PromptFeed(ConsumerRebalanceListener):
         group = f"{cfg.kafka.namespace}.searchers"
         # dynamic membership: a searcher that stops gives its partitions back at once (LeaveGroup)
         self.consumer = kafka_clients.consumer(cfg, group_id=group, client_id=f"{group}.{member}")
+        # the topic's partitions known before joining: a group leader without them assigns nothing, and
+        # kafka-python may not look again for minutes (metadata_max_age_ms)
+        if not self.consumer.partitions_for_topic(self.topic):
+            self.consumer.close()
+            raise BrokerError(f"no topic {self.topic} at {cfg.kafka.bootstrap}: create the job's topics "
+                              "(`tba topics create`, or `tba run` does it)")  # fmt: skip
         self.consumer.subscribe([self.topic], listener=self)
         self.pending: dict[TopicPartition, int] = {}  # next offset to commit, per partition taken from
         self.held: frozenset[TopicPartition] = frozenset()  # as of the last rebalance (for anyone watching)
@@ -122,6 +129,14 @@ class PromptFeed(ConsumerRebalanceListener):
             if len(out) < n:
                 self._wrap_at_end()
         return out
+
+    def idle(self) -> None:
+        """Take part in the group without taking prompts (while the searcher pauses for policy lag): a member
+        that did not poll would hold up every rebalance, and so every other searcher, until it did."""
+        self.consumer.pause(*self.consumer.assignment())  # a rebalance in this poll can assign unpaused ones
+        for tp, records in self.consumer.poll(timeout_ms=500).items():
+            self.consumer.seek(tp, records[0].offset)  # not served: read them again when generating again
+        self.consumer.resume(*self.consumer.paused())
 
     def _wrap_at_end(self) -> None:
         """Once every held partition is read to its end, start them all again from the beginning."""

@@ -102,6 +102,7 @@ class Searcher:
                     self.subscriber.target if self.subscriber else "nowhere",
                 )
             self.stats.paused += 1
+            self.feed.idle()
             if self.subscriber is not None:
                 try:
                     self.subscriber.wait_for(self.watch.newest - self.cfg.max_policy_lag, timeout_s=1.0)

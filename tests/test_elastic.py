@@ -33,12 +33,17 @@ class Member:
         self.feed = PromptFeed(cfg, name, wait_s=0.5)
         self.served: list[str] = []
         self.stop = threading.Event()
+        self.paused = threading.Event()  # as a searcher too far behind the trainer's policy versions
         self.thread = threading.Thread(target=self._run)
         self.thread.start()
 
     def _run(self) -> None:
         try:
             while not self.stop.is_set():
+                if self.paused.is_set():
+                    self.feed.idle()
+                    time.sleep(0.2)
+                    continue
                 self.served += [p.prompt_id for p in self.feed.take(2)]
                 self.feed.commit()
         finally:
@@ -67,6 +72,27 @@ def test_two_searchers_share_the_prompts_and_one_takes_over_all_when_the_other_l
         b.leave()
 
 
+def test_a_searcher_paused_for_policy_lag_does_not_hold_up_a_new_one_joining(cfg):
+    seed_prompts(cfg, problems(12))
+    a = Member(cfg, "a")
+    try:
+        wait_until(lambda: len(a.feed.held) == 3 and a.served, 60, "a to hold every partition")
+        a.paused.set()
+        b = Member(cfg, "b")  # the group rebalances although a generates nothing meanwhile
+        try:
+            shared = lambda: a.feed.held and b.feed.held and len(a.feed.held | b.feed.held) == 3  # noqa: E731
+            wait_until(lambda: shared() and b.served, 60, "b to join, get partitions of a's and serve")
+            assert not a.feed.held & b.feed.held
+        finally:
+            b.leave()
+        wait_until(lambda: len(a.feed.held) == 3, 60, "a to hold every partition again")
+        served_from = len(a.served)
+        a.paused.clear()
+        wait_until(lambda: set(a.served[served_from:]) == {f"p{i}" for i in range(12)}, 60, "a to serve all")
+    finally:
+        a.leave()
+
+
 def test_prompts_taken_but_not_committed_are_served_again_by_the_next_member(broker):
     cfg = make_config(broker.bootstrap, topics={"partitions": 1})  # one partition: one order to follow
     create_topics(cfg)
@@ -74,6 +100,8 @@ def test_prompts_taken_but_not_committed_are_served_again_by_the_next_member(bro
     first = PromptFeed(cfg, "first")
     assert [p.prompt_id for p in first.take(2)] == ["p0", "p1"]
     first.commit()  # their groups were acked
+    for _ in range(3):
+        first.idle()  # paused for policy lag: it stays in the group and takes nothing
     assert [p.prompt_id for p in first.take(2)] == ["p2", "p3"]
     first.close()  # as if it died before its groups were acked: no commit
     second = PromptFeed(cfg, "second")
