@@ -211,6 +211,6 @@ def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
     subscriber = WeightSubscriber(cfg.weights, target, f"searcher-{index}").start()
     producer = TrajectoryProducer(cfg)
     task = build_task(cfg.task)
+    feed = PromptFeed(cfg, f"searcher-{index}")  # first: it says so when the job has no prompts topic
     seed_prompts(cfg, task.train)  # the first searcher of a job writes the training split; later ones find it
-    feed = PromptFeed(cfg, f"searcher-{index}")
     return Searcher(cfg, index, generator, task, producer, feed, subscriber, model_id(cfg), PolicyWatch(cfg))
