@@ -43,7 +43,7 @@ from ops import kafka_clients
 from ops.broker import AUTHORIZER
 from ops.config import TbaConfig
 from ops.errors import AccessDenied, BrokerError, ConfigError, TbaError
-from ops.topics import filter_group, topic_names
+from ops.topics import filter_group, prompts_seed_id, searcher_group, topic_names
 
 READ, WRITE = ACLOperation.READ, ACLOperation.WRITE  # each implies DESCRIBE
 
@@ -63,7 +63,6 @@ class Right:
 def role_rights(cfg: TbaConfig) -> dict[str, list[Right]]:
     """What each role may do in cfg's namespace."""
     names = topic_names(cfg)
-    prompts = f"{cfg.kafka.namespace}.prompts"  # the searchers' prompt topic (to be topic_names(cfg).prompts)
     group = filter_group(cfg)
 
     def topics(operation: ACLOperation, *topic: str) -> list[Right]:
@@ -76,7 +75,16 @@ def role_rights(cfg: TbaConfig) -> dict[str, list[Right]]:
     ]
     sync_history = [names.raw] if cfg.trainer.mode == "sync" else []  # the on-policy baseline's groups
     return {
-        "searcher": topics(WRITE, names.raw) + topics(READ, prompts, names.policy_versions) + schemas,
+        "searcher": [
+            *topics(WRITE, names.raw),
+            *topics(READ, names.prompts, names.policy_versions),
+            Right(READ, ResourceType.GROUP, searcher_group(cfg)),  # shares the prompts with the other searchers
+            # the first searcher of a job writes the task's training split to the prompts topic, in one
+            # transaction of the job-wide seeding id
+            *topics(WRITE, names.prompts),
+            Right(WRITE, ResourceType.TRANSACTIONAL_ID, prompts_seed_id(cfg)),
+            *schemas,
+        ],  # fmt: skip
         "generator": topics(WRITE, names.raw) + schemas,
         "filter": topics(READ, names.raw) + topics(WRITE, names.curated, names.dlq) + transactions + schemas,
         "trainer": [

@@ -47,6 +47,7 @@ class KafkaConfig(Section):
 class TopicsConfig(Section):
     """Partitions, retention and compression of the namespaced topics."""
 
+    # of raw, curated and prompts: at most this many filters, and searchers, get a share of the work
     partitions: int = Field(4, ge=1)
     replication_factor: int = Field(1, ge=1)
     min_insync_replicas: int = Field(1, ge=1)
@@ -190,7 +191,7 @@ class SearcherConfig(Section):
     prompts_per_batch: int = Field(2, ge=1)
     temperature: float = Field(0.7, gt=0)
     max_new_tokens: int = Field(32, ge=1)
-    searchers: int = Field(1, ge=1)  # each owns the prompts whose index % searchers == its index
+    searchers: int = Field(1, ge=1)  # how many `tba run` starts (`tba scale searchers N` changes it)
     weights_target: str | None = None  # host:port of the weight-sync service; None: weights.host:port
     max_policy_lag: int = Field(4, ge=0)  # versions behind the newest announced one before pausing
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # vllm: the share of the GPU it may take

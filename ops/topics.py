@@ -23,6 +23,7 @@ class TopicNames:
     dlq: str
     schemas: str
     policy_versions: str
+    prompts: str
 
 
 def topic_names(cfg: TbaConfig) -> TopicNames:
@@ -35,12 +36,23 @@ def topic_names(cfg: TbaConfig) -> TopicNames:
         dlq=f"{ns}.trajectories.dlq",
         schemas=f"{ns}.schemas",
         policy_versions=f"{ns}.policy.versions",
+        prompts=f"{ns}.prompts",
     )
 
 
 def filter_group(cfg: TbaConfig) -> str:
     """The filter instances' consumer group; an instance's transactional id is this + "." + its instance id."""
     return f"{cfg.kafka.namespace}.{cfg.filter.group}"
+
+
+def searcher_group(cfg: TbaConfig) -> str:
+    """The searchers' consumer group over the prompts topic."""
+    return f"{cfg.kafka.namespace}.searchers"
+
+
+def prompts_seed_id(cfg: TbaConfig) -> str:
+    """The one transactional id every searcher seeds the prompts topic with (so it gets one copy)."""
+    return f"{topic_names(cfg).prompts}.seed"
 
 
 def _retention(hours: float) -> str:
@@ -62,6 +74,8 @@ def topic_specs(cfg: TbaConfig) -> list[NewTopic]:
         (names.dlq, 1, {**stream, "retention.ms": _retention(t.dlq_retention_hours)}),
         (names.schemas, 1, compacted),
         (names.policy_versions, 1, compacted),
+        # the searchers' consumer group cycles through it for as long as the job runs: kept forever
+        (names.prompts, t.partitions, {**stream, "retention.ms": "-1"}),
     ]
     return [
         NewTopic(name=name, num_partitions=parts, replication_factor=t.replication_factor, topic_configs=conf)

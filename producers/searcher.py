@@ -1,9 +1,10 @@
 """Searcher: sample completions of its share of the prompts with the current policy, reward them,
 publish one TrajectoryGroup per prompt, and swap in new weights between batches.
 
-Searchers never wait for the trainer. Each owns the training prompts whose index modulo the number
-of searchers is its own index: no coordination, no prompts topic, and a restarted searcher owns
-the same prompts (a prompt's groups also stay on one partition, keyed by prompt_id).
+Searchers never wait for the trainer. Their share of the prompts is what the searchers' consumer
+group over the prompts topic gives them (producers/prompt_feed.py): searchers join and leave a
+running job freely, and a searcher commits the prompts it took only once their groups are acked in
+raw (a prompt's groups stay on one raw partition, keyed by prompt_id).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ops.trajectory_producer import TrajectoryProducer
 from policy.generation import HFGenerator
 from policy.tasks import RewardError, scored_samples, task_label
 from producers.policy_watch import PolicyWatch
+from producers.prompt_feed import PromptFeed, seed_prompts
 from producers.weight_subscriber import WeightSubscriber
 from schemas.records import TrajectoryGroup
 
@@ -49,6 +51,7 @@ class Searcher:
         generator: HFGenerator,
         task,
         producer: TrajectoryProducer,
+        feed: PromptFeed,
         subscriber: WeightSubscriber | None = None,
         model_id: str = "",
         watch=None,
@@ -58,14 +61,12 @@ class Searcher:
         self.generator = generator
         self.task = task
         self.producer = producer
+        self.feed = feed
         self.subscriber = subscriber
         self.model_id = model_id
         self.watch = watch  # a PolicyWatch: how far behind the trainer this searcher's weights are
         self.generator_id = f"searcher-{index}"
         self.policy_version = 0  # the initial weights are version 0; the trainer publishes from there
-        self.problems = [p for i, p in enumerate(task.train) if i % self.cfg.searchers == index]
-        self.rng = np.random.default_rng(self.cfg.seed + index)
-        self._order: list[int] = []
         self.stats = SearcherStats()
 
     def swap_weights(self) -> bool:
@@ -80,14 +81,6 @@ class Searcher:
         self.stats.swaps += 1
         return True
 
-    def _next_problems(self):
-        out = []
-        for _ in range(self.cfg.prompts_per_batch):
-            if not self._order:
-                self._order = list(self.rng.permutation(len(self.problems)))
-            out.append(self.problems[self._order.pop()])
-        return out
-
     def lagging(self) -> int:
         """How many versions beyond max_policy_lag this searcher is behind (0: fine to generate)."""
         if self.watch is None:
@@ -95,7 +88,8 @@ class Searcher:
         return max(0, self.watch.poll() - self.policy_version - self.cfg.max_policy_lag)
 
     def step(self) -> list[TrajectoryGroup]:
-        """One batch: swap weights if new ones arrived, sample, reward, publish. [] while paused for lag."""
+        """One batch: swap weights if new ones arrived, sample, reward, publish, commit the prompts taken.
+        [] while paused for lag or while this searcher holds no prompts partition."""
         self.swap_weights()
         if self.lagging():
             if self.stats.paused % 30 == 0:
@@ -109,13 +103,16 @@ class Searcher:
                     self.subscriber.target if self.subscriber else "nowhere",
                 )
             self.stats.paused += 1
+            self.feed.idle()
             if self.subscriber is not None:
                 try:
                     self.subscriber.wait_for(self.watch.newest - self.cfg.max_policy_lag, timeout_s=1.0)
                 except TimeoutError:
                     pass
             return []
-        problems = self._next_problems()
+        problems = self.feed.take(self.cfg.prompts_per_batch)
+        if not problems:
+            return []
         prompts = [self.generator.prompt_ids(p.messages) for p in problems]
         groups = []
         for problem, ids, completions in zip(
@@ -141,6 +138,7 @@ class Searcher:
             self.producer.send(group)
             groups.append(group)
         self.producer.flush()  # a delivery failure surfaces here, at the batch that caused it
+        self.feed.commit()  # only now: a searcher dying before this leaves the batch to be redone
         self.stats.batches += 1
         if not groups:
             return groups
@@ -156,6 +154,7 @@ class Searcher:
         """Stops in bounded time whatever Kafka does: every batch was flushed, so what is left to send is
         at most a batch that failed anyway."""
         try:
+            self.feed.close()  # leaves the searchers' group: the others take its prompts now
             self.producer.close(kafka_clients.CLOSE_TIMEOUT_S)
         finally:
             self.generator.close()
@@ -168,6 +167,8 @@ class Searcher:
         while not stop.is_set() and (max_batches is None or self.stats.batches < max_batches):
             start = time.monotonic()
             groups = self.step()
+            if not groups:  # paused or idle (no prompts partition held): each says so where it happens
+                continue
             log.info(
                 "searcher %d: %d groups at policy version %d in %.1fs",
                 self.index,
@@ -215,4 +216,6 @@ def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
     subscriber = WeightSubscriber(cfg.weights, target, f"searcher-{index}").start()
     producer = TrajectoryProducer(cfg)
     task = build_task(cfg.task)
-    return Searcher(cfg, index, generator, task, producer, subscriber, model_id=model_id(cfg), watch=PolicyWatch(cfg))
+    feed = PromptFeed(cfg, f"searcher-{index}")  # first: it says so when the job has no prompts topic
+    seed_prompts(cfg, task.train)  # the first searcher of a job writes the training split; later ones find it
+    return Searcher(cfg, index, generator, task, producer, feed, subscriber, model_id(cfg), PolicyWatch(cfg))

@@ -12,6 +12,7 @@ import click
 from ops.broker import configured_broker
 from ops.config import TbaConfig, load_config, with_overrides
 from ops.errors import TbaError
+from tba.elastic import prompts, scale
 from tba.logs import configure_logging
 from tba.signals import stop_on_signals
 
@@ -164,17 +165,15 @@ def filter_(
 
 
 @cli.command()
-@click.option("--index", default=0, show_default=True, help="This searcher's index, < searcher.searchers.")
+@click.option("--index", default=0, show_default=True, help="Names this searcher (searcher-INDEX) and seeds it.")
 @click.option("--batches", type=int, default=None, help="Stop after this many batches (default: run until stopped).")
 @metrics_port_option
 @click.pass_obj
 def search(obj: Context, index: int, batches: int | None, metrics_port: int | None) -> None:
-    """Run one searcher: sample its share of the prompts, reward, publish groups, swap in new weights."""
+    """Run one searcher: join the searchers' group over the prompts topic, sample, reward, publish, swap weights."""
     from ops.metrics import metrics_served, searcher_metrics
     from producers.searcher import build_searcher
 
-    if not 0 <= index < obj.cfg.searcher.searchers:
-        raise click.BadParameter(f"must be in [0, {obj.cfg.searcher.searchers})", param_hint="--index")
     stop = stop_on_signals()
     searcher = build_searcher(obj.job(), index)
     try:
@@ -370,6 +369,10 @@ def demo(obj: Context) -> None:
     from tba.demo import run_demo
 
     run_demo(obj.cfg)
+
+
+cli.add_command(scale)  # tba/elastic.py: `tba scale searchers N`, `tba prompts load FILE`
+cli.add_command(prompts)
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """`tba run`: the whole job on one machine, supervised.
 
 Starts the local broker (when kafka.bootstrap points at it) and the topics, then runs every role as
-its own process: the trainer (which hosts the weight-sync service), searcher.searchers searchers and
-run.filters filters. A process that dies is restarted after a back-off that doubles per crash; one
-that crashes more than run.max_restarts times stops the job. Ctrl-C, SIGTERM or the end of the wall
+its own process: the trainer (which hosts the weight-sync service), searcher.searchers searchers
+(`tba scale searchers N` changes how many while it runs: tba/elastic.py) and run.filters filters. A
+process that dies is restarted after a back-off that doubles per crash; one that crashes more than
+run.max_restarts times stops the job. Ctrl-C, SIGTERM or the end of the wall
 budget stop the trainer first (it checkpoints), then the others. Running again with the same
 trainer.run_dir resumes: the trainer restores its checkpoint, filters continue from their committed
 offsets and searchers from the newest policy version.
@@ -37,6 +38,7 @@ from ops.config import ENV_PREFIX, TbaConfig, with_overrides
 from ops.errors import TbaError
 from ops.job import locked_run_dir, write_config
 from ops.transactions import HangingTransactions
+from tba.elastic import Scaler
 from tba.signals import Stop
 
 log = logging.getLogger(__name__)
@@ -105,15 +107,16 @@ def role_processes(cfg: TbaConfig) -> list[RoleProcess]:
     base = cfg.run.metrics_port
     port = (lambda i: base + i) if base else (lambda i: None)
     out = [RoleProcess("trainer", "trainer", ["train"], threads, port(0))]
-    out += [
-        RoleProcess(f"searcher-{i}", "searcher", ["search", "--index", str(i)], threads, port(1 + i))
-        for i in range(searchers)
-    ]
+    out += [searcher_process(i, threads, port(1 + i)) for i in range(searchers)]
     out += [
         RoleProcess(f"filter-{i}", "filter", ["filter", "--instance", str(i)], 1, port(1 + searchers + i))
         for i in range(filters)
     ]
     return out
+
+
+def searcher_process(index: int, threads: int, metrics_port: int | None) -> RoleProcess:
+    return RoleProcess(f"searcher-{index}", "searcher", ["search", "--index", str(index)], threads, metrics_port)
 
 
 class Supervisor:
@@ -139,6 +142,7 @@ class Supervisor:
         self.transactions = HangingTransactions(cfg)
         self.healing: threading.Thread | None = None
         self.next_heal = 0.0
+        self.scaler = Scaler(self, searcher_process)  # `tba scale searchers N` while it runs
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -195,6 +199,7 @@ class Supervisor:
     def tick(self) -> bool:
         """Start what should run, notice exits, schedule restarts. False once the job is over."""
         now = time.monotonic()
+        self.scaler.apply()
         if self.broker is not None and self.broker.status() is None:  # same data dir: nothing acked is lost
             self.broker_restarts += 1
             log.warning("the local broker is gone; restarting it on %s", self.broker.data_dir)

@@ -137,3 +137,15 @@ def test_each_role_does_its_job_and_the_refusals_change_nothing(as_user):
     watch = PolicyWatch(searcher)
     assert watch.poll() == 3
     watch.close()
+
+    # a searcher seeds the prompts topic (the job-wide transactional id) and takes prompts in its group
+    from policy.tasks import Problem
+    from producers.prompt_feed import PromptFeed, seed_prompts
+
+    assert seed_prompts(searcher, [Problem(f"q{i}", f"{i} + 1 = ?", str(i + 1)) for i in range(4)]) == 4
+    feed = PromptFeed(searcher, "searcher-0", wait_s=20)
+    try:
+        assert sorted(p.prompt_id for p in feed.take(4)) == ["q0", "q1", "q2", "q3"]
+        feed.commit()
+    finally:
+        feed.close()

@@ -49,7 +49,7 @@ def test_topics_create_is_idempotent_and_describe_shows_their_config(broker, mon
     monkeypatch.setenv("TBA__TOPICS__PARTITIONS", "2")
     runner = CliRunner()
     first = runner.invoke(cli, ["topics", "create"])
-    assert first.exit_code == 0 and first.output.count("created") == 5
+    assert first.exit_code == 0 and first.output.count("created") == 6
     assert runner.invoke(cli, ["topics", "create"]).output.strip() == "all topics exist"
     rows = {r["topic"]: r for r in map(json.loads, runner.invoke(cli, ["topics", "describe"]).output.splitlines())}
     assert rows["cmdtopics.trajectories.raw"]["partitions"] == 2
@@ -57,6 +57,8 @@ def test_topics_create_is_idempotent_and_describe_shows_their_config(broker, mon
     assert rows["cmdtopics.trajectories.curated"]["retention.ms"] == "-1"
     assert rows["cmdtopics.schemas"]["cleanup.policy"] == "compact"
     assert rows["cmdtopics.policy.versions"]["cleanup.policy"] == "compact"
+    # the searchers cycle through the prompts for the whole job: as many partitions as raw, kept forever
+    assert rows["cmdtopics.prompts"]["partitions"] == 2 and rows["cmdtopics.prompts"]["retention.ms"] == "-1"
 
 
 def test_a_bad_config_names_the_field_and_exits_non_zero(tmp_path):

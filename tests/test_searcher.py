@@ -6,6 +6,7 @@ import torch
 from ops.config import with_overrides
 from ops.topics import read_topic, topic_names
 from policy.logprobs import token_logprobs
+from policy.tasks.prompts import decode_problem
 from producers.searcher import build_searcher
 from schemas.records import TrajectoryCodec
 from tests.tiny_models import saved_tiny_llama, tiny_llama
@@ -18,15 +19,17 @@ def test_searcher_publishes_groups_and_swaps_weights_between_batches(cfg, store,
         cfg,
         weights={"port": 0, "subscription_s": 5},
         task={"train_size": 20, "eval_size": 4},
-        searcher={"model": str(tmp_path / "model"), "samples_per_prompt": 3, "max_new_tokens": 8, "searchers": 2},
+        searcher={"model": str(tmp_path / "model"), "samples_per_prompt": 3, "max_new_tokens": 8},
     )
     server = WeightSyncServer(cfg)
     port = server.start()
     cfg = with_overrides(cfg, weights={"port": port})
-    searcher = build_searcher(cfg, index=1)
-    assert {p.prompt_id for p in searcher.problems} == {f"basic_arithmetic-0-{i}" for i in range(1, 20, 2)}
+    searcher = build_searcher(cfg, index=1)  # the job's first searcher: it writes the training split to prompts
+    seeded = {decode_problem(r.value).prompt_id for r in read_topic(cfg, topic_names(cfg).prompts)}
+    assert seeded == {f"basic_arithmetic-0-{i}" for i in range(20)}
 
     first = searcher.step()
+    assert {g.prompt_id for g in first} <= seeded
     assert [g.policy_version for g in first] == [0, 0]
     trained = tiny_llama(5)
     server.publish(trained.state_dict(), step=2, version=1)

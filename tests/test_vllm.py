@@ -71,7 +71,7 @@ def test_vllm_samples_carry_the_hf_paths_behaviour_and_reference_logprobs(job):
     cfg, _, searcher = job
     generator = searcher.generator
     assert isinstance(generator, VLLMGenerator)
-    prompts = [generator.prompt_ids(p.messages) for p in searcher.problems[:2]]
+    prompts = [generator.prompt_ids(p.messages) for p in searcher.task.train[:2]]
     groups = generator.sample(prompts, n=3)
     for prompt, group, rows in zip(prompts, groups, (range(0, 3), range(3, 6)), strict=True):
         for c, row in zip(group, rows, strict=True):
@@ -99,7 +99,7 @@ def test_merged_weights_are_peft_merge_without_touching_the_adapters(job):
 def test_published_lora_versions_reach_the_running_engine_and_stream_to_kafka(job):
     cfg, server, searcher = job
     generator = searcher.generator
-    prompt = generator.prompt_ids(searcher.problems[0].messages)
+    prompt = generator.prompt_ids(searcher.task.train[0].messages)
     first = searcher.step()
     assert {g.policy_version for g in first} == {0}
     for version in (1, 2):

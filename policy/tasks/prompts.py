@@ -10,20 +10,39 @@ from ops.errors import ConfigError
 from policy.tasks import Problem
 
 
-def load_prompts(cfg) -> tuple[list[Problem], list[Problem]]:
-    """(train, held_out) from task.prompts_file: {"prompt": str} or {"messages": [...]}, "id" optional."""
-    if cfg.prompts_file is None:
-        raise ConfigError(f"task.prompts_file: task {cfg.name!r} needs a JSONL file of prompts")
+def read_prompts(path, field: str) -> list[Problem]:
+    """Problems from a JSONL file: {"prompt": str} or {"messages": [...]}; "id" (default: the line's
+    number from 0) and "answer" (for tasks that check one) optional. field names the setting in errors."""
     try:
-        lines = [json.loads(line) for line in open(cfg.prompts_file, encoding="utf-8") if line.strip()]
+        lines = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"task.prompts_file: cannot read prompts from {cfg.prompts_file}: {exc}") from exc
+        raise ConfigError(f"{field}: cannot read prompts from {path}: {exc}") from exc
     problems = []
     for i, line in enumerate(lines):
         messages = line.get("messages") or ([{"role": "user", "content": line["prompt"]}] if "prompt" in line else None)
         if not messages:
-            raise ConfigError(f"task.prompts_file: line {i + 1} has neither 'prompt' nor 'messages'")
-        problems.append(Problem(str(line.get("id", i)), messages[-1]["content"], "", tuple(messages)))
+            raise ConfigError(f"{field}: line {i + 1} of {path} has neither 'prompt' nor 'messages'")
+        problems.append(Problem(str(line.get("id", i)), messages[-1]["content"], str(line.get("answer", "")),
+                                tuple(messages)))  # fmt: skip
+    return problems
+
+
+def encode_problem(problem: Problem) -> bytes:
+    """A problem as a record of the prompts topic: JSON, everything a task needs to score its completions."""
+    fields = {"id": problem.prompt_id, "question": problem.question, "answer": problem.answer}
+    return json.dumps({**fields, "messages": list(problem.messages)}).encode()
+
+
+def decode_problem(value: bytes) -> Problem:
+    record = json.loads(value)
+    return Problem(record["id"], record["question"], record.get("answer", ""), tuple(record["messages"]))
+
+
+def load_prompts(cfg) -> tuple[list[Problem], list[Problem]]:
+    """(train, held_out) from task.prompts_file (read_prompts), split by a seeded shuffle."""
+    if cfg.prompts_file is None:
+        raise ConfigError(f"task.prompts_file: task {cfg.name!r} needs a JSONL file of prompts")
+    problems = read_prompts(cfg.prompts_file, "task.prompts_file")
     order = np.random.default_rng(cfg.seed).permutation(len(problems))
     problems = [problems[i] for i in order]
     held = min(cfg.eval_size, max(1, len(problems) // 5))

@@ -1,0 +1,164 @@
+"""The prompts topic and the searchers' consumer group over it.
+
+`<ns>.prompts` holds one record per prompt (policy/tasks/prompts.py: encode_problem), written once
+per job from the task's training split (seed_prompts, by whichever searcher starts first) or by
+`tba prompts load FILE.jsonl` from any source. Searchers form the consumer group `<ns>.searchers`
+over it: Kafka's group coordinator gives each member some of the topic.partitions partitions, takes
+them back when a member leaves (close) or dies (session timeout) and hands them to the others. There
+is no coordinator of ours, so more searchers than partitions leaves the extra ones idle.
+
+A member that has read every partition it holds to the end seeks them back to the beginning: the
+next epoch. It commits a partition's offset only after the groups of the prompts read from it are
+acknowledged in raw, so a member that dies leaves the prompts since its last commit to the next
+owner: redone, never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from ops import kafka_clients
+from ops.config import TbaConfig
+from ops.errors import BrokerError
+from ops.topics import prompts_seed_id, searcher_group, topic_names
+from policy.tasks import Problem
+from policy.tasks.prompts import decode_problem, encode_problem
+
+log = logging.getLogger(__name__)
+
+
+def publish_prompts(cfg: TbaConfig, problems: list[Problem]) -> int:
+    """Append problems to the prompts topic (keyed by prompt id), acknowledged; returns how many."""
+    topic = topic_names(cfg).prompts
+    producer = kafka_clients.producer(cfg)
+    try:
+        for p in problems:
+            producer.send(topic, key=p.prompt_id.encode(), value=encode_problem(p))
+        producer.flush(timeout=cfg.kafka.client_timeout_s)
+    finally:
+        producer.close(timeout=cfg.kafka.client_timeout_s)
+    return len(problems)
+
+
+def has_prompts(cfg: TbaConfig) -> bool:
+    """Whether the prompts topic holds any committed record (aborted seeds do not count)."""
+    topic = topic_names(cfg).prompts
+    consumer = kafka_clients.consumer(cfg)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        end = consumer.end_offsets(parts)
+        while any(consumer.position(tp) < end[tp] for tp in parts):
+            if consumer.poll(timeout_ms=500, max_records=1):
+                return True
+        return False
+    finally:
+        consumer.close()
+
+
+def seed_prompts(cfg: TbaConfig, problems: list[Problem]) -> int:
+    """Write problems to the prompts topic if it holds none yet; returns how many were written (0: it had some).
+
+    In one transaction of a job-wide transactional id: a second searcher seeding at the same time
+    fences the first (whose open transaction is aborted) and checks again, so the topic gets one copy."""
+    topic = topic_names(cfg).prompts
+    producer = kafka_clients.producer(cfg, transactional_id=prompts_seed_id(cfg))
+    try:
+        producer.init_transactions()
+        if has_prompts(cfg):
+            return 0
+        producer.begin_transaction()
+        for p in problems:
+            producer.send(topic, key=p.prompt_id.encode(), value=encode_problem(p))
+        producer.commit_transaction()
+        log.info("wrote the task's %d training prompts to %s", len(problems), topic)
+        return len(problems)
+    except KafkaError as exc:  # fenced: another searcher seeds (or has seeded) them
+        log.info("prompts not seeded here (%s): another searcher does it", type(exc).__name__)
+        return 0
+    finally:
+        producer.close(timeout=cfg.kafka.client_timeout_s)
+
+
+class PromptFeed(ConsumerRebalanceListener):
+    """One searcher's membership of the searchers' group: take() prompts, commit() once their groups are acked."""
+
+    def __init__(self, cfg: TbaConfig, member: str, wait_s: float = 2.0):
+        self.topic = topic_names(cfg).prompts
+        self.member = member
+        self.wait_s = wait_s
+        group = searcher_group(cfg)
+        # dynamic membership: a searcher that stops gives its partitions back at once (LeaveGroup)
+        self.consumer = kafka_clients.consumer(cfg, group_id=group, client_id=f"{group}.{member}")
+        # the topic's partitions known before joining: a group leader without them assigns nothing, and
+        # kafka-python may not look again for minutes (metadata_max_age_ms)
+        if not self.consumer.partitions_for_topic(self.topic):
+            self.consumer.close()
+            raise BrokerError(f"no topic {self.topic} at {cfg.kafka.bootstrap}: create the job's topics "
+                              "(`tba topics create`, or `tba run` does it)")  # fmt: skip
+        self.consumer.subscribe([self.topic], listener=self)
+        self.pending: dict[TopicPartition, int] = {}  # next offset to commit, per partition taken from
+        self.held: frozenset[TopicPartition] = frozenset()  # as of the last rebalance (for anyone watching)
+        self.epochs = 0  # times this member wrapped around the partitions it holds
+
+    def on_partitions_revoked(self, revoked) -> None:
+        # the next owner starts at the last commit: what was taken from these since is redone there
+        for tp in revoked:
+            self.pending.pop(tp, None)
+        self.held = self.held - set(revoked)
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.held = frozenset(assigned)
+        log.info("%s holds prompts partitions %s", self.member, sorted(tp.partition for tp in assigned))
+
+    def take(self, n: int) -> list[Problem]:
+        """Up to n prompts from the partitions this member holds, waiting up to wait_s; [] while it holds none."""
+        out: list[Problem] = []
+        deadline = time.monotonic() + self.wait_s
+        while len(out) < n and time.monotonic() < deadline:
+            batches = self.consumer.poll(timeout_ms=200, max_records=n - len(out))
+            for tp, records in batches.items():
+                out += [decode_problem(r.value) for r in records]
+                self.pending[tp] = records[-1].offset + 1
+            if len(out) < n:
+                self._wrap_at_end()
+        return out
+
+    def idle(self) -> None:
+        """Take part in the group without taking prompts (while the searcher pauses for policy lag): a member
+        that did not poll would hold up every rebalance, and so every other searcher, until it did."""
+        self.consumer.pause(*self.consumer.assignment())  # a rebalance in this poll can assign unpaused ones
+        for tp, records in self.consumer.poll(timeout_ms=500).items():
+            self.consumer.seek(tp, records[0].offset)  # not served: read them again when generating again
+        self.consumer.resume(*self.consumer.paused())
+
+    def _wrap_at_end(self) -> None:
+        """Once every held partition is read to its end, start them all again from the beginning."""
+        held = self.consumer.assignment()
+        if not held:
+            return
+        end = self.consumer.end_offsets(list(held))
+        if all(self.consumer.position(tp) >= end[tp] for tp in held):
+            self.consumer.seek_to_beginning(*held)
+            self.epochs += 1
+
+    def commit(self) -> None:
+        """Commit what was taken (call once its groups are acked in raw); a failed commit means redone work."""
+        held = self.consumer.assignment()
+        offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in self.pending.items() if tp in held}
+        self.pending.clear()
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets)
+        except KafkaError as exc:  # a rebalance moved them meanwhile, or Kafka is away: the owner redoes them
+            log.warning("%s: prompts offsets not committed (%s); their next owner redoes them", self.member, exc)
+
+    def close(self) -> None:
+        self.consumer.close()  # leaves the group: the others take its partitions now, not at session timeout
