@@ -8,10 +8,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def measured_commit() -> str:
-    """HEAD's hash, with '+changes' when the working tree differs from it (what ran is then not HEAD alone)."""
+    """HEAD's hash, with '+changes' when the working tree differs from it (what ran is then not HEAD alone);
+    results files that earlier benchmarks rewrote do not count: they are not what runs."""
     git = ["git", "-C", str(ROOT)]
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    status = [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"]
+    dirty = subprocess.run(status, capture_output=True, text=True)
     return head + ("+changes" if dirty.stdout.strip() else "")
 
 
