@@ -38,7 +38,8 @@ case "${1:-}" in
     "$venv/bin/ruff" check --quiet .
     "$venv/bin/ruff" format --check --quiet .
     set +e
-    "$venv/bin/python" -m pytest "$@"
+    # two workers (one broker each), whole files per worker: module fixtures start once
+    "$venv/bin/python" -m pytest -n "${TBA_TEST_WORKERS:-2}" --dist loadfile "$@"
     rc=$?
     # pytest exits 5 when it collected nothing: a suite that ran no test has failed.
     [ "$rc" -eq 5 ] && echo "no tests were collected" >&2 && rc=1

@@ -14,7 +14,7 @@ from ops.config import TbaConfig, load_config, with_overrides
 from ops.errors import TbaError
 from tba.elastic import prompts, scale
 from tba.logs import configure_logging
-from tba.signals import stop_on_signals
+from tba.signals import exit_unfinished_after, stop_on_signals
 
 
 class Context:
@@ -153,6 +153,7 @@ def filter_(
         return
 
     stop = stop_on_signals()
+    exit_unfinished_after(stop, 10.0, f"filter {instance}", "its open transaction is aborted, the batch read again")
     worker = FilterConsumer(obj.job(), instance=instance)
     try:
         with metrics_served(metrics_port, lambda: filter_metrics(worker, instance)):

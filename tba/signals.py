@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import threading
+
+log = logging.getLogger(__name__)
 
 
 class Stop(threading.Event):
@@ -26,3 +30,16 @@ def stop_on_signals() -> Stop:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return stop
+
+
+def exit_unfinished_after(stop: Stop, seconds: float, what: str, left: str) -> None:
+    """Once stop is set, give the work in hand `seconds` (a second signal: none), then end the process. For
+    a role whose unfinished work is safe to drop, so that it stops in bounded time whatever Kafka does."""
+
+    def watch() -> None:
+        stop.wait()
+        stop.hurry.wait(seconds)
+        log.warning("%s still busy %.0fs after the stop (Kafka not answering?): exiting; %s", what, seconds, left)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-unfinished", daemon=True).start()
