@@ -38,8 +38,7 @@ case "${1:-}" in
     "$venv/bin/ruff" check --quiet .
     "$venv/bin/ruff" format --check --quiet .
     set +e
-    # two workers (one broker each), whole files per worker: module fixtures start once
-    "$venv/bin/python" -m pytest -n "${TBA_TEST_WORKERS:-2}" --dist loadfile "$@"
+    "$venv/bin/python" -m pytest "$@"
     rc=$?
     # pytest exits 5 when it collected nothing: a suite that ran no test has failed.
     [ "$rc" -eq 5 ] && echo "no tests were collected" >&2 && rc=1

@@ -60,12 +60,12 @@ def test_two_searchers_share_the_prompts_and_one_takes_over_all_when_the_other_l
     a, b = Member(cfg, "a"), Member(cfg, "b")
     try:
         # Kafka's group coordinator splits the 3 partitions between them, and both serve
-        wait_until(lambda: a.feed.held and b.feed.held and a.served and b.served, 60, "both members to serve")
+        wait_until(lambda: a.feed.held and b.feed.held and a.served and b.served, 120, "both members to serve")
         assert not a.feed.held & b.feed.held and len(a.feed.held | b.feed.held) == 3
         a.leave()
-        wait_until(lambda: len(b.feed.held) == 3, 60, "b to take over a's partitions")
+        wait_until(lambda: len(b.feed.held) == 3, 120, "b to take over a's partitions")
         served_from = len(b.served)
-        wait_until(lambda: set(b.served[served_from:]) == {f"p{i}" for i in range(12)}, 60, "b to serve every prompt")
+        wait_until(lambda: set(b.served[served_from:]) == {f"p{i}" for i in range(12)}, 120, "b to serve every prompt")
         assert b.feed.epochs >= 1  # it came back round to the beginning of its partitions
     finally:
         a.leave()
@@ -76,19 +76,19 @@ def test_a_searcher_paused_for_policy_lag_does_not_hold_up_a_new_one_joining(cfg
     seed_prompts(cfg, problems(12))
     a = Member(cfg, "a")
     try:
-        wait_until(lambda: len(a.feed.held) == 3 and a.served, 60, "a to hold every partition")
+        wait_until(lambda: len(a.feed.held) == 3 and a.served, 120, "a to hold every partition")
         a.paused.set()
         b = Member(cfg, "b")  # the group rebalances although a generates nothing meanwhile
         try:
             shared = lambda: a.feed.held and b.feed.held and len(a.feed.held | b.feed.held) == 3  # noqa: E731
-            wait_until(lambda: shared() and b.served, 60, "b to join, get partitions of a's and serve")
+            wait_until(lambda: shared() and b.served, 120, "b to join, get partitions of a's and serve")
             assert not a.feed.held & b.feed.held
         finally:
             b.leave()
-        wait_until(lambda: len(a.feed.held) == 3, 60, "a to hold every partition again")
+        wait_until(lambda: len(a.feed.held) == 3, 120, "a to hold every partition again")
         served_from = len(a.served)
         a.paused.clear()
-        wait_until(lambda: set(a.served[served_from:]) == {f"p{i}" for i in range(12)}, 60, "a to serve all")
+        wait_until(lambda: set(a.served[served_from:]) == {f"p{i}" for i in range(12)}, 120, "a to serve all")
     finally:
         a.leave()
 

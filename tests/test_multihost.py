@@ -19,7 +19,8 @@ def test_a_job_spread_over_six_hosts_survives_losing_a_searcher_host(tmp_path):
     for name, searcher in result["searchers"].items():
         assert searcher["versions"] >= 2, (name, searcher)  # through gRPC, bytes counted on the wire
         assert searcher["wire_bytes"] > 0 and searcher["shared_memory"] == 0, (name, searcher)
-        assert result["newest_version_by_searcher"][name] >= 1, result  # it generated with a received version
+    # searcher-0 generated with a version it received (searcher-1 may be killed before its next batch does)
+    assert result["newest_version_by_searcher"]["searcher-0"] >= 1, result
     assert result["lost"] == 0, result
     assert result["acked"]["searcher-0"] == result["raw_by_searcher"]["searcher-0"], result  # stopped cleanly
     assert result["duplicates_in_raw"] == 0 and result["routed_twice"] == 0, result
