@@ -20,7 +20,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -29,17 +28,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kafka import TopicPartition  # noqa: E402
 
 from ops import kafka_clients  # noqa: E402
-from ops.broker import job_broker  # noqa: E402
 from ops.config import TbaConfig, with_overrides  # noqa: E402
 from ops.schema_store import KafkaSchemaStore  # noqa: E402
-from ops.topics import read_topic, topic_names  # noqa: E402
+from ops.topics import read_topic, topic_names, topic_partitions  # noqa: E402
 from policy.tasks.prompts import decode_problem  # noqa: E402
 from schemas.records import TrajectoryCodec  # noqa: E402
 from tba.supervisor import Supervisor  # noqa: E402
-from tests.fault_injection import job_config  # noqa: E402
+from tests.fault_injection import tiny_job  # noqa: E402
 
 ACKED_LINE = re.compile(r"searcher \d+: (\d+) groups at policy version")
 
@@ -58,7 +55,7 @@ class RawWatch:
         codec = TrajectoryCodec(KafkaSchemaStore(self.cfg))
         raw = topic_names(self.cfg).raw
         consumer = kafka_clients.consumer(self.cfg)
-        consumer.assign([TopicPartition(raw, p) for p in sorted(consumer.partitions_for_topic(raw))])
+        consumer.assign(topic_partitions(self.cfg, consumer, raw))
         while not self.stop.is_set():
             for records in consumer.poll(timeout_ms=500).values():
                 groups = [(r.timestamp / 1000, codec.decode(r.value)) for r in records]
@@ -153,27 +150,19 @@ def run_elastic(cfg: TbaConfig, phase_timeout_s: float) -> dict:
 
 def main() -> None:
     from bench.results import write_results
-    from tests.tiny_models import saved_tiny_llama
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase-timeout-s", type=float, default=180.0)
     parser.add_argument("--out", default=str(ROOT / "bench/results/elastic.json"))
     parser.add_argument("--keep", default=None, help="Keep the job's directory (logs, run dir, broker data) here.")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.keep:
-            tmp = args.keep
-            Path(tmp).mkdir(parents=True, exist_ok=True)
-        cfg = job_config(Path(tmp), saved_tiny_llama(Path(tmp) / "model"))
+    with tiny_job(args.keep) as cfg:
         cfg = with_overrides(cfg, kafka={"namespace": "elastic"}, topics={"partitions": 4}, run={"filters": 1},
                              searcher={"searchers": 2}, task={"train_size": 24},
                              # a version every ~3 s, not every step (~8 a second with the tiny model): searchers
                              # then keep within max_policy_lag rather than pausing, and a new one serves at once
                              trainer={"sync_every": 20})  # fmt: skip
-        try:
-            result = run_elastic(cfg, args.phase_timeout_s)
-        finally:
-            job_broker(cfg).stop()
+        result = run_elastic(cfg, args.phase_timeout_s)
     write_results(args.out, result)
 
 

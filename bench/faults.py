@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ops.broker import job_broker  # noqa: E402
-from tests.fault_injection import job_config, run_faults  # noqa: E402
+from tests.fault_injection import run_faults, tiny_job  # noqa: E402
 
 
 def main() -> None:
     from bench.results import write_results
-    from tests.tiny_models import saved_tiny_llama
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20)
@@ -35,15 +32,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench/results/faults.json"))
     parser.add_argument("--keep", default=None, help="Keep the job's directory (logs, run dir, broker data) here.")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.keep:
-            tmp = args.keep
-            Path(tmp).mkdir(parents=True, exist_ok=True)
-        cfg = job_config(Path(tmp), saved_tiny_llama(Path(tmp) / "model"))
-        try:
-            result = run_faults(cfg, args.kills, args.interval_s)
-        finally:
-            job_broker(cfg).stop()
+    with tiny_job(args.keep) as cfg:
+        result = run_faults(cfg, args.kills, args.interval_s)
     write_results(args.out, result)
 
 

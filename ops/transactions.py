@@ -22,7 +22,7 @@ from kafka.errors import TransactionalIdNotFoundError
 
 from ops import kafka_clients
 from ops.config import TbaConfig
-from ops.topics import topic_names
+from ops.topics import filter_group, topic_names
 
 log = logging.getLogger(__name__)
 OFFSETS_TOPIC = "__consumer_offsets"
@@ -60,7 +60,7 @@ def job_partitions(cfg: TbaConfig, admin: KafkaAdminClient) -> list[TopicPartiti
     for meta in admin.describe_topics([names.curated, names.dlq, OFFSETS_TOPIC]):
         indexes = [p["partition_index"] for p in meta["partitions"]]
         if meta["name"] == OFFSETS_TOPIC:
-            indexes = [offsets_partition(f"{cfg.kafka.namespace}.{cfg.filter.group}", len(indexes))] if indexes else []
+            indexes = [offsets_partition(filter_group(cfg), len(indexes))] if indexes else []
         parts += [TopicPartition(meta["name"], i) for i in indexes]
     return parts
 

@@ -25,7 +25,7 @@ from kafka.structs import OffsetAndMetadata
 from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import BrokerError
-from ops.topics import prompts_seed_id, searcher_group, topic_names
+from ops.topics import prompts_seed_id, searcher_group, topic_names, topic_partitions
 from policy.tasks import Problem
 from policy.tasks.prompts import decode_problem, encode_problem
 
@@ -50,7 +50,7 @@ def has_prompts(cfg: TbaConfig) -> bool:
     topic = topic_names(cfg).prompts
     consumer = kafka_clients.consumer(cfg)
     try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        parts = topic_partitions(cfg, consumer, topic)
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
         end = consumer.end_offsets(parts)

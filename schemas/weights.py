@@ -17,7 +17,6 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -54,14 +53,14 @@ class WeightVersion:
     known_digests: tuple[bytes, ...] | None = None  # when the sender's were checked on arrival
     _hashing: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    @cached_property
+    @property
     def digests(self) -> tuple[bytes, ...]:
         """sha256 of each tensor's bytes, computed once, on first need (the stream path, announcements):
         a version shared through memory on its own host is released before it is hashed."""
         with self._hashing:
             if self.known_digests is None:
                 object.__setattr__(self, "known_digests", _digests(self.tensors, self.buffer))
-            return self.known_digests
+        return self.known_digests
 
     @property
     def sha256(self) -> bytes:

@@ -5,24 +5,22 @@ from __future__ import annotations
 import contextlib
 from collections import Counter, defaultdict
 
-from kafka import TopicPartition
-
 from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import DecodeError
 from ops.schema_store import KafkaSchemaStore
-from ops.topics import describe_topics, read_topic, topic_names
+from ops.topics import describe_topics, filter_group, read_topic, topic_names, topic_partitions
 from schemas.records import DeadLetterCodec, PolicyVersionCodec, TrajectoryCodec
 
 
 def filter_lag(cfg: TbaConfig) -> dict[str, int]:
     """Per raw partition: records the filter group has not committed yet."""
-    group = f"{cfg.kafka.namespace}.{cfg.filter.group}"
+    group = filter_group(cfg)
     raw = topic_names(cfg).raw
     admin = kafka_clients.admin(cfg)
     consumer = kafka_clients.consumer(cfg)
     try:
-        parts = [TopicPartition(raw, p) for p in sorted(consumer.partitions_for_topic(raw) or ())]
+        parts = topic_partitions(cfg, consumer, raw)
         ends = consumer.end_offsets(parts)
         committed = admin.list_group_offsets({group: parts}).get(group, {})
         return {

@@ -7,15 +7,18 @@ from __future__ import annotations
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ops import kafka_clients
-from ops.broker import free_port
+from ops.broker import free_port, job_broker
 from ops.config import TbaConfig, load_config
 from ops.metrics import metric_rows
 from ops.schema_store import KafkaSchemaStore
@@ -46,6 +49,22 @@ def job_config(tmp: Path, model: str) -> TbaConfig:
         weights={"port": free_port(), "subscription_s": 10},
         run={"filters": 2, "metrics_port": 0, "restart_initial_s": 0.5, "restart_max_s": 4, "max_restarts": 1000},
     )  # fmt: skip
+
+
+@contextmanager
+def tiny_job(keep: str | None = None) -> Iterator[TbaConfig]:
+    """job_config with a saved tiny model, in a temporary directory (or `keep`, to read its logs after);
+    the job's broker is stopped on the way out."""
+    from tests.tiny_models import saved_tiny_llama
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(keep or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        cfg = job_config(root, saved_tiny_llama(root / "model"))
+        try:
+            yield cfg
+        finally:
+            job_broker(cfg).stop()
 
 
 class Load:

@@ -10,7 +10,6 @@ did not read faster, so there is one; ReplayBuffer.prefetch hides the reading be
 
 from __future__ import annotations
 
-import logging
 import threading
 
 from kafka import TopicPartition
@@ -19,7 +18,6 @@ from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import TbaError
 
-log = logging.getLogger(__name__)
 READ_BACK_BYTES = 64 * 1024  # per partition and request: a record batch or a few, not megabytes of neighbours
 
 

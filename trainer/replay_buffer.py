@@ -243,7 +243,10 @@ class ReplayBuffer:
 
     def fetch(self, idxs) -> dict[int, TrajectoryGroup]:
         """Read groups back from Kafka by offset, all at once; those Kafka no longer holds leave the index."""
-        return self._fetched({(int(self.partition.values[i]), int(self.offset.values[i])): i for i in idxs})
+        return self._fetched(self._locations(idxs))
+
+    def _locations(self, idxs) -> dict[tuple[int, int], int]:
+        return {(int(self.partition.values[i]), int(self.offset.values[i])): i for i in idxs}
 
     def _fetched(self, rows: dict[tuple[int, int], int]) -> dict[int, TrajectoryGroup]:
         """rows: (partition, offset) -> index row, located by the caller (a prefetch's thread reads no column)."""
@@ -278,10 +281,9 @@ class ReplayBuffer:
         draws = self.draw(num_prompts, k)
         with self._cache_lock:
             missing = {g for d in draws for g in d.groups if g not in self._cache}
-        rows = {(int(self.partition.values[i]), int(self.offset.values[i])): i for i in missing}
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-        return PendingBatch(self, draws, k, self._prefetcher.submit(self._fetched, rows))
+        return PendingBatch(self, draws, k, self._prefetcher.submit(self._fetched, self._locations(missing)))
 
     def draw(self, num_prompts: int, k: int) -> list[Draw]:
         """Which prompts and which of their samples a step trains on, from the index alone."""
@@ -295,9 +297,10 @@ class ReplayBuffer:
             pid = self._pick(pool, taken)
             taken.add(pid)
             chosen.append((pid, on_policy))
-        return [self._draw(pid, on_policy, k) for pid, on_policy in chosen]
+        # a prompt none of whose groups can be read any more is left out
+        return [d for d in (self._draw(pid, on_policy, k) for pid, on_policy in chosen) if d is not None]
 
-    def read(self, draws: list[Draw | None], k: int, decoded=None) -> list[SampledPrompt]:
+    def read(self, draws: list[Draw], k: int, decoded=None) -> list[SampledPrompt]:
         """The drawn samples, decoded. Every group the step needs is read back at once; one found gone from
         Kafka (now unreadable) has its prompt drawn again without it, and a prompt none of whose groups can
         be read is left out."""
@@ -385,7 +388,7 @@ class PendingBatch:
     """A batch drawn ahead, its groups being read back (ReplayBuffer.prefetch)."""
 
     buffer: ReplayBuffer
-    draws: list[Draw | None]
+    draws: list[Draw]
     k: int
     reading: Future
 
