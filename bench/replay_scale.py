@@ -6,7 +6,9 @@ sampling from it, for 10^4, 10^5 and 10^6 groups.
 Per size: synthetic groups written to curated (8 samples of up to 64 tokens; 2 samples of up to 16
 tokens for 10^6, to keep the topic near 1 GB), then `CuratedFeed.fill()` from the start
 (`fill_groups_s`), `ReplayBuffer.sample()` with the default cache of decoded groups for 4, 16 and 64
-prompts (`sample_ms_b*`, the median of 5 draws), and the index's memory per million groups. On the
+prompts (`sample_ms_b*`, the median of 5 draws; evicted groups come from the spill file, and side by side
+from Kafka alone: `sample_ms_b64_from_kafka`), and the index's memory per million groups (the spill
+file's positions included). On the
 largest history, 50 training steps of a tiny model at 64 prompts a step: the trainer's wait fraction
 (time waiting for batches / time of the steps), with prefetch (as the trainer runs) and without.
 """
@@ -128,6 +130,12 @@ def main() -> None:
                        "index_mb_per_million_groups": round(buffer.index_nbytes() / len(buffer), 1)}  # fmt: skip
                 for b in (4, 16, 64):
                     row[f"sample_ms_b{b}"] = round(sample_ms(buffer, b, samples), 1)
+                # side by side: the same index without the spill file, every evicted group read from Kafka
+                from_kafka = ReplayBuffer(with_overrides(cfg, buffer={"spill_gb": 0}), store)
+                from_kafka.restore(buffer.state())
+                row["sample_ms_b64_from_kafka"] = round(sample_ms(from_kafka, 64, samples), 1)
+                from_kafka.close()
+                row["spill_file_mb"] = round(buffer._reader.spill.size / 2**20, 1)
                 if n == max(args.sizes):
                     row["trainer_wait_fraction_no_prefetch"] = round(wait_fraction(cfg, buffer, samples, False), 3)
                     row["trainer_wait_fraction"] = round(wait_fraction(cfg, buffer, samples, True), 3)
@@ -141,6 +149,7 @@ def main() -> None:
         "largest": max(args.sizes),
         "fill_groups_s_1m": largest["fill_groups_s"],
         "sample_ms_b64_1m": largest["sample_ms_b64"],
+        "sample_ms_b64_1m_from_kafka": largest["sample_ms_b64_from_kafka"],
         "trainer_wait_fraction_1m": largest["trainer_wait_fraction"],
         "index_mb_per_million_groups": largest["index_mb_per_million_groups"],
         "cache_groups": base.buffer.cache_groups,

@@ -110,10 +110,11 @@ def test_reward_temperature_prioritises_high_reward(cfg, store, rng):
     assert np.mean(rewards) == 1.0
 
 
-def test_evicted_groups_are_read_back_from_kafka_by_offset(cfg, store, rng):
+@pytest.mark.parametrize("spill_gb", [0, 1], ids=["from-kafka", "from-the-spill-file"])
+def test_evicted_groups_are_read_back_by_offset(cfg, store, rng, spill_gb):
     groups = [synthetic_group(rng, i, samples=3) for i in range(50)]
     publish_curated(cfg, store, groups)
-    cfg = with_overrides(cfg, buffer={"cache_groups": 5})
+    cfg = with_overrides(cfg, buffer={"cache_groups": 5, "spill_gb": spill_gb})
     buffer = filled(cfg, store)
     assert len(buffer) == 50 and len(buffer._cache) == 5
     by_id = {g.group_id: g for g in groups}
@@ -122,6 +123,7 @@ def test_evicted_groups_are_read_back_from_kafka_by_offset(cfg, store, rng):
         original = by_id[back.group_id]
         assert np.array_equal(back.samples[2].logprobs, original.samples[2].logprobs)
     assert buffer.index_nbytes() > 0
+    assert (buffer._reader._consumer is None) == bool(spill_gb)  # the spill file served every read
     buffer.close()
 
 
@@ -149,16 +151,13 @@ def test_a_step_reads_its_evicted_groups_back_together_and_samples_as_if_all_wer
     groups = [synthetic_group(rng, i % 30, samples=4) for i in range(120)]  # 30 prompts, 4 groups each
     publish_curated(cfg, store, groups)
     cached = filled(with_overrides(cfg, buffer={"cache_groups": 1000}), store)
-    evicting = filled(with_overrides(cfg, buffer={"cache_groups": 0}), store)  # every group read back
-    evicting.fetch([0])  # the reader's consumer exists from here
-    polls, poll = [], evicting._reader._consumer.poll
-    evicting._reader._consumer.poll = lambda **kw: polls.append(1) or poll(**kw)
+    # every group read back, from Kafka
+    evicting = filled(with_overrides(cfg, buffer={"cache_groups": 0, "spill_gb": 0}), store)
     wanted, read = [], evicting._reader.read
     evicting._reader.read = lambda rows: wanted.append(len(rows)) or read(rows)
     for _ in range(3):  # same seed, same draws: the same distribution
         assert same_batches(cached.sample(16, 4), evicting.sample(16, 4))
     assert len(wanted) == 3  # one read-back per step, for all its prompts
-    assert len(polls) < sum(wanted)  # fewer requests than groups: each asks every partition at once
     cached.close()
     evicting.close()
 
@@ -189,7 +188,8 @@ def test_groups_that_retention_removed_are_dropped_with_a_warning_and_sampling_g
 
     groups = [synthetic_group(rng, i % 12, samples=4) for i in range(72)]  # 12 prompts, 6 groups each
     publish_curated(cfg, store, groups)
-    buffer = filled(with_overrides(cfg, buffer={"cache_groups": 0}), store)  # every draw reads Kafka
+    # every draw reads Kafka
+    buffer = filled(with_overrides(cfg, buffer={"cache_groups": 0, "spill_gb": 0}), store)
     topic = topic_names(cfg).curated
     ends = dict(buffer.next_offsets)
     admin = kafka_clients.admin(cfg)
@@ -211,3 +211,32 @@ def test_groups_that_retention_removed_are_dropped_with_a_warning_and_sampling_g
     finally:
         admin.close()
         buffer.close()
+
+
+def test_the_spill_file_serves_what_retention_removed_and_what_kafka_served_once(cfg, store, rng):
+    from kafka import TopicPartition
+
+    from ops import kafka_clients
+
+    groups = [synthetic_group(rng, i % 12, samples=4) for i in range(72)]
+    publish_curated(cfg, store, groups)
+    kept = filled(with_overrides(cfg, buffer={"cache_groups": 0}), store)  # kept in the spill as read
+    indexed = ReplayBuffer(with_overrides(cfg, buffer={"cache_groups": 0}), store)  # indexed, nothing kept
+    for i in range(len(kept)):
+        indexed.add(int(kept.partition.values[i]), int(kept.offset.values[i]), 0, kept.group(i))
+    indexed.fetch(range(len(indexed)))  # read back from Kafka once, kept from then on
+    assert indexed._reader._consumer is not None
+    ends = dict(kept.next_offsets)
+    admin = kafka_clients.admin(cfg)
+    try:
+        admin.delete_records({TopicPartition(topic_names(cfg).curated, p): end for p, end in ends.items()})
+        for buffer in (kept, indexed):
+            for _ in range(3):
+                batch = buffer.sample(12, 4)
+                assert len(batch) == 12 and all(len(x.samples) == 4 for x in batch)
+            assert not buffer.unreadable
+        assert kept._reader._consumer is None  # Kafka never asked
+    finally:
+        admin.close()
+        kept.close()
+        indexed.close()

@@ -1,24 +1,26 @@
-"""GroupReader: curated records read back from Kafka by (partition, offset), for the replay buffer's
-groups that are no longer decoded in memory.
+"""GroupReader: curated records read back by (partition, offset), for the replay buffer's groups that are
+no longer decoded in memory: from the SpillFile of records already read when they are there, else Kafka.
 
-A Kafka fetch asks each partition for one position, so one request asks every partition that still
-owes records for its next one, and a batch costs as many round trips as the most records one partition
-owes. A round trip's cost here is Python decoding the record batches the broker returns (measured:
-~7 ms, 100-400 records parsed for each one wanted), not waiting: more consumers in parallel threads
-did not read faster, so there is one; ReplayBuffer.prefetch hides the reading behind a training step.
+From Kafka: a fetch asks each partition for one position, so every partition that owes records is
+sought at its next one and they are fetched together; records are taken one at a time, so the rest of a
+fetched batch is never decoded (decoding neighbours was most of a read's cost). Each record still costs a
+fetch (~4 ms here), which is why the spill file exists; more consumers in parallel threads did not read
+faster. ReplayBuffer.prefetch hides what reading is left behind a training step.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 from kafka import TopicPartition
 
 from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import TbaError
+from trainer.spill_file import SpillFile
 
-READ_BACK_BYTES = 64 * 1024  # per partition and request: a record batch or a few, not megabytes of neighbours
+READ_BACK_BYTES = 256 * 1024  # per partition and request: a record batch or a few, not megabytes of neighbours
 
 
 class GroupReader:
@@ -27,55 +29,86 @@ class GroupReader:
         self.topic = topic
         self._consumer = None
         self._lock = threading.Lock()  # a prefetch reads on its own thread; a consumer serves one at a time
+        spill_bytes = int(cfg.buffer.spill_gb * 2**30)
+        self.spill = SpillFile(cfg.buffer.spill_dir, spill_bytes) if spill_bytes else None
+
+    def keep(self, partition: int, offset: int, value: bytes) -> None:
+        """A record just read from Kafka, kept to be read back from the spill file."""
+        if self.spill is not None:
+            self.spill.keep(partition, offset, value)
 
     def read(self, wanted: list[tuple[int, int]]) -> tuple[dict[tuple[int, int], bytes], list[tuple[int, int]]]:
         """The record values at these (partition, offset)s, and those Kafka no longer holds (retention or
         compaction removed them)."""
-        owed: dict[int, set[int]] = {}
-        for p, o in wanted:
-            owed.setdefault(p, set()).add(o)
+        found: dict[tuple[int, int], bytes] = {}
+        if self.spill is not None:
+            found = {(p, o): v for p, o in wanted if (v := self.spill.get(p, o)) is not None}
+        owed: dict[int, list[int]] = {}
+        for p, o in sorted(set(wanted) - found.keys()):
+            owed.setdefault(p, []).append(o)
+        if not owed:
+            return found, []
         with self._lock:
             if self._consumer is None:  # made on first use: most buffers never read anything back
                 self._consumer = kafka_clients.consumer(self.cfg, max_partition_fetch_bytes=READ_BACK_BYTES)
-            return self._read(owed)
+            read, gone = self._read(owed)
+        for (p, o), value in read.items():
+            self.keep(p, o, value)
+        return found | read, gone
 
-    def _read(self, owed: dict[int, set[int]]):
+    def _read(self, owed: dict[int, list[int]]):
+        """Each partition is sought at its next owed offset as soon as the one before arrives, and kafka-python
+        fetches every partition that has nothing buffered in one request: a partition never waits for the
+        others. Records are taken one at a time because a fetched batch is decoded lazily: the records after
+        the one sought are never parsed (they were most of the cost), unless they are owed too."""
         consumer = self._consumer
         found: dict[tuple[int, int], bytes] = {}
         gone: list[tuple[int, int]] = []
         partitions = {p: TopicPartition(self.topic, p) for p in owed}
+        consumer.assign([partitions[p] for p in owed])
+        for p, offsets in owed.items():
+            consumer.seek(partitions[p], offsets[0])
+        deadline = time.monotonic() + self.cfg.kafka.client_timeout_s
         while owed:
-            consumer.assign([partitions[p] for p in owed])  # only those that still owe records
-            for p, offsets in owed.items():
-                consumer.seek(partitions[p], min(offsets))
-            batch = consumer.poll(timeout_ms=self.cfg.kafka.client_timeout_s * 1000)
-            if not any(batch.get(partitions[p]) for p in owed):
+            batch = consumer.poll(timeout_ms=max(0.0, deadline - time.monotonic()) * 1000, max_records=1)
+            if not batch and time.monotonic() >= deadline:  # nothing came: retention, or no answer (raises)
                 gone += self._expired(owed, partitions)
-            for p, offsets in owed.items():
-                records = batch.get(partitions[p], ())
-                for rec in records:
-                    if rec.offset in offsets:
-                        offsets.discard(rec.offset)
-                        found[(p, rec.offset)] = rec.value
-                # records come in offset order from the one sought: an owed offset they passed over is gone
-                passed = [o for o in offsets if records and o <= records[-1].offset]
-                offsets.difference_update(passed)
-                gone += [(p, o) for o in passed]
-            owed = {p: offsets for p, offsets in owed.items() if offsets}
+                deadline = time.monotonic() + self.cfg.kafka.client_timeout_s
+            for tp, records in batch.items():
+                offsets, rec = owed[tp.partition], records[0]
+                if offsets[0] == rec.offset:
+                    found[(tp.partition, rec.offset)] = rec.value
+                # the first record at or after the offset sought: owed offsets it passed over are gone
+                gone += [(tp.partition, o) for o in offsets if o < rec.offset]
+                offsets[:] = [o for o in offsets if o > rec.offset]
+                if not offsets:
+                    del owed[tp.partition]
+                    if owed:  # unassigned, the rest of its batch is dropped unread
+                        consumer.assign([partitions[p] for p in owed])
+                elif offsets[0] != rec.offset + 1:
+                    consumer.seek(tp, offsets[0])
         return found, gone
 
-    def _expired(self, owed: dict[int, set[int]], partitions) -> list[tuple[int, int]]:
+    def _expired(self, owed: dict[int, list[int]], partitions) -> list[tuple[int, int]]:
         """Nothing came back: what is owed before its partition's beginning is gone (retention); if nothing
-        is, Kafka did not answer, which is an error."""
+        is, Kafka did not answer, which is an error. The rest are sought again."""
         start = self._consumer.beginning_offsets([partitions[p] for p in owed])
         expired = [(p, o) for p, offsets in owed.items() for o in offsets if o < start[partitions[p]]]
         if not expired:
-            raise TbaError(f"{self.topic} offsets { ({p: sorted(o) for p, o in owed.items()}) } could not be read back")
-        for p, o in expired:
-            owed[p].discard(o)
+            raise TbaError(f"{self.topic} offsets { ({p: o for p, o in owed.items()}) } could not be read back")
+        for p in list(owed):
+            owed[p] = [o for o in owed[p] if o >= start[partitions[p]]]
+            if not owed[p]:
+                del owed[p]
+        if owed:
+            self._consumer.assign([partitions[p] for p in owed])
+            for p, offsets in owed.items():
+                self._consumer.seek(partitions[p], offsets[0])
         return expired
 
     def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
         with self._lock:
             if self._consumer is not None:
                 self._consumer.close()

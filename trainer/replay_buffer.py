@@ -5,9 +5,10 @@ timestamp, first sample, previous group of the same prompt) and one row per samp
 content hash): 40 + 12*K bytes a group (136 for K = 8), and up to a quarter more while a column
 waits to grow: a million 8-sample groups measured 155 MB (bench/results/dataplane.json). A prompt's
 groups form a linked list from its newest group backwards, so no per-prompt Python containers.
-Decoded groups live in a bounded LRU cache; an evicted group is read back from Kafka by its offset
-(trainer/read_back.py): the topic is the storage. prefetch() draws the next step's batch and reads its
-groups back on another thread while the current step trains.
+Decoded groups live in a bounded LRU cache; an evicted group is read back by its offset
+(trainer/read_back.py): from a local spill file of the records read, else from Kafka, the topic being
+the storage. prefetch() draws the next step's batch and reads its groups back on another thread while
+the current step trains.
 
 Sampling (TBA): with probability m a prompt that has groups from the newest policy version, drawing
 only from those; otherwise any buffered prompt, drawing from its newest `per_prompt_cap` samples.
@@ -32,39 +33,10 @@ from ops.schema_store import KafkaSchemaStore
 from ops.topics import topic_names
 from schemas.codec import SchemaStore
 from schemas.records import Sample, TrajectoryCodec, TrajectoryGroup
+from trainer.columns import Column
 from trainer.read_back import GroupReader
 
 log = logging.getLogger(__name__)
-
-
-class Column:
-    """An append-only numpy array that doubles its capacity as it grows."""
-
-    def __init__(self, dtype, capacity: int = 1024):
-        self._data = np.empty(capacity, dtype)
-        self.size = 0
-
-    def extend(self, values) -> None:
-        values = np.asarray(values, self._data.dtype).ravel()
-        end = self.size + values.size
-        if end > self._data.size:
-            # grow by 1.25x, not 2x: the index is the buffer's memory, slack included
-            grown = np.empty(max(end, self._data.size + self._data.size // 4), self._data.dtype)
-            grown[: self.size] = self._data[: self.size]
-            self._data = grown
-        self._data[self.size : end] = values
-        self.size = end
-
-    def append(self, value) -> None:
-        self.extend((value,))
-
-    @property
-    def values(self) -> np.ndarray:
-        return self._data[: self.size]
-
-    @property
-    def nbytes(self) -> int:
-        return self._data.nbytes
 
 
 @dataclass
@@ -133,8 +105,9 @@ class ReplayBuffer:
         return len(self._prompt_names)
 
     def index_nbytes(self) -> int:
-        """Memory of the index columns (the cache of decoded groups excluded)."""
-        return sum(getattr(self, name).nbytes for name in self._COLUMNS) + self._newest_group.nbytes
+        """Memory of the index columns and the spill file's positions (the cache of decoded groups excluded)."""
+        spill = self._reader.spill.nbytes if self._reader.spill else 0
+        return sum(getattr(self, name).nbytes for name in self._COLUMNS) + self._newest_group.nbytes + spill
 
     _COLUMNS = (
         "partition",
@@ -232,7 +205,9 @@ class ReplayBuffer:
                 self.rejected += 1
                 self.reject(rec, reason)
                 continue
-            added += self.add(rec.partition, rec.offset, rec.timestamp, group)
+            if self.add(rec.partition, rec.offset, rec.timestamp, group):
+                self._reader.keep(rec.partition, rec.offset, rec.value)
+                added += 1
         return added
 
     # -- reading groups back ----------------------------------------------------------------------
@@ -291,10 +266,11 @@ class ReplayBuffer:
             return []
         chosen: list[tuple[int, bool]] = []
         taken: set[int] = set()
+        newest = sorted(self._newest_prompts)  # once a draw: a sort a prompt was most of a draw's time
         for _ in range(min(num_prompts, self.num_prompts)):
-            on_policy = bool(self.rng.random() < self.cfg.on_policy_prob) and bool(self._newest_prompts - taken)
-            pool = sorted(self._newest_prompts - taken) if on_policy else None
-            pid = self._pick(pool, taken)
+            left = len(newest) > len(taken & self._newest_prompts)
+            on_policy = bool(self.rng.random() < self.cfg.on_policy_prob) and left
+            pid = self._pick(newest if on_policy else None, taken)
             taken.add(pid)
             chosen.append((pid, on_policy))
         # a prompt none of whose groups can be read any more is left out
@@ -313,10 +289,9 @@ class ReplayBuffer:
             draws = [d if d.groups <= decoded.keys() else self._draw(d.pid, d.on_policy, k) for d in draws]
 
     def _pick(self, pool: list[int] | None, taken: set[int]) -> int:
-        if pool:
-            return pool[self.rng.integers(len(pool))]
-        while True:  # any buffered prompt; rejection is cheap while few are taken
-            pid = int(self.rng.integers(self.num_prompts))
+        """Uniform over the pool (None: every buffered prompt) less those taken, of which one is left."""
+        while True:  # rejection: a step takes few prompts of many
+            pid = int(pool[self.rng.integers(len(pool))]) if pool else int(self.rng.integers(self.num_prompts))
             if pid not in taken:
                 return pid
 
