@@ -181,7 +181,7 @@ def measure_index(n: int) -> dict:
         for s in template.samples:  # fresh content hashes without generating new groups
             s.token_ids = s.token_ids.copy()
             s.token_ids[0] = i
-        buffer.add(i % 4, i // 4, i, template)
+        buffer.add(i % 4, i // 4, template)
     used = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     return {

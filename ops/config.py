@@ -114,7 +114,7 @@ class BufferConfig(Section):
     cache_groups: int = Field(10_000, ge=0)  # decoded groups kept in memory
     # evicted groups are read back from a local file of the records read (Kafka when not in it): a disk
     # read instead of a fetch; 0 turns it off. The file is unlinked, in spill_dir or the system's temp dir
-    spill_gb: float = Field(50.0, ge=0)
+    spill_gb: float = Field(50.0, ge=0, le=64)
     spill_dir: str | None = None
     samples_per_prompt: int = Field(8, ge=1)  # K
     # draw the next step's batch as a step starts and read its groups back from Kafka while it trains

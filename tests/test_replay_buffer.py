@@ -72,7 +72,7 @@ def test_on_policy_fraction_is_m(cfg, store, rng):
     buffer = ReplayBuffer(cfg, store, seed=7)
     for i in range(300):
         version = 5 if i >= 280 else i % 5  # only 20 groups come from the newest policy
-        buffer.add(0, i, i, synthetic_group(rng, i, samples=4, policy_version=version))
+        buffer.add(0, i, synthetic_group(rng, i, samples=4, policy_version=version))
     draws = [sp for _ in range(3000) for sp in buffer.sample(1)]
     on_policy = np.mean([sp.on_policy for sp in draws])
     assert abs(on_policy - 0.7) < 0.03
@@ -86,14 +86,14 @@ def test_per_prompt_cap_keeps_the_newest_samples_and_duplicates_are_removed(cfg,
     cfg = with_overrides(cfg, buffer={"per_prompt_cap": 20, "on_policy_prob": 0.0, "samples_per_prompt": 20})
     buffer = ReplayBuffer(cfg, store)
     for v in range(10):  # ten groups of 8 for one prompt: the newest 20 samples span versions 7-9
-        buffer.add(0, v, v, synthetic_group(rng, 1, samples=8, policy_version=v))
+        buffer.add(0, v, synthetic_group(rng, 1, samples=8, policy_version=v))
     (sp,) = buffer.sample(1)
     assert set(sp.policy_versions) <= {7, 8, 9} and 9 in sp.policy_versions
     assert len({s.digest() for s in sp.samples}) == 20  # 20 distinct from a pool of exactly 20
 
     dup = synthetic_group(rng, 2, samples=6)
     dup.samples = [dup.samples[0]] * 3 + dup.samples[3:]  # three copies of one completion
-    buffer.add(0, 10, 10, dup)
+    buffer.add(0, 10, dup)
     for _ in range(10):  # both prompts, 4 samples each: the duplicated prompt's pool is exactly 4 distinct
         (picked,) = [sp for sp in buffer.sample(2, k=4) if sp.prompt_id == "arith-2"]
         assert len({s.digest() for s in picked.samples}) == 4
@@ -105,7 +105,7 @@ def test_reward_temperature_prioritises_high_reward(cfg, store, rng):
     g = synthetic_group(rng, 3, samples=12)
     for j, s in enumerate(g.samples):
         s.reward = 1.0 if j < 4 else 0.0
-    buffer.add(0, 0, 0, g)
+    buffer.add(0, 0, g)
     rewards = [s.reward for _ in range(50) for s in buffer.sample(1)[0].samples]
     assert np.mean(rewards) == 1.0
 
@@ -176,6 +176,7 @@ def test_a_prefetched_batch_is_the_one_sample_draws_and_is_read_on_another_threa
         batch = pending.result()
         pending = ahead.prefetch(16, 4)  # the next step's, read while this one would train
         assert same_batches(plain.sample(16, 4), batch)
+    assert same_batches(plain.sample(16, 4), pending.result())  # the fourth, read by now
     assert len(readers) == 4 and all(name.startswith("prefetch") for name in readers)
     plain.close()
     ahead.close()
@@ -223,7 +224,7 @@ def test_the_spill_file_serves_what_retention_removed_and_what_kafka_served_once
     kept = filled(with_overrides(cfg, buffer={"cache_groups": 0}), store)  # kept in the spill as read
     indexed = ReplayBuffer(with_overrides(cfg, buffer={"cache_groups": 0}), store)  # indexed, nothing kept
     for i in range(len(kept)):
-        indexed.add(int(kept.partition.values[i]), int(kept.offset.values[i]), 0, kept.group(i))
+        indexed.add(int(kept.partition.values[i]), int(kept.offset.values[i]), kept.group(i))
     indexed.fetch(range(len(indexed)))  # read back from Kafka once, kept from then on
     assert indexed._reader._consumer is not None
     ends = dict(kept.next_offsets)

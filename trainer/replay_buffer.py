@@ -1,9 +1,10 @@
 """ReplayBuffer: curated groups indexed by Kafka offset, sampled as TBA samples them.
 
 The index is a set of numpy columns, one row per group (partition, offset, prompt, policy version,
-timestamp, first sample, previous group of the same prompt) and one row per sample (reward, 64-bit
-content hash): 40 + 12*K bytes a group (136 for K = 8), and up to a quarter more while a column
-waits to grow: a million 8-sample groups measured 155 MB (bench/results/dataplane.json). A prompt's
+first sample, previous group of the same prompt) and one row per sample (reward as float16, enough to
+weigh a draw; a 32-bit content hash, enough to tell apart a prompt's newest samples): 32 + 6*K bytes
+a group (80 for K = 8), 8 more for its place in the spill file, and up to a quarter more while a
+column waits to grow (bench/results/replay_scale.json). The decoded group has the exact reward. A prompt's
 groups form a linked list from its newest group backwards, so no per-prompt Python containers.
 Decoded groups live in a bounded LRU cache; an evicted group is read back by its offset
 (trainer/read_back.py): from a local spill file of the records read, else from Kafka, the topic being
@@ -37,6 +38,7 @@ from trainer.columns import Column
 from trainer.read_back import GroupReader
 
 log = logging.getLogger(__name__)
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass
@@ -79,12 +81,11 @@ class ReplayBuffer:
         self.offset = Column(np.int64)
         self.prompt = Column(np.int32)
         self.version = Column(np.int32)
-        self.timestamp = Column(np.int64)
         self.first_sample = Column(np.int64)
         self.previous = Column(np.int32)  # previous group of the same prompt, -1 for the first
         # sample columns
-        self.reward = Column(np.float32)
-        self.content = Column(np.uint64)
+        self.reward = Column(np.float16)
+        self.content = Column(np.uint32)
         self._prompt_ids: dict[str, int] = {}
         self._prompt_names: list[str] = []
         self._newest_group = Column(np.int32)  # per prompt: its newest group
@@ -93,6 +94,7 @@ class ReplayBuffer:
         self.next_offsets: dict[int, int] = {}  # partition -> next offset to ingest
         self._cache: OrderedDict[int, TrajectoryGroup] = OrderedDict()
         self._cache_lock = threading.Lock()  # a prefetch fills the cache from its own thread
+        self._index_lock = threading.RLock()  # and draws from the index while the trainer's feed adds to it
         self._reader = GroupReader(cfg, self.topic)
         self._prefetcher: ThreadPoolExecutor | None = None
         self.unreadable: set[int] = set()  # index rows whose records are gone from Kafka: never drawn again
@@ -114,7 +116,6 @@ class ReplayBuffer:
         "offset",
         "prompt",
         "version",
-        "timestamp",
         "first_sample",
         "previous",
         "reward",
@@ -147,34 +148,38 @@ class ReplayBuffer:
 
     # -- ingest ---------------------------------------------------------------------------------
 
-    def add(self, partition: int, offset: int, timestamp_ms: int, group: TrajectoryGroup) -> bool:
+    def add(self, partition: int, offset: int, group: TrajectoryGroup) -> bool:
         """Index one curated group. Returns False (and does nothing) for an offset already ingested."""
-        if offset < self.next_offsets.get(partition, 0):
-            return False
-        self.next_offsets[partition] = offset + 1
-        idx = len(self)
-        pid = self._prompt_ids.get(group.prompt_id)
-        if pid is None:
-            pid = self._prompt_ids[group.prompt_id] = len(self._prompt_names)
-            self._prompt_names.append(group.prompt_id)
-            self._newest_group.append(-1)
-        self.partition.append(partition)
-        self.offset.append(offset)
-        self.prompt.append(pid)
-        self.version.append(group.policy_version)
-        self.timestamp.append(timestamp_ms)
-        self.first_sample.append(self.reward.size)
-        self.previous.append(self._newest_group.values[pid])
-        self._newest_group.values[pid] = idx
-        self.reward.extend([s.reward for s in group.samples])
-        self.content.extend([s.digest() for s in group.samples])
-        if group.policy_version > self.newest_version:
-            self.newest_version = group.policy_version
-            self._newest_prompts = set()
-        if group.policy_version == self.newest_version:
-            self._newest_prompts.add(pid)
-        self._remember(idx, group)
-        return True
+        with self._index_lock:
+            if offset < self.next_offsets.get(partition, 0):
+                return False
+            self.next_offsets[partition] = offset + 1
+            idx = len(self)
+            pid = self._prompt_ids.get(group.prompt_id)
+            if pid is None:
+                pid = self._prompt_ids[group.prompt_id] = len(self._prompt_names)
+                self._prompt_names.append(group.prompt_id)
+                self._newest_group.append(-1)
+            self.partition.append(partition)
+            self.offset.append(offset)
+            self.prompt.append(pid)
+            self.version.append(group.policy_version)
+            self.first_sample.append(self.reward.size)
+            self.previous.append(self._newest_group.values[pid])
+            self._newest_group.values[pid] = idx
+            self.reward.extend(np.clip([s.reward for s in group.samples], -FLOAT16_MAX, FLOAT16_MAX))
+            self.content.extend([s.digest() & 0xFFFF_FFFF for s in group.samples])
+            if group.policy_version > self.newest_version:
+                self.newest_version = group.policy_version
+                self._newest_prompts = set()
+            if group.policy_version == self.newest_version:
+                self._newest_prompts.add(pid)
+            self._remember(idx, group)
+            return True
+
+    def _group_sizes(self, rows: np.ndarray) -> np.ndarray:
+        first, n = self.first_sample.values, len(self)
+        return np.where(rows + 1 < n, first[np.minimum(rows + 1, n - 1)], self.reward.size) - first[rows]
 
     def _group_size(self, idx: int) -> int:
         end = self.first_sample.values[idx + 1] if idx + 1 < len(self) else self.reward.size
@@ -205,7 +210,7 @@ class ReplayBuffer:
                 self.rejected += 1
                 self.reject(rec, reason)
                 continue
-            if self.add(rec.partition, rec.offset, rec.timestamp, group):
+            if self.add(rec.partition, rec.offset, group):
                 self._reader.keep(rec.partition, rec.offset, rec.value)
                 added += 1
         return added
@@ -224,7 +229,7 @@ class ReplayBuffer:
         return {(int(self.partition.values[i]), int(self.offset.values[i])): i for i in idxs}
 
     def _fetched(self, rows: dict[tuple[int, int], int]) -> dict[int, TrajectoryGroup]:
-        """rows: (partition, offset) -> index row, located by the caller (a prefetch's thread reads no column)."""
+        """rows: (partition, offset) -> index row, located by the caller."""
         values, gone = self._reader.read(list(rows))
         found = {}
         for key, value in values.items():
@@ -234,7 +239,8 @@ class ReplayBuffer:
             self._remember(rows[key], group)
         for partition in sorted({p for p, _ in gone}):
             offsets = [o for p, o in gone if p == partition]
-            self.unreadable.update(rows[(partition, o)] for o in offsets)  # never drawn again
+            with self._index_lock:
+                self.unreadable.update(rows[(partition, o)] for o in offsets)  # never drawn again
             log.warning(
                 "%d groups of %s[%d] could not be read back (offsets %d..%d: retention or compaction removed "
                 "them); they are dropped from the replay buffer and training goes on",
@@ -250,31 +256,38 @@ class ReplayBuffer:
         return self.read(self.draw(num_prompts, k), k)
 
     def prefetch(self, num_prompts: int, k: int | None = None) -> PendingBatch:
-        """sample(), drawn now, its groups read back on another thread: call it for the next step before
-        training on this one, and .result() when the next step starts (the same draws as sample())."""
+        """sample(), drawn and read back on another thread: call it for the next step before training on
+        this one, and .result() when the next step starts (the same draws as sample() at this point,
+        unless the feed adds groups while the step trains)."""
         k = k or self.cfg.samples_per_prompt
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        return PendingBatch(self, k, self._prefetcher.submit(self._drawn_and_read, num_prompts, k))
+
+    def _drawn_and_read(self, num_prompts: int, k: int) -> tuple[list[Draw], dict[int, TrajectoryGroup]]:
         draws = self.draw(num_prompts, k)
         with self._cache_lock:
             missing = {g for d in draws for g in d.groups if g not in self._cache}
-        if self._prefetcher is None:
-            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-        return PendingBatch(self, draws, k, self._prefetcher.submit(self._fetched, self._locations(missing)))
+        with self._index_lock:
+            rows = self._locations(missing)
+        return draws, self._fetched(rows)
 
     def draw(self, num_prompts: int, k: int) -> list[Draw]:
         """Which prompts and which of their samples a step trains on, from the index alone."""
-        if len(self) == 0:
-            return []
-        chosen: list[tuple[int, bool]] = []
-        taken: set[int] = set()
-        newest = sorted(self._newest_prompts)  # once a draw: a sort a prompt was most of a draw's time
-        for _ in range(min(num_prompts, self.num_prompts)):
-            left = len(newest) > len(taken & self._newest_prompts)
-            on_policy = bool(self.rng.random() < self.cfg.on_policy_prob) and left
-            pid = self._pick(newest if on_policy else None, taken)
-            taken.add(pid)
-            chosen.append((pid, on_policy))
-        # a prompt none of whose groups can be read any more is left out
-        return [d for d in (self._draw(pid, on_policy, k) for pid, on_policy in chosen) if d is not None]
+        with self._index_lock:
+            if len(self) == 0:
+                return []
+            chosen: list[tuple[int, bool]] = []
+            taken: set[int] = set()
+            newest = sorted(self._newest_prompts)  # once a draw: a sort a prompt was most of a draw's time
+            for _ in range(min(num_prompts, self.num_prompts)):
+                left = len(newest) > len(taken & self._newest_prompts)
+                on_policy = bool(self.rng.random() < self.cfg.on_policy_prob) and left
+                pid = self._pick(newest if on_policy else None, taken)
+                taken.add(pid)
+                chosen.append((pid, on_policy))
+            # a prompt none of whose groups can be read any more is left out
+            return [d for d in (self._draw(pid, on_policy, k) for pid, on_policy in chosen) if d is not None]
 
     def read(self, draws: list[Draw], k: int, decoded=None) -> list[SampledPrompt]:
         """The drawn samples, decoded. Every group the step needs is read back at once; one found gone from
@@ -286,7 +299,8 @@ class ReplayBuffer:
             decoded.update(self._groups(set().union(*(d.groups for d in draws)) - decoded.keys()))
             if all(d.groups <= decoded.keys() for d in draws):
                 return [self._sampled(d, decoded) for d in draws]
-            draws = [d if d.groups <= decoded.keys() else self._draw(d.pid, d.on_policy, k) for d in draws]
+            with self._index_lock:
+                draws = [d if d.groups <= decoded.keys() else self._draw(d.pid, d.on_policy, k) for d in draws]
 
     def _pick(self, pool: list[int] | None, taken: set[int]) -> int:
         """Uniform over the pool (None: every buffered prompt) less those taken, of which one is left."""
@@ -297,30 +311,32 @@ class ReplayBuffer:
 
     def _draw(self, pid: int, on_policy: bool, k: int) -> Draw | None:
         """k of the prompt's samples drawn by reward; None when none of its groups can be read."""
-        refs, rewards, seen = [], [], set()
-        # newest first, so the cap keeps the newest samples and duplicates keep the newest copy
-        for g in self._prompt_groups(pid):
-            if on_policy and self.version.values[g] != self.newest_version:
-                continue
-            start = int(self.first_sample.values[g])
-            for j in range(self._group_size(g)):
-                h = int(self.content.values[start + j])
-                if h in seen:
-                    continue
-                seen.add(h)
-                refs.append((g, j))
-                rewards.append(float(self.reward.values[start + j]))
-                if len(refs) == self.cfg.per_prompt_cap:
-                    break
-            if len(refs) == self.cfg.per_prompt_cap:
+        cap, n, total = self.cfg.per_prompt_cap, len(self), self.reward.size
+        previous, version, first_sample = self.previous.values, self.version.values, self.first_sample.values
+        g, groups, samples = int(self._newest_group.values[pid]), [], []
+        while True:  # newest first, so the cap keeps the newest samples and duplicates keep the newest copy
+            wanted = cap - len(samples)  # duplicates found leave room for older groups
+            while g >= 0 and wanted > 0:  # a linked list, so Python: .item() is its cheapest numpy read
+                if g not in self.unreadable and (not on_policy or version.item(g) == self.newest_version):
+                    groups.append(g)
+                    wanted -= (first_sample.item(g + 1) if g + 1 < n else total) - first_sample.item(g)
+                g = previous.item(g)
+            rows = np.array(groups, np.int64)
+            starts, sizes = first_sample[rows], self._group_sizes(rows)
+            samples = np.repeat(starts - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())  # rows' samples
+            _, first = np.unique(self.content.values[samples], return_index=True)  # the newest copy of each
+            kept = np.sort(first)[:cap]
+            samples, owners = samples[kept], np.repeat(rows, sizes)[kept]
+            if g < 0 or len(samples) == cap:
                 break
-        if not refs:
+        if not len(samples):
             return None
-        logits = self.cfg.reward_inv_temp * np.array(rewards)  # (N,)
+        logits = self.cfg.reward_inv_temp * self.reward.values[samples].astype(np.float64)  # (N,)
         p = np.exp(logits - logits.max())
         p /= p.sum()
-        picks = self.rng.choice(len(refs), size=k, replace=len(refs) < k, p=p)
-        return Draw(pid, on_policy, [refs[i] for i in picks])
+        picks = self.rng.choice(len(samples), size=k, replace=len(samples) < k, p=p)
+        at = samples[picks] - first_sample[owners[picks]]  # the sample's place in its group
+        return Draw(pid, on_policy, list(zip(owners[picks].tolist(), at.tolist(), strict=True)))
 
     def _sampled(self, draw: Draw, decoded: dict[int, TrajectoryGroup]) -> SampledPrompt:
         first = decoded[draw.picked[0][0]]
@@ -332,14 +348,6 @@ class ReplayBuffer:
             policy_versions=[int(self.version.values[g]) for g, _ in draw.picked],
             on_policy=draw.on_policy,
         )
-
-    def _prompt_groups(self, pid: int):
-        """The prompt's groups, newest first."""
-        g = int(self._newest_group.values[pid])
-        while g >= 0:
-            if g not in self.unreadable:
-                yield g
-            g = int(self.previous.values[g])
 
     def _groups(self, idxs: set[int]) -> dict[int, TrajectoryGroup]:
         with self._cache_lock:
@@ -360,15 +368,15 @@ class ReplayBuffer:
 
 @dataclass
 class PendingBatch:
-    """A batch drawn ahead, its groups being read back (ReplayBuffer.prefetch)."""
+    """A batch being drawn and read back (ReplayBuffer.prefetch)."""
 
     buffer: ReplayBuffer
-    draws: list[Draw]
     k: int
     reading: Future
 
     def result(self) -> list[SampledPrompt]:
-        return self.buffer.read(self.draws, self.k, self.reading.result())
+        draws, decoded = self.reading.result()
+        return self.buffer.read(draws, self.k, decoded)
 
 
 def _raise(record, reason: str) -> None:

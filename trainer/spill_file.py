@@ -7,8 +7,9 @@ scattered over the whole history. The file is a cache of the topic, not a second
 record not in it is read from Kafka (and then kept), and it is unlinked as it is made, so nothing outlives
 the process, a kill -9 included.
 
-Layout: each record's value behind a 4-byte length. Per partition, a Column of file positions indexed by
-offset - first offset (-1: not here): 8 bytes an offset, control markers and rejected records included.
+Layout: each record's value behind a 4-byte length, starting on a 16-byte boundary. Per partition, a
+Column of uint32 positions in 16-byte units, plus one (0: not here), indexed by offset - first offset:
+4 bytes an offset, control markers and rejected records included, for files of up to 64 GiB.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from trainer.columns import Column
 
 log = logging.getLogger(__name__)
 LENGTH = struct.Struct("<I")
+ALIGN = 16
+MAX_BYTES = ALIGN * (2**32 - 2)
 
 
 class SpillFile:
     def __init__(self, directory: str | None, max_bytes: int):
         self._file = tempfile.TemporaryFile(dir=directory, prefix="tba-spill-")
-        self.max_bytes = max_bytes
+        self.max_bytes = min(max_bytes, MAX_BYTES)
         self.size = 0
         self.full = False
         self._positions: dict[int, tuple[int, Column]] = {}  # partition -> (its first offset, positions)
@@ -48,28 +51,29 @@ class SpillFile:
                     self.full = True
                 return
             first, positions = self._slots(partition, offset)
-            position = self.size
-            self._file.write(LENGTH.pack(len(value)) + value)
-            self.size += LENGTH.size + len(value)
+            slot = self.size // ALIGN + 1
+            padding = -(LENGTH.size + len(value)) % ALIGN
+            self._file.write(LENGTH.pack(len(value)) + value + bytes(padding))
+            self.size += LENGTH.size + len(value) + padding
             self._unflushed = True
             i = offset - first
             if i >= positions.size:
                 if i > positions.size:  # offsets not kept: markers, rejected records
-                    positions.extend(np.full(i - positions.size, -1))
-                positions.append(position)
+                    positions.extend(np.zeros(i - positions.size))
+                positions.append(slot)
             else:
-                positions.values[i] = position
+                positions.values[i] = slot
 
     def get(self, partition: int, offset: int) -> bytes | None:
         with self._lock:
             first, positions = self._positions.get(partition, (0, None))
             i = offset - first
-            if positions is None or not 0 <= i < positions.size or positions.values[i] < 0:
+            if positions is None or not 0 <= i < positions.size or positions.values[i] == 0:
                 return None
             if self._unflushed:
                 self._file.flush()
                 self._unflushed = False
-            position = int(positions.values[i])
+            position = (int(positions.values[i]) - 1) * ALIGN
         fd = self._file.fileno()
         (length,) = LENGTH.unpack(os.pread(fd, LENGTH.size, position))
         return os.pread(fd, length, position + LENGTH.size)
@@ -77,8 +81,8 @@ class SpillFile:
     def _slots(self, partition: int, offset: int) -> tuple[int, Column]:
         first, positions = self._positions.get(partition, (offset, None))
         if positions is None or offset < first:  # a first record, or one older than any kept (after a restore)
-            older = Column(np.int64)
-            older.extend(np.full(first - offset, -1))
+            older = Column(np.uint32)
+            older.extend(np.zeros(first - offset))
             if positions is not None:
                 older.extend(positions.values)
             first, positions = self._positions[partition] = (offset, older)
