@@ -125,6 +125,7 @@ class WeightSubscriber:
             have_version=held.version if held is not None else -1,
             delta_ok=self.cfg.delta,  # deltas apply to have_version, or to what this call already sent
             host_id=shared_memory.host_id() if self.cfg.shared_memory != "never" else "",
+            xxh3_ok=True,
         )
         self._call = self._stub.Subscribe(request, timeout=self.cfg.subscription_s, metadata=self._metadata)
         assembler, received = None, 0

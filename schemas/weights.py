@@ -51,6 +51,7 @@ class WeightVersion:
     tensors: tuple[TensorSpec, ...]
     buffer: np.ndarray  # (total_bytes,) uint8, never written after the version is sealed
     known_digests: tuple[bytes, ...] | None = None  # when the sender's were checked on arrival
+    known_xxh3: bytes | None = None  # likewise
     _hashing: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -61,6 +62,14 @@ class WeightVersion:
             if self.known_digests is None:
                 object.__setattr__(self, "known_digests", _digests(self.tensors, self.buffer))
         return self.known_digests
+
+    @property
+    def xxh3(self) -> bytes:
+        """xxh3-128 of the whole buffer (every tensor back to back), computed once, on first need."""
+        with self._hashing:
+            if self.known_xxh3 is None:
+                object.__setattr__(self, "known_xxh3", fingerprint(self.buffer))
+        return self.known_xxh3
 
     @property
     def sha256(self) -> bytes:
@@ -174,8 +183,11 @@ class EncodedVersion:
     payloads: tuple[memoryview | bytes, ...]  # per tensor
 
 
-def encode(version: WeightVersion, base: WeightVersion | None = None, zstd_level: int = 1) -> EncodedVersion:
-    """Full encoding, or per-tensor deltas against base where that is smaller."""
+def encode(
+    version: WeightVersion, base: WeightVersion | None = None, zstd_level: int = 1, checksum: str = "sha256"
+) -> EncodedVersion:
+    """Full encoding, or per-tensor deltas against base where that is smaller; the header carries the
+    checksum named (sha256 or xxh3)."""
     base_specs = {t.name: t for t in base.tensors} if base is not None else {}
     compressor = zstandard.ZstdCompressor(level=zstd_level)
     metas, payloads = [], []
@@ -203,12 +215,12 @@ def encode(version: WeightVersion, base: WeightVersion | None = None, zstd_level
             )
         )
         payloads.append(payload)
-    return EncodedVersion(version_header(version, metas, base, with_sha256=True), tuple(payloads))
+    return EncodedVersion(version_header(version, metas, base, checksum), tuple(payloads))
 
 
-def version_header(version: WeightVersion, metas=None, base=None, with_sha256: bool = False) -> pb.VersionHeader:
-    """The header of a version: every tensor RAW unless metas say otherwise; sha256 only if asked (it
-    hashes the whole version the first time)."""
+def version_header(version: WeightVersion, metas=None, base=None, checksum: str = "") -> pb.VersionHeader:
+    """The header of a version: every tensor RAW unless metas say otherwise; a checksum (sha256 or xxh3)
+    only if asked (it hashes the whole version the first time)."""
     if metas is None:
         metas = [pb.TensorMeta(name=t.name, dtype=t.dtype, shape=t.shape, nbytes=t.nbytes) for t in version.tensors]
     return pb.VersionHeader(
@@ -217,7 +229,8 @@ def version_header(version: WeightVersion, metas=None, base=None, with_sha256: b
         wall_time=version.wall_time,
         model_id=version.model_id,
         dtype=version.dtype,
-        sha256=version.sha256 if with_sha256 else b"",
+        sha256=version.sha256 if checksum == "sha256" else b"",
+        xxh3=version.xxh3 if checksum == "xxh3" else b"",
         tensors=metas,
         base_version=base.version if base is not None else -1,
     )
@@ -245,7 +258,7 @@ def verified_mapping(header: pb.VersionHeader, buffer: np.ndarray, xxh3: bytes) 
     if fingerprint(buffer) != xxh3:
         raise ChecksumError(f"version {header.version}: shared-memory bytes do not match their xxh3, rejecting it")
     h = header
-    return WeightVersion(h.version, h.step, h.wall_time, h.model_id, header_specs(header), buffer)
+    return WeightVersion(h.version, h.step, h.wall_time, h.model_id, header_specs(header), buffer, known_xxh3=xxh3)
 
 
 class VersionAssembler:
@@ -254,8 +267,11 @@ class VersionAssembler:
     def __init__(self, header: pb.VersionHeader, base: WeightVersion | None):
         if header.base_version >= 0 and (base is None or base.version != header.base_version):
             raise TbaError(f"delta against version {header.base_version}, which this receiver does not hold")
+        if not header.sha256 and not header.xxh3:
+            raise TbaError(f"version {header.version}: its header carries no checksum (sha256 or xxh3)")
         self.header = header
         self.base = base
+        self.by_sha256 = bool(header.sha256)  # else xxh3: one pass over the buffer at the end
         self.specs = specs = header_specs(header)
         self.buffer = allocate(sum(t.nbytes for t in specs))
         self._pending: dict[int, bytearray] = {}  # compressed deltas being received
@@ -267,10 +283,11 @@ class VersionAssembler:
         for i, meta in enumerate(header.tensors):
             if meta.encoding == Encoding.UNCHANGED:
                 self._slot(i)[:] = base.tensor_bytes(base_specs[meta.name])
-                self._digests[i] = base.digests[base_index[meta.name]]
+                if self.by_sha256:
+                    self._digests[i] = base.digests[base_index[meta.name]]
             elif meta.wire_nbytes == 0 and meta.nbytes > 0:
                 raise TbaError(f"tensor {meta.name}: no bytes announced for a non-empty tensor")
-            elif meta.nbytes == 0:
+            elif meta.nbytes == 0 and self.by_sha256:
                 self._digests[i] = tensor_digest(self._slot(i))
         self._base_specs = base_specs
 
@@ -300,14 +317,19 @@ class VersionAssembler:
                 xor = zstandard.ZstdDecompressor().decompress(bytes(self._pending.pop(i)), max_output_size=meta.nbytes)
                 before = self.base.tensor_bytes(self._base_specs[meta.name])
                 np.bitwise_xor(before, np.frombuffer(xor, np.uint8), out=self._slot(i))
-            # hashed on another thread while the next chunks arrive (hashlib releases the GIL)
-            self._digests[i] = _HASHERS.submit(tensor_digest, self._slot(i))
+            if self.by_sha256:  # hashed on another thread while the next chunks arrive (hashlib releases the GIL)
+                self._digests[i] = _HASHERS.submit(tensor_digest, self._slot(i))
             self._remaining -= 1
         return len(data)
 
     def finish(self) -> WeightVersion:
         """The version, if its checksum matches; ChecksumError otherwise."""
         h = self.header
+        if not self.by_sha256:
+            if fingerprint(self.buffer) != h.xxh3:
+                raise ChecksumError(f"version {h.version}: xxh3 mismatch, rejecting it")
+            self.buffer.flags.writeable = False
+            return WeightVersion(h.version, h.step, h.wall_time, h.model_id, self.specs, self.buffer, known_xxh3=h.xxh3)
         digests = tuple(d if isinstance(d, bytes) else d.result() for d in self._digests)
         if version_digest(digests) != h.sha256:
             raise ChecksumError(f"version {h.version}: sha256 mismatch, rejecting it")

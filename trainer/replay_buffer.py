@@ -167,7 +167,7 @@ class ReplayBuffer:
             self.first_sample.append(self.reward.size)
             self.previous.append(self._newest_group.values[pid])
             self._newest_group.values[pid] = idx
-            self.reward.extend(np.clip([s.reward for s in group.samples], -FLOAT16_MAX, FLOAT16_MAX))
+            self.reward.extend([min(max(s.reward, -FLOAT16_MAX), FLOAT16_MAX) for s in group.samples])
             self.content.extend([s.digest() & 0xFFFF_FFFF for s in group.samples])
             if group.policy_version > self.newest_version:
                 self.newest_version = group.policy_version

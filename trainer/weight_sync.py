@@ -68,7 +68,8 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
                     yield pb.Chunk(header=header, shared_memory_path=str(path), shared_memory_xxh3=xxh3)
                     have = newest.version
                     continue
-            for chunk in chunks(self.store.encoded(newest, base), self.wcfg.chunk_bytes):
+            checksum = "xxh3" if request.xxh3_ok else "sha256"
+            for chunk in chunks(self.store.encoded(newest, base, checksum), self.wcfg.chunk_bytes):
                 if not context.is_active():
                     return
                 yield chunk

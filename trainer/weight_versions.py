@@ -24,7 +24,7 @@ import torch
 
 from ops import shared_memory
 from ops.config import TbaConfig
-from schemas.weights import EncodedVersion, WeightVersion, encode, fingerprint, layout, seal, stage
+from schemas.weights import EncodedVersion, WeightVersion, encode, layout, seal, stage
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class VersionStore:
         sealed = seal(specs, buffer, version, step, model_id)
         if path is not None:
             with self._shared_lock:
-                self._shared[version] = (path, fingerprint(buffer))
+                self._shared[version] = (path, sealed.xxh3)
         self.release(sealed)
 
     def release(self, version: WeightVersion) -> None:
@@ -98,9 +98,8 @@ class VersionStore:
                     self._encoded = {k: v for k, v in self._encoded.items() if old not in k}
                 self.changed.notify_all()
             self._unshare(older_than=version.version)
-            _ = version.sha256  # hashed now: after this host's subscribers have it, before the stream needs it
-            if self._announcer is not None:
-                self._announcer.announce(version)
+            if self._announcer is not None:  # the announcement carries the sha256: hashed now, after
+                self._announcer.announce(version)  # this host's subscribers have the version
 
     def shared(self, version: WeightVersion) -> tuple[Path, bytes]:
         """The version's shared-memory file (for subscribers on this host) and its xxh3, written once
@@ -108,7 +107,7 @@ class VersionStore:
         with self._shared_lock:
             if version.version not in self._shared:
                 path = shared_memory.write([version.buffer], f"v{version.version}")
-                self._shared[version.version] = (path, fingerprint(version.buffer))
+                self._shared[version.version] = (path, version.xxh3)
             return self._shared[version.version]
 
     def _unshare(self, older_than: int | None = None) -> None:
@@ -128,12 +127,13 @@ class VersionStore:
     def latest(self) -> WeightVersion | None:
         return self.versions[next(reversed(self.versions))] if self.versions else None
 
-    def encoded(self, version: WeightVersion, base: WeightVersion | None) -> EncodedVersion:
-        """The wire form for (version, base), computed once however many subscribers need it."""
-        key = (version.version, base.version if base is not None else -1)
+    def encoded(self, version: WeightVersion, base: WeightVersion | None, checksum: str) -> EncodedVersion:
+        """The wire form for (version, base), with a sha256 or xxh3 header, computed once however many
+        subscribers need it."""
+        key = (version.version, base.version if base is not None else -1, checksum)
         with self._encode_lock:
             if key not in self._encoded:
-                self._encoded[key] = encode(version, base, self.wcfg.delta_zstd_level)
+                self._encoded[key] = encode(version, base, self.wcfg.delta_zstd_level, checksum)
             return self._encoded[key]
 
     def close(self) -> None:
