@@ -5,6 +5,9 @@ side by side in one run.
     python bench/weightsync.py  ->  bench/results/weightsync.json
 
 raw_socket_mb_s            one plain TCP socket sending the same bytes (the reference)
+grpc_floor_mb_s            plain gRPC streaming the same number of bytes as 1 MiB messages from another
+                           process, no project code: the most the gRPC path could move here
+                           (ratio_grpc_floor_vs_raw_socket)
 grpc_mb_s_1, grpc_mb_s_4   a full 135M version from publish() to verified-and-applied in 1 / 4 subscribers
                            (aggregate), through gRPC chunks; ratio_vs_raw_socket = grpc_mb_s_1 / raw
 shm_mb_s_1, shm_mb_s_4     the same through shared memory; ratio_shm_vs_raw_socket = shm_mb_s_1 / raw
@@ -154,6 +157,47 @@ def push(cfg, mode: str, shape: str, subscribers: int, state_dicts: list) -> lis
     return out
 
 
+def _stream_bytes(nbytes: int, ports) -> None:
+    """A gRPC server with one server-streaming method: nbytes as 1 MiB messages (bytes in, bytes out)."""
+    from concurrent import futures
+
+    import grpc
+
+    message = bytes(1 << 20)
+
+    def stream(request, context):
+        for start in range(0, nbytes, len(message)):
+            yield message[: nbytes - start]
+
+    same = lambda b: b  # noqa: E731
+    method = grpc.unary_stream_rpc_method_handler(stream, request_deserializer=same, response_serializer=same)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("floor", {"Stream": method}),))
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    server.wait_for_termination()
+
+
+def grpc_floor_mb_s(nbytes: int) -> float:
+    """The best of 3 plain gRPC streams of nbytes from a server process into this one."""
+    import grpc
+
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    server = ctx.Process(target=_stream_bytes, args=(nbytes, ports), daemon=True)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=60)}")
+    call = channel.unary_stream("/floor/Stream", request_serializer=bytes, response_deserializer=bytes)
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        got = sum(len(m) for m in call(b"", timeout=120))
+        best = max(best, got / (time.perf_counter() - start) / 1e6)
+    channel.close()
+    server.kill()
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "bench/results/weightsync.json"))
@@ -167,6 +211,8 @@ def main() -> None:
     nbytes = flat.size
     result = {"params": sum(p.numel() for p in model.parameters()), "bytes": int(nbytes), "dtype": "bfloat16"}
     result["raw_socket_mb_s"] = raw_socket_mb_s(memoryview(flat))
+    result["grpc_floor_mb_s"] = grpc_floor_mb_s(nbytes)
+    result["ratio_grpc_floor_vs_raw_socket"] = result["grpc_floor_mb_s"] / result["raw_socket_mb_s"]
 
     def one_adamw_step():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)

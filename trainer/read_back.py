@@ -32,10 +32,10 @@ class GroupReader:
         spill_bytes = int(cfg.buffer.spill_gb * 2**30)
         self.spill = SpillFile(cfg.buffer.spill_dir, spill_bytes) if spill_bytes else None
 
-    def keep(self, partition: int, offset: int, value: bytes) -> None:
-        """A record just read from Kafka, kept to be read back from the spill file."""
+    def keep(self, records) -> None:
+        """(partition, offset, value)s just read from Kafka, kept to be read back from the spill file."""
         if self.spill is not None:
-            self.spill.keep(partition, offset, value)
+            self.spill.keep(records)
 
     def read(self, wanted: list[tuple[int, int]]) -> tuple[dict[tuple[int, int], bytes], list[tuple[int, int]]]:
         """The record values at these (partition, offset)s, and those Kafka no longer holds (retention or
@@ -52,8 +52,7 @@ class GroupReader:
             if self._consumer is None:  # made on first use: most buffers never read anything back
                 self._consumer = kafka_clients.consumer(self.cfg, max_partition_fetch_bytes=READ_BACK_BYTES)
             read, gone = self._read(owed)
-        for (p, o), value in read.items():
-            self.keep(p, o, value)
+        self.keep((p, o, value) for (p, o), value in read.items())
         return found | read, gone
 
     def _read(self, owed: dict[int, list[int]]):

@@ -196,7 +196,7 @@ class ReplayBuffer:
 
     def ingest(self, records) -> int:
         """Decode, admit and index Kafka ConsumerRecords of the curated topic; returns how many were new."""
-        added = 0
+        added = []
         for rec in records:
             if rec.offset < self.next_offsets.get(rec.partition, 0):
                 continue
@@ -211,9 +211,9 @@ class ReplayBuffer:
                 self.reject(rec, reason)
                 continue
             if self.add(rec.partition, rec.offset, group):
-                self._reader.keep(rec.partition, rec.offset, rec.value)
-                added += 1
-        return added
+                added.append((rec.partition, rec.offset, rec.value))
+        self._reader.keep(added)  # to be read back from the spill file once evicted
+        return len(added)
 
     # -- reading groups back ----------------------------------------------------------------------
 

@@ -40,29 +40,33 @@ class SpillFile:
         self._unflushed = False
         self._lock = threading.Lock()  # a prefetch keeps and reads on its own thread
 
-    def keep(self, partition: int, offset: int, value: bytes) -> None:
+    def keep(self, records) -> None:
+        """Append (partition, offset, value)s: one lock and one write for a whole poll's worth."""
+        parts = []
         with self._lock:
-            if self.size + LENGTH.size + len(value) > self.max_bytes:
-                if not self.full:
-                    log.warning(
-                        "the spill file is full (buffer.spill_gb): groups read from here on are read back "
-                        "from Kafka when evicted"
-                    )
-                    self.full = True
-                return
-            first, positions = self._slots(partition, offset)
-            slot = self.size // ALIGN + 1
-            padding = -(LENGTH.size + len(value)) % ALIGN
-            self._file.write(LENGTH.pack(len(value)) + value + bytes(padding))
-            self.size += LENGTH.size + len(value) + padding
-            self._unflushed = True
-            i = offset - first
-            if i >= positions.size:
-                if i > positions.size:  # offsets not kept: markers, rejected records
-                    positions.extend(np.zeros(i - positions.size))
-                positions.append(slot)
-            else:
-                positions.values[i] = slot
+            for partition, offset, value in records:
+                padding = -(LENGTH.size + len(value)) % ALIGN
+                if self.size + LENGTH.size + len(value) + padding > self.max_bytes:
+                    if not self.full:
+                        log.warning(
+                            "the spill file is full (buffer.spill_gb): groups read from here on are read back "
+                            "from Kafka when evicted"
+                        )
+                        self.full = True
+                    break
+                first, positions = self._slots(partition, offset)
+                i = offset - first
+                if i >= positions.size:
+                    if i > positions.size:  # offsets not kept: markers, rejected records
+                        positions.extend(np.zeros(i - positions.size))
+                    positions.append(self.size // ALIGN + 1)
+                else:
+                    positions.values[i] = self.size // ALIGN + 1
+                parts += (LENGTH.pack(len(value)), value, bytes(padding))
+                self.size += LENGTH.size + len(value) + padding
+            if parts:
+                self._file.write(b"".join(parts))
+                self._unflushed = True
 
     def get(self, partition: int, offset: int) -> bytes | None:
         with self._lock:
