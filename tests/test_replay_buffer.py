@@ -241,3 +241,23 @@ def test_the_spill_file_serves_what_retention_removed_and_what_kafka_served_once
         admin.close()
         kept.close()
         indexed.close()
+
+
+def test_a_long_fill_says_how_far_it_got_and_stops_when_told(cfg, store, rng, caplog, monkeypatch):
+    import logging
+    import threading
+
+    import trainer.curated_feed
+
+    monkeypatch.setattr(trainer.curated_feed, "PROGRESS_S", 0.0)  # a line every poll
+    publish_curated(cfg, store, [synthetic_group(rng, i % 10, samples=2, tokens=8) for i in range(2000)])
+    buffer = ReplayBuffer(cfg, store)
+    feed = CuratedFeed(cfg, buffer)
+    stop, ingest = threading.Event(), buffer.ingest
+    buffer.ingest = lambda records: (stop.set(), ingest(records))[1]  # Ctrl-C during the first poll's records
+    with caplog.at_level(logging.INFO, logger="trainer.curated_feed"):
+        added = feed.fill(stop_event=stop)
+    assert 0 < added <= 500 and len(buffer) == added  # stopped after one poll (<= 500), with what it read
+    assert "records read" in caplog.text and "a second" in caplog.text and "left (Ctrl-C stops)" in caplog.text
+    feed.close()
+    buffer.close()
