@@ -141,7 +141,7 @@ def measure_latency(cfg: TbaConfig, rate: float, seconds: float, instances: int)
         for records in feed.consumer.poll(timeout_ms=20).values():
             for rec in records:
                 group = buffer.codec.decode(rec.value)
-                if buffer.add(rec.partition, rec.offset, rec.timestamp, group):
+                if buffer.add(rec.partition, rec.offset, group):
                     latencies.append(time.time() * 1000 - group.created_at)  # now sampleable
     producer.join()
     stop_filters(filters)
