@@ -27,7 +27,7 @@ from ops.transactions import HangingTransactions
 from producers.synthetic import synthetic_group
 from schemas.records import DeadLetterCodec, TrajectoryCodec
 from tba.inspection import filter_lag
-from tba.supervisor import Supervisor
+from tba.supervisor import HEAL_EVERY_S, Supervisor
 from trainer.checkpoint import latest_checkpoint
 
 ROLES = ["searcher-0", "filter-0", "filter-1", "trainer", "broker"]
@@ -204,9 +204,10 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
         raw = topic_names(cfg).raw
         drained = end_offsets(cfg, [raw])[raw]  # nothing may write to raw after this (else unrouted by design)
         time.sleep(2 * interval_s)  # and the trainer ingests it
-        # a transaction open when the broker died is aborted only once it times out; until then it hides
+        # a transaction open when the broker died is aborted only once it times out, or, left hanging, once
+        # the supervisor has seen it stuck for its grace (looking every HEAL_EVERY_S); until then it hides
         # every later committed record of its partitions from read_committed readers (the check's too)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + supervisor.transactions.grace_s + 3 * HEAL_EVERY_S
         while open_transactions(cfg) and time.monotonic() < deadline:
             time.sleep(1)
         if expected_resumes:  # a trainer killed shortly before the broker may still be on its way back
