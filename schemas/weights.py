@@ -325,13 +325,12 @@ class VersionAssembler:
     def finish(self) -> WeightVersion:
         """The version, if its checksum matches; ChecksumError otherwise."""
         h = self.header
-        if not self.by_sha256:
-            if fingerprint(self.buffer) != h.xxh3:
-                raise ChecksumError(f"version {h.version}: xxh3 mismatch, rejecting it")
-            self.buffer.flags.writeable = False
-            return WeightVersion(h.version, h.step, h.wall_time, h.model_id, self.specs, self.buffer, known_xxh3=h.xxh3)
-        digests = tuple(d if isinstance(d, bytes) else d.result() for d in self._digests)
-        if version_digest(digests) != h.sha256:
-            raise ChecksumError(f"version {h.version}: sha256 mismatch, rejecting it")
+        if self.by_sha256:
+            digests = tuple(d if isinstance(d, bytes) else d.result() for d in self._digests)
+            checked, known = version_digest(digests) == h.sha256, {"known_digests": digests}
+        else:
+            checked, known = fingerprint(self.buffer) == h.xxh3, {"known_xxh3": h.xxh3}
+        if not checked:
+            raise ChecksumError(f"version {h.version}: {'sha256' if self.by_sha256 else 'xxh3'} mismatch, rejecting it")
         self.buffer.flags.writeable = False
-        return WeightVersion(h.version, h.step, h.wall_time, h.model_id, self.specs, self.buffer, digests)
+        return WeightVersion(h.version, h.step, h.wall_time, h.model_id, self.specs, self.buffer, **known)

@@ -177,14 +177,6 @@ class ReplayBuffer:
             self._remember(idx, group)
             return True
 
-    def _group_sizes(self, rows: np.ndarray) -> np.ndarray:
-        first, n = self.first_sample.values, len(self)
-        return np.where(rows + 1 < n, first[np.minimum(rows + 1, n - 1)], self.reward.size) - first[rows]
-
-    def _group_size(self, idx: int) -> int:
-        end = self.first_sample.values[idx + 1] if idx + 1 < len(self) else self.reward.size
-        return int(end - self.first_sample.values[idx])
-
     def _remember(self, idx: int, group: TrajectoryGroup) -> None:
         if self.cfg.cache_groups == 0:
             return
@@ -222,7 +214,7 @@ class ReplayBuffer:
         return self._groups({idx})[idx]
 
     def fetch(self, idxs) -> dict[int, TrajectoryGroup]:
-        """Read groups back from Kafka by offset, all at once; those Kafka no longer holds leave the index."""
+        """Read groups back by offset (spill file, else Kafka), all at once; those gone from both leave the index."""
         return self._fetched(self._locations(idxs))
 
     def _locations(self, idxs) -> dict[tuple[int, int], int]:
@@ -313,16 +305,17 @@ class ReplayBuffer:
         """k of the prompt's samples drawn by reward; None when none of its groups can be read."""
         cap, n, total = self.cfg.per_prompt_cap, len(self), self.reward.size
         previous, version, first_sample = self.previous.values, self.version.values, self.first_sample.values
-        g, groups, samples = int(self._newest_group.values[pid]), [], []
+        g, groups, group_sizes, samples = int(self._newest_group.values[pid]), [], [], []
         while True:  # newest first, so the cap keeps the newest samples and duplicates keep the newest copy
             wanted = cap - len(samples)  # duplicates found leave room for older groups
             while g >= 0 and wanted > 0:  # a linked list, so Python: .item() is its cheapest numpy read
                 if g not in self.unreadable and (not on_policy or version.item(g) == self.newest_version):
                     groups.append(g)
-                    wanted -= (first_sample.item(g + 1) if g + 1 < n else total) - first_sample.item(g)
+                    group_sizes.append((first_sample.item(g + 1) if g + 1 < n else total) - first_sample.item(g))
+                    wanted -= group_sizes[-1]
                 g = previous.item(g)
-            rows = np.array(groups, np.int64)
-            starts, sizes = first_sample[rows], self._group_sizes(rows)
+            rows, sizes = np.array(groups, np.int64), np.array(group_sizes, np.int64)
+            starts = first_sample[rows]
             samples = np.repeat(starts - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())  # rows' samples
             _, first = np.unique(self.content.values[samples], return_index=True)  # the newest copy of each
             kept = np.sort(first)[:cap]
