@@ -21,7 +21,7 @@ from ops.config import WeightsConfig
 from ops.errors import TbaError
 from ops.grpc_security import call_metadata, channel, tokens
 from schemas import weight_sync_pb2 as pb
-from schemas import weight_sync_pb2_grpc as pb_grpc
+from schemas.chunk_wire import WeightSyncStub
 from schemas.weights import ChecksumError, VersionAssembler, WeightVersion, verified_mapping
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class WeightSubscriber:
         self.target = target
         self.subscriber_id = subscriber_id
         self._channel = channel(cfg, target, interceptors)
-        self._stub = pb_grpc.WeightSyncStub(self._channel)
+        self._stub = WeightSyncStub(self._channel)
         self._metadata = call_metadata(tokens(cfg)[1] or tokens(cfg)[0])
         self._newest: WeightVersion | None = None
         self._taken = -1
@@ -126,21 +126,23 @@ class WeightSubscriber:
             delta_ok=self.cfg.delta,  # deltas apply to have_version, or to what this call already sent
             host_id=shared_memory.host_id() if self.cfg.shared_memory != "never" else "",
             xxh3_ok=True,
+            checksum_after_data=True,
         )
         self._call = self._stub.Subscribe(request, timeout=self.cfg.subscription_s, metadata=self._metadata)
         assembler, received = None, 0
         try:
             for chunk in self._call:
-                if chunk.shared_memory_path:  # on the server's host: map the bytes, check them
+                header = chunk.header if isinstance(chunk, pb.Chunk) and chunk.HasField("header") else None
+                if header is not None and chunk.shared_memory_path:  # on the server's host: map the bytes
                     self._deliver(self._mapped(chunk), "mapped from shared memory")
                     continue
-                if chunk.HasField("header"):
-                    assembler, received = VersionAssembler(chunk.header, self._newest), 0
-                    continue
-                added = assembler.add(chunk)
-                self.stats.wire_bytes += added
-                received += added
-                if assembler.done:
+                if header is not None:
+                    assembler, received = VersionAssembler(header, self._newest, checksum_after_data=True), 0
+                else:  # bytes of a tensor, or the checksum that follows them
+                    added = assembler.add(chunk)
+                    self.stats.wire_bytes += added
+                    received += added
+                if assembler.done:  # a delta of unchanged tensors alone is done with its header
                     self._deliver(assembler.finish(), f"{received} bytes through gRPC")
                     assembler = None
         except grpc.RpcError as exc:

@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19schemas/weight_sync.proto\x12\x0btba.weights\"s\n\x10SubscribeRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\x12\x14\n\x0chave_version\x18\x02 \x01(\x03\x12\x10\n\x08\x64\x65lta_ok\x18\x03 \x01(\x08\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x0f\n\x07xxh3_ok\x18\x05 \x01(\x08\"\xc3\x01\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x32\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32 .tba.weights.TensorMeta.Encoding\x12\x13\n\x0bwire_nbytes\x18\x06 \x01(\x03\"0\n\x08\x45ncoding\x12\x07\n\x03RAW\x10\x00\x12\r\n\tUNCHANGED\x10\x01\x12\x0c\n\x08XOR_ZSTD\x10\x02\"\xc0\x01\n\rVersionHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\twall_time\x18\x03 \x01(\x01\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\x0c\x12(\n\x07tensors\x18\x07 \x03(\x0b\x32\x17.tba.weights.TensorMeta\x12\x14\n\x0c\x62\x61se_version\x18\x08 \x01(\x03\x12\x0c\n\x04xxh3\x18\t \x01(\x0c\"\x99\x01\n\x05\x43hunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.tba.weights.VersionHeader\x12\x0e\n\x06tensor\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x1a\n\x12shared_memory_path\x18\x05 \x01(\t\x12\x1a\n\x12shared_memory_xxh3\x18\x06 \x01(\x0c\"\x1f\n\x0cPublishReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x32\x8a\x01\n\nWeightSync\x12@\n\tSubscribe\x12\x1d.tba.weights.SubscribeRequest\x1a\x12.tba.weights.Chunk0\x01\x12:\n\x07Publish\x12\x12.tba.weights.Chunk\x1a\x19.tba.weights.PublishReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19schemas/weight_sync.proto\x12\x0btba.weights\"\x90\x01\n\x10SubscribeRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\x12\x14\n\x0chave_version\x18\x02 \x01(\x03\x12\x10\n\x08\x64\x65lta_ok\x18\x03 \x01(\x08\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x0f\n\x07xxh3_ok\x18\x05 \x01(\x08\x12\x1b\n\x13\x63hecksum_after_data\x18\x06 \x01(\x08\"\xc3\x01\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x32\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32 .tba.weights.TensorMeta.Encoding\x12\x13\n\x0bwire_nbytes\x18\x06 \x01(\x03\"0\n\x08\x45ncoding\x12\x07\n\x03RAW\x10\x00\x12\r\n\tUNCHANGED\x10\x01\x12\x0c\n\x08XOR_ZSTD\x10\x02\"\xc0\x01\n\rVersionHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\twall_time\x18\x03 \x01(\x01\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\x0c\x12(\n\x07tensors\x18\x07 \x03(\x0b\x32\x17.tba.weights.TensorMeta\x12\x14\n\x0c\x62\x61se_version\x18\x08 \x01(\x03\x12\x0c\n\x04xxh3\x18\t \x01(\x0c\"\xa7\x01\n\x05\x43hunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.tba.weights.VersionHeader\x12\x0e\n\x06tensor\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x1a\n\x12shared_memory_path\x18\x05 \x01(\t\x12\x1a\n\x12shared_memory_xxh3\x18\x06 \x01(\x0c\x12\x0c\n\x04xxh3\x18\x07 \x01(\x0c\"\x1f\n\x0cPublishReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x32\x8a\x01\n\nWeightSync\x12@\n\tSubscribe\x12\x1d.tba.weights.SubscribeRequest\x1a\x12.tba.weights.Chunk0\x01\x12:\n\x07Publish\x12\x12.tba.weights.Chunk\x1a\x19.tba.weights.PublishReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'schemas.weight_sync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=42
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=157
-  _globals['_TENSORMETA']._serialized_start=160
-  _globals['_TENSORMETA']._serialized_end=355
-  _globals['_TENSORMETA_ENCODING']._serialized_start=307
-  _globals['_TENSORMETA_ENCODING']._serialized_end=355
-  _globals['_VERSIONHEADER']._serialized_start=358
-  _globals['_VERSIONHEADER']._serialized_end=550
-  _globals['_CHUNK']._serialized_start=553
-  _globals['_CHUNK']._serialized_end=706
-  _globals['_PUBLISHREPLY']._serialized_start=708
-  _globals['_PUBLISHREPLY']._serialized_end=739
-  _globals['_WEIGHTSYNC']._serialized_start=742
-  _globals['_WEIGHTSYNC']._serialized_end=880
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=43
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=187
+  _globals['_TENSORMETA']._serialized_start=190
+  _globals['_TENSORMETA']._serialized_end=385
+  _globals['_TENSORMETA_ENCODING']._serialized_start=337
+  _globals['_TENSORMETA_ENCODING']._serialized_end=385
+  _globals['_VERSIONHEADER']._serialized_start=388
+  _globals['_VERSIONHEADER']._serialized_end=580
+  _globals['_CHUNK']._serialized_start=583
+  _globals['_CHUNK']._serialized_end=750
+  _globals['_PUBLISHREPLY']._serialized_start=752
+  _globals['_PUBLISHREPLY']._serialized_end=783
+  _globals['_WEIGHTSYNC']._serialized_start=786
+  _globals['_WEIGHTSYNC']._serialized_end=924
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,6 @@ that into <= chunk_bytes Chunks, and VersionAssembler turns Chunks back into a v
 from __future__ import annotations
 
 import hashlib
-import mmap
 import threading
 import time
 import warnings
@@ -24,6 +23,8 @@ import xxhash
 import zstandard
 
 from schemas import weight_sync_pb2 as pb
+from schemas.buffers import allocate
+from schemas.chunk_wire import DataChunk, data_chunk
 from schemas.errors import TbaError
 
 Encoding = pb.TensorMeta.Encoding
@@ -96,18 +97,6 @@ class WeightVersion:
             t.name: flat[t.offset : t.offset + t.nbytes].view(getattr(torch, t.dtype)).view(t.shape)
             for t in self.tensors
         }
-
-
-def allocate(nbytes: int) -> np.ndarray:
-    """A fresh (nbytes,) uint8 buffer with its pages already mapped.
-
-    Writing a new 270 MB numpy buffer page by page costs ~0.9 s of page faults on a VM; asking the
-    kernel to populate the mapping up front (MAP_POPULATE) costs ~0.07 s.
-    """
-    if nbytes == 0:
-        return np.empty(0, np.uint8)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), np.uint8)
 
 
 def unaliased(state_dict: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -236,12 +225,13 @@ def version_header(version: WeightVersion, metas=None, base=None, checksum: str 
     )
 
 
-def chunks(encoded: EncodedVersion, chunk_bytes: int) -> Iterator[pb.Chunk]:
-    """The header chunk, then each tensor's payload in slices of at most chunk_bytes."""
+def chunks(encoded: EncodedVersion, chunk_bytes: int) -> Iterator[pb.Chunk | bytes]:
+    """The header chunk, then each tensor's payload in slices of at most chunk_bytes, serialized
+    (chunk_wire.serialize passes them through)."""
     yield pb.Chunk(header=encoded.header)
     for i, payload in enumerate(encoded.payloads):
         for start in range(0, len(payload), chunk_bytes):
-            yield pb.Chunk(tensor=i, offset=start, data=bytes(payload[start : start + chunk_bytes]))
+            yield data_chunk(i, start, payload[start : start + chunk_bytes])
 
 
 def header_specs(header: pb.VersionHeader) -> tuple[TensorSpec, ...]:
@@ -262,34 +252,47 @@ def verified_mapping(header: pb.VersionHeader, buffer: np.ndarray, xxh3: bytes) 
 
 
 class VersionAssembler:
-    """Chunks of one version -> a verified WeightVersion, written straight into its final buffer."""
+    """Chunks of one version -> a verified WeightVersion, written straight into its final buffer.
 
-    def __init__(self, header: pb.VersionHeader, base: WeightVersion | None):
+    With an xxh3 checksum, bytes are hashed as they land, in header order, so finish() has nothing
+    left to read; checksum_after_data: the xxh3 comes in a last chunk, not in the header.
+    """
+
+    def __init__(self, header: pb.VersionHeader, base: WeightVersion | None, checksum_after_data: bool = False):
         if header.base_version >= 0 and (base is None or base.version != header.base_version):
             raise TbaError(f"delta against version {header.base_version}, which this receiver does not hold")
-        if not header.sha256 and not header.xxh3:
+        if not (header.sha256 or header.xxh3 or checksum_after_data):
             raise TbaError(f"version {header.version}: its header carries no checksum (sha256 or xxh3)")
         self.header = header
         self.base = base
-        self.by_sha256 = bool(header.sha256)  # else xxh3: one pass over the buffer at the end
+        self.by_sha256 = bool(header.sha256)  # else xxh3, from the header or from the last chunk
+        self.xxh3 = header.xxh3 or None
+        self._awaits_checksum = not (header.sha256 or header.xxh3)
         self.specs = specs = header_specs(header)
         self.buffer = allocate(sum(t.nbytes for t in specs))
         self._pending: dict[int, bytearray] = {}  # compressed deltas being received
         self._received = [0] * len(specs)
+        self._complete = [False] * len(specs)
         self._digests: list = [None] * len(specs)  # bytes, or a Future of them while a tensor hashes
+        self._hasher = None if self.by_sha256 else xxhash.xxh3_128()
+        self._hashed = (0, 0)  # (tensor, bytes of it) fed to the hasher so far
         self._remaining = sum(1 for m in header.tensors if m.wire_nbytes > 0)
         base_specs = {t.name: t for t in base.tensors} if base is not None else {}
         base_index = {t.name: j for j, t in enumerate(base.tensors)} if base is not None else {}
         for i, meta in enumerate(header.tensors):
             if meta.encoding == Encoding.UNCHANGED:
                 self._slot(i)[:] = base.tensor_bytes(base_specs[meta.name])
+                self._complete[i] = True
                 if self.by_sha256:
                     self._digests[i] = base.digests[base_index[meta.name]]
             elif meta.wire_nbytes == 0 and meta.nbytes > 0:
                 raise TbaError(f"tensor {meta.name}: no bytes announced for a non-empty tensor")
-            elif meta.nbytes == 0 and self.by_sha256:
-                self._digests[i] = tensor_digest(self._slot(i))
+            elif meta.nbytes == 0:
+                self._complete[i] = True
+                if self.by_sha256:
+                    self._digests[i] = tensor_digest(self._slot(i))
         self._base_specs = base_specs
+        self._hash_ready()
 
     def _slot(self, i: int) -> np.ndarray:
         spec = self.specs[i]
@@ -297,12 +300,17 @@ class VersionAssembler:
 
     @property
     def done(self) -> bool:
-        return self._remaining == 0
+        return self._remaining == 0 and not self._awaits_checksum
 
-    def add(self, chunk: pb.Chunk) -> int:
-        """Place one data chunk; returns its size on the wire."""
+    def add(self, chunk: DataChunk | pb.Chunk) -> int:
+        """Place one data chunk (or take the checksum that follows the data); returns its size on the wire."""
+        if isinstance(chunk, pb.Chunk) and chunk.xxh3:
+            if not self._awaits_checksum or self._remaining:
+                raise TbaError(f"version {self.header.version}: a checksum chunk before the data's end or unasked")
+            self.xxh3, self._awaits_checksum = chunk.xxh3, False
+            return 0
         i, meta = chunk.tensor, self.header.tensors[chunk.tensor]
-        data = chunk.data  # each access to a bytes field copies it: once only
+        data = chunk.data  # a protobuf message copies a bytes field at each access: once only
         end = chunk.offset + len(data)
         if end > meta.wire_nbytes or chunk.offset != self._received[i]:
             raise TbaError(f"tensor {meta.name}: chunk at {chunk.offset} out of order or beyond its size")
@@ -319,8 +327,29 @@ class VersionAssembler:
                 np.bitwise_xor(before, np.frombuffer(xor, np.uint8), out=self._slot(i))
             if self.by_sha256:  # hashed on another thread while the next chunks arrive (hashlib releases the GIL)
                 self._digests[i] = _HASHERS.submit(tensor_digest, self._slot(i))
+            self._complete[i] = True
             self._remaining -= 1
+        self._hash_ready()
         return len(data)
+
+    def _raw(self, i: int) -> bool:
+        return self.header.tensors[i].encoding == Encoding.RAW
+
+    def _hash_ready(self) -> None:
+        """Feed the xxh3 every byte that is in place, in header order (a RAW tensor as its chunks land)."""
+        if self._hasher is None:
+            return
+        i, done = self._hashed
+        while i < len(self.specs):
+            spec = self.specs[i]
+            ready = spec.nbytes if self._complete[i] else self._received[i] if self._raw(i) else 0
+            if ready > done:
+                self._hasher.update(memoryview(self.buffer[spec.offset + done : spec.offset + ready]))
+                done = ready
+            if done < spec.nbytes:
+                break
+            i, done = i + 1, 0
+        self._hashed = (i, done)
 
     def finish(self) -> WeightVersion:
         """The version, if its checksum matches; ChecksumError otherwise."""
@@ -329,7 +358,7 @@ class VersionAssembler:
             digests = tuple(d if isinstance(d, bytes) else d.result() for d in self._digests)
             checked, known = version_digest(digests) == h.sha256, {"known_digests": digests}
         else:
-            checked, known = fingerprint(self.buffer) == h.xxh3, {"known_xxh3": h.xxh3}
+            checked, known = self._hasher.digest() == self.xxh3, {"known_xxh3": self.xxh3}
         if not checked:
             raise ChecksumError(f"version {h.version}: {'sha256' if self.by_sha256 else 'xxh3'} mismatch, rejecting it")
         self.buffer.flags.writeable = False

@@ -1,5 +1,6 @@
 """Weight sync over real gRPC on loopback (port 0), with tiny models."""
 
+import dataclasses
 import subprocess
 
 import grpc
@@ -13,6 +14,7 @@ from ops.schema_store import KafkaSchemaStore
 from ops.topics import read_topic, topic_names
 from policy.models import load_into
 from producers.weight_subscriber import WeightSubscriber
+from schemas.chunk_wire import DataChunk
 from schemas.records import PolicyVersionCodec
 from trainer.weight_sync import WeightSyncServer, publish_remote
 
@@ -95,10 +97,10 @@ class CorruptOnce(grpc.UnaryStreamClientInterceptor):
         class Stream:
             def __iter__(self):
                 for chunk in call:
-                    if not interceptor.done and chunk.data:
+                    if not interceptor.done and isinstance(chunk, DataChunk) and len(chunk.data):
                         data = bytearray(chunk.data)
                         data[0] ^= 0xFF
-                        chunk.data = bytes(data)
+                        chunk = dataclasses.replace(chunk, data=bytes(data))
                         interceptor.done = True
                     yield chunk
 

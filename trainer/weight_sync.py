@@ -18,6 +18,7 @@ import torch
 from ops import shared_memory
 from ops.config import TbaConfig
 from ops.grpc_security import TokenAuth, server_credentials, tokens
+from schemas import chunk_wire
 from schemas import weight_sync_pb2 as pb
 from schemas import weight_sync_pb2_grpc as pb_grpc
 from schemas.weights import VersionAssembler, WeightVersion, chunks, encode, seal, stage, version_header
@@ -68,17 +69,20 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
                     yield pb.Chunk(header=header, shared_memory_path=str(path), shared_memory_xxh3=xxh3)
                     have = newest.version
                     continue
-            checksum = "xxh3" if request.xxh3_ok else "sha256"
+            after = request.xxh3_ok and request.checksum_after_data  # sent while the store still hashes
+            checksum = "" if after else "xxh3" if request.xxh3_ok else "sha256"
             for chunk in chunks(self.store.encoded(newest, base, checksum), self.wcfg.chunk_bytes):
                 if not context.is_active():
                     return
                 yield chunk
+            if after:
+                yield pb.Chunk(xxh3=newest.xxh3)
             have = newest.version
 
     def Publish(self, request_iterator, context: grpc.ServicerContext) -> pb.PublishReply:
         assembler = None
         for chunk in request_iterator:
-            if chunk.HasField("header"):
+            if isinstance(chunk, pb.Chunk) and chunk.HasField("header"):
                 base = self.store.versions.get(chunk.header.base_version) if chunk.header.base_version >= 0 else None
                 try:
                     assembler = VersionAssembler(chunk.header, base)
@@ -139,7 +143,7 @@ class WeightSyncServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ],
         )
-        pb_grpc.add_WeightSyncServicer_to_server(WeightSyncServicer(self.store, self.wcfg), self._server)
+        chunk_wire.add_servicer(WeightSyncServicer(self.store, self.wcfg), self._server)
         address = f"{self.wcfg.host}:{self.wcfg.port}"
         creds = server_credentials(self.wcfg)
         self.port = self._server.add_secure_port(address, creds) if creds else self._server.add_insecure_port(address)
@@ -170,7 +174,7 @@ def publish_remote(
     specs, buffer = stage(state_dict)
     encoded = encode(seal(specs, buffer, version, step, model_id))
     with channel(cfg.weights, target) as ch:
-        stub = pb_grpc.WeightSyncStub(ch)
+        stub = chunk_wire.WeightSyncStub(ch)
         reply = stub.Publish(
             chunks(encoded, cfg.weights.chunk_bytes),
             timeout=cfg.weights.deadline_s,

@@ -4,8 +4,9 @@ publish() copies the weights into a fresh staging buffer and returns: that copy 
 loop waits for. With shared memory on, the staging buffer is itself a file in /dev/shm, mapped back:
 subscribers on this host map the same pages, so a version is written once and never copied again.
 A version becomes visible only once complete, so no subscriber ever sees one half-written; it is
-released to this host's subscribers first (checked with xxh3), then hashed with sha256 for the stream
-and the announcement, off the training loop's time. The store keeps the newest weights.keep_versions
+released to this host's subscribers first (checked with xxh3), then hashed for the streams (which
+start sending before, and end with the xxh3) and with sha256 for the announcement, off the training
+loop's time. The store keeps the newest weights.keep_versions
 versions (the bases deltas are computed against), encodes each (version, base) pair once however many
 subscribers need it, removes a version's file once superseded, and announces every released version
 on the compacted policy-versions topic.
@@ -98,6 +99,7 @@ class VersionStore:
                     self._encoded = {k: v for k, v in self._encoded.items() if old not in k}
                 self.changed.notify_all()
             self._unshare(older_than=version.version)
+            _ = version.xxh3  # hashed while the streams already send the bytes: they end with this checksum
             if self._announcer is not None:  # the announcement carries the sha256: hashed now, after
                 self._announcer.announce(version)  # this host's subscribers have the version
 
