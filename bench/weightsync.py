@@ -8,12 +8,20 @@ raw_socket_mb_s            one plain TCP socket sending the same bytes (the refe
 grpc_floor_mb_s            plain gRPC streaming the same number of bytes as 1 MiB messages from another
                            process, no project code: the most the gRPC path could move here
                            (ratio_grpc_floor_vs_raw_socket)
+memcpy_mb_s, xxh3_mb_s     one copy of the same bytes between two buffers, one xxh3-128 pass over them
+shm_floor_seconds_135m     the least the shared-memory path's work takes at those rates, on one core:
+                           the staging copy, the service's xxh3, the subscriber's xxh3 and its copy into
+                           its weights (ratio_shm_floor_vs_raw_socket: that floor against the socket)
 grpc_mb_s_1, grpc_mb_s_4   a full 135M version from publish() to verified-and-applied in 1 / 4 subscribers
                            (aggregate), through gRPC chunks; ratio_vs_raw_socket = grpc_mb_s_1 / raw
 shm_mb_s_1, shm_mb_s_4     the same through shared memory; ratio_shm_vs_raw_socket = shm_mb_s_1 / raw
 seconds_per_version_135m   publish() start to applied in the subscriber's weights, 1 subscriber, shared
                            memory (grpc_seconds_per_version_135m: the same through gRPC)
-seconds_per_version_1p7b   the same for a SmolLM2-1.7B-shaped state dict (3.4 GB), shared memory
+                           Full versions, one after another as a training job publishes them: the median
+                           of the versions after the first STEADY_AFTER, once buffers are reused; the
+                           first version's figure is *_first_version_*
+seconds_per_version_1p7b   the same for a SmolLM2-1.7B-shaped state dict (3.4 GB), shared memory, its
+                           first version
 delta_bytes_fraction       after one AdamW step at lr 1e-6: bytes on the wire / full bytes (gRPC)
 peak_extra_mb_per_subscriber_{grpc,shm}  a subscriber's private memory grown by holding a version
 publish_blocked_s_135m     how long publish() holds the training loop (staging the copy), per path
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -105,6 +114,23 @@ def raw_socket_mb_s(payload: memoryview) -> float:
     return len(payload) / elapsed / 1e6
 
 
+def memory_mb_s(flat) -> tuple[float, float]:
+    """(copy, xxh3) MB/s over flat's bytes: the best of 3, into a buffer already mapped."""
+    import numpy as np
+    import xxhash
+
+    out = np.ones_like(flat)
+    copy = min(_timed(lambda: np.copyto(out, flat)) for _ in range(3))
+    hashing = min(_timed(lambda: xxhash.xxh3_128(memoryview(flat)).digest()) for _ in range(3))
+    return flat.size / copy / 1e6, flat.size / hashing / 1e6
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def subscriber_process(target: str, mode: str, shape: str, versions: int, ready, results) -> None:
     """A searcher: subscribe, apply each version into weights of its own in place, report when done."""
     from producers.weight_subscriber import WeightSubscriber
@@ -124,7 +150,8 @@ def subscriber_process(target: str, mode: str, shape: str, versions: int, ready,
     sub.close()
 
 
-PUBLISH_BLOCKED_S: dict[str, float] = {}  # mode -> how long the first publish() held its caller
+PUBLISH_BLOCKED_S: dict[str, list[float]] = {}  # mode -> how long each publish() held its caller
+STEADY_AFTER = 4  # the service keeps 3 versions: the 5th is staged in the 1st one's pages
 
 
 def push(cfg, mode: str, shape: str, subscribers: int, state_dicts: list) -> list[tuple[float, list]]:
@@ -150,11 +177,18 @@ def push(cfg, mode: str, shape: str, subscribers: int, state_dicts: list) -> lis
         server.publish(sd, step=len(out))  # stages a copy: sd may change right after
         blocked = time.time() - start
         out.append((start, [results.get(timeout=600) for _ in range(subscribers)]))
-        PUBLISH_BLOCKED_S.setdefault(mode, blocked)
+        PUBLISH_BLOCKED_S.setdefault(mode, []).append(blocked)
     for p in procs:
         p.join(60)
     server.stop()
     return out
+
+
+def seconds(pushed) -> tuple[float, float]:
+    """(first, steady): publish start to the last subscriber's applied, for the first version and the
+    median of those after STEADY_AFTER."""
+    took = [max(r[1] for r in reports) - start for start, reports in pushed]
+    return took[0], statistics.median(took[STEADY_AFTER:])
 
 
 def _stream_bytes(nbytes: int, ports) -> None:
@@ -213,6 +247,11 @@ def main() -> None:
     result["raw_socket_mb_s"] = raw_socket_mb_s(memoryview(flat))
     result["grpc_floor_mb_s"] = grpc_floor_mb_s(nbytes)
     result["ratio_grpc_floor_vs_raw_socket"] = result["grpc_floor_mb_s"] / result["raw_socket_mb_s"]
+    result["memcpy_mb_s"], result["xxh3_mb_s"] = memory_mb_s(flat)
+    floor = nbytes / 1e6 * (2 / result["memcpy_mb_s"] + 2 / result["xxh3_mb_s"])
+    result["shm_floor_seconds_135m"] = floor
+    result["ratio_shm_floor_vs_raw_socket"] = nbytes / floor / 1e6 / result["raw_socket_mb_s"]
+    del flat
 
     def one_adamw_step():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -221,27 +260,35 @@ def main() -> None:
         optimizer.step()
         return model.state_dict()
 
-    # one subscriber: a full version, then one AdamW step later the delta (gRPC)
-    (start0, [(_, t0, bytes0, grpc_mb)]), (start1, [(_, t1, bytes1, _)]) = push(
+    full = with_overrides(cfg, weights={"delta": False})  # every version whole, as a new subscriber gets it
+    steady = [model.state_dict] * (STEADY_AFTER + 3)
+    first, each = seconds(pushed := push(full, "never", "135m", 1, steady))
+    result["grpc_first_version_seconds_135m"], result["grpc_seconds_per_version_135m"] = first, each
+    result["grpc_mb_s_1"] = nbytes / each / 1e6
+    result["ratio_vs_raw_socket"] = result["grpc_mb_s_1"] / result["raw_socket_mb_s"]
+    grpc_mb = max(r[0][3] for _, r in pushed)
+    _, each = seconds(push(full, "never", "135m", 4, steady))
+    result["grpc_mb_s_4"] = 4 * nbytes / each / 1e6
+    # one subscriber: a full version, then one AdamW step later the delta
+    (_, [(_, _, bytes0, _)]), (start1, [(_, t1, bytes1, _)]) = push(
         cfg, "never", "135m", 1, [model.state_dict, one_adamw_step]
     )
-    result["grpc_seconds_per_version_135m"] = t0 - start0
-    result["grpc_mb_s_1"] = nbytes / (t0 - start0) / 1e6
-    result["ratio_vs_raw_socket"] = result["grpc_mb_s_1"] / result["raw_socket_mb_s"]
     result["delta_bytes_fraction"] = (bytes1 - bytes0) / bytes0
     result["delta_seconds"] = t1 - start1
-    [(start, reports)] = push(cfg, "never", "135m", 4, [model.state_dict])
-    result["grpc_mb_s_4"] = 4 * nbytes / (max(r[1] for r in reports) - start) / 1e6
 
-    [(start, [(_, t, _, shm_mb)])] = push(cfg, "auto", "135m", 1, [model.state_dict])
-    result["seconds_per_version_135m"] = t - start
-    result["shm_mb_s_1"] = nbytes / (t - start) / 1e6
+    first, each = seconds(pushed := push(full, "auto", "135m", 1, steady))
+    result["first_version_seconds_135m"], result["seconds_per_version_135m"] = first, each
+    result["shm_mb_s_1"] = nbytes / each / 1e6
     result["ratio_shm_vs_raw_socket"] = result["shm_mb_s_1"] / result["raw_socket_mb_s"]
-    [(start, reports)] = push(cfg, "auto", "135m", 4, [model.state_dict])
-    result["shm_mb_s_4"] = 4 * nbytes / (max(r[1] for r in reports) - start) / 1e6
-    result["publish_blocked_s_135m"] = {"shared_memory": PUBLISH_BLOCKED_S["auto"], "grpc": PUBLISH_BLOCKED_S["never"]}
+    shm_mb = max(r[0][3] for _, r in pushed)
+    _, each = seconds(pushed := push(full, "auto", "135m", 4, steady))
+    result["shm_mb_s_4"] = 4 * nbytes / each / 1e6
+    result["publish_blocked_s_135m"] = {
+        "shared_memory": statistics.median(PUBLISH_BLOCKED_S["auto"][STEADY_AFTER:]),
+        "grpc": statistics.median(PUBLISH_BLOCKED_S["never"][STEADY_AFTER:]),
+    }
     result["peak_extra_mb_per_subscriber_grpc"] = grpc_mb
-    result["peak_extra_mb_per_subscriber_shm"] = max(shm_mb, max(r[3] for r in reports))
+    result["peak_extra_mb_per_subscriber_shm"] = max(shm_mb, max(r[3] for _, reports in pushed for r in reports))
     big = zeros_shaped("1p7b")
     result["bytes_1p7b"] = sum(t.numel() * t.element_size() for t in big.values())
     [(start, [(_, t, _, _)])] = push(cfg, "auto", "1p7b", 1, [lambda: big])

@@ -70,6 +70,36 @@ def write(parts: Iterable[np.ndarray], tag: str) -> Path:
     return path
 
 
+class Reservation:
+    """A file of nbytes under its writer's name with a .partial suffix, its pages allocated ahead of
+    need and mapped writable: a version is then staged into it with one memcpy (~0.04 s for 270 MB
+    here), where a new file costs the kernel a zeroed page per 4 KiB first (~0.17 s). Made in the
+    background after a release, it takes that cost off the next publish."""
+
+    def __init__(self, nbytes: int, tag: str = "next"):
+        self.nbytes = nbytes
+        self.partial = directory() / f"{PREFIX}{os.getpid()}-{tag}.partial"
+        fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)  # ENOSPC here, not SIGBUS when the pages are first touched
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self.buffer = np.frombuffer(mmap.mmap(fd, nbytes, flags=flags), np.uint8)
+        except OSError:
+            self.partial.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+
+    def name(self, tag: str) -> Path:
+        """Give the written file its final name: readers may map it from now on."""
+        path = directory() / f"{PREFIX}{os.getpid()}-{tag}"
+        os.replace(self.partial, path)
+        return path
+
+    def discard(self) -> None:
+        self.partial.unlink(missing_ok=True)
+
+
 def map_readonly(path: str | Path, nbytes: int) -> np.ndarray:
     """The file's first nbytes as a read-only uint8 array, shared with every other reader of it."""
     with open(path, "rb") as f:

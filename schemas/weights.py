@@ -125,10 +125,11 @@ def layout(state_dict: dict[str, torch.Tensor]) -> tuple[tuple[TensorSpec, ...],
     return tuple(specs), tensors
 
 
-def stage(state_dict: dict[str, torch.Tensor]) -> tuple[tuple[TensorSpec, ...], np.ndarray]:
-    """Copy a state dict into one new staging buffer: the only work a publish does on the caller's time."""
+def stage(state_dict: dict[str, torch.Tensor], into: np.ndarray | None = None):
+    """(specs, buffer): a state dict copied into one staging buffer (into, or a pooled one), the only work
+    a publish does on the caller's time."""
     specs, tensors = layout(state_dict)
-    buffer = allocate(sum(t.nbytes for t in specs))
+    buffer = allocate(sum(t.nbytes for t in specs)) if into is None else into[: sum(t.nbytes for t in specs)]
     flat = torch.from_numpy(buffer)
     for spec, t in zip(specs, tensors, strict=True):
         flat[spec.offset : spec.offset + spec.nbytes].copy_(t)

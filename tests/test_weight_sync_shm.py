@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,21 @@ def files_of_this_process() -> set[str]:
     return {p.name for p in shared_memory.directory().glob(f"{shared_memory.PREFIX}{os.getpid()}-*")}
 
 
+def version_files() -> set[str]:
+    """The versions' files, without the one reserved for the next version."""
+    return {name for name in files_of_this_process() if not name.endswith(".partial")}
+
+
+def reserved_inode(timeout_s: float = 20) -> int:
+    """The inode of the file the service reserved for its next version, once it is there."""
+    spare = shared_memory.directory() / f"{shared_memory.PREFIX}{os.getpid()}-next.partial"
+    deadline = time.monotonic() + timeout_s
+    while not spare.exists():
+        assert time.monotonic() < deadline, "no file reserved for the next version"
+        time.sleep(0.05)
+    return spare.stat().st_ino
+
+
 def serve(cfg, **weights) -> WeightSyncServer:
     server = WeightSyncServer(with_overrides(cfg, weights={"port": 0, "subscription_s": 5, **weights}))
     server.start()
@@ -30,6 +46,7 @@ def test_a_subscriber_on_the_same_host_maps_versions_from_shared_memory(cfg):
     server = serve(cfg)
     subscriber = WeightSubscriber(server.cfg.weights, server.target, "local").start()
     try:
+        reserved = None
         for version in (0, 1):
             model = tiny_llama(version)
             server.publish(model.state_dict(), step=version, version=version)
@@ -37,7 +54,11 @@ def test_a_subscriber_on_the_same_host_maps_versions_from_shared_memory(cfg):
             assert got.version == version and not got.buffer.flags.writeable
             for name, tensor in got.state_dict().items():
                 assert torch.equal(tensor, model.state_dict()[name]), name
-            assert files_of_this_process() == {f"{shared_memory.PREFIX}{os.getpid()}-v{version}"}
+            path = shared_memory.directory() / f"{shared_memory.PREFIX}{os.getpid()}-v{version}"
+            assert version_files() == {path.name}
+            if reserved is not None:  # v1 was staged into the file reserved after v0's release
+                assert path.stat().st_ino == reserved
+            reserved = reserved_inode()
         assert subscriber.stats.shared_memory == 2 and subscriber.stats.wire_bytes == 0
         held = subscriber.take().state_dict()  # a mapping outlives its file: v0's is gone, v1's too at stop
     finally:
@@ -58,7 +79,7 @@ def test_either_side_can_turn_shared_memory_off(cfg, side):
         assert subscriber.stats.shared_memory == 0 and subscriber.stats.wire_bytes > 0
         # a service that may share stages each version in shared memory, whoever subscribes
         staged = {f"{shared_memory.PREFIX}{os.getpid()}-v0"} if side == "subscriber" else set()
-        assert files_of_this_process() == staged
+        assert version_files() == staged
     finally:
         subscriber.close()
         server.stop()

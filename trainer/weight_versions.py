@@ -1,8 +1,9 @@
 """VersionStore: the policy versions a weight-sync service holds, and their wire forms.
 
-publish() copies the weights into a fresh staging buffer and returns: that copy is all the training
-loop waits for. With shared memory on, the staging buffer is itself a file in /dev/shm, mapped back:
-subscribers on this host map the same pages, so a version is written once and never copied again.
+publish() copies the weights into a staging buffer and returns: that copy is all the training loop
+waits for. With shared memory on, the staging buffer is itself a file in /dev/shm, mapped back:
+subscribers on this host map the same pages, so a version is written once and never copied again;
+the next version's file is allocated right after each release, so staging into it is one memcpy.
 A version becomes visible only once complete, so no subscriber ever sees one half-written; it is
 released to this host's subscribers first (checked with xxh3), then hashed for the streams (which
 start sending before, and end with the xxh3) and with sha256 for the announcement, off the training
@@ -25,7 +26,7 @@ import torch
 
 from ops import shared_memory
 from ops.config import TbaConfig
-from schemas.weights import EncodedVersion, WeightVersion, encode, layout, seal, stage
+from schemas.weights import EncodedVersion, WeightVersion, encode, layout, seal, stage, unaliased
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class VersionStore:
         self._sealing: list[threading.Thread] = []
         self._shared: dict[int, tuple[Path, bytes]] = {}  # version -> its shared-memory file and xxh3
         self._shared_lock = threading.Lock()
+        self._spare: shared_memory.Reservation | None = None  # the next version's file, allocated ahead
+        self._spare_lock = threading.Lock()
+        self._closed = False
         if self.wcfg.shared_memory != "never" and (removed := shared_memory.remove_orphans()):
             log.info("removed %d shared-memory weight files of services no longer running", removed)
 
@@ -70,14 +74,38 @@ class VersionStore:
     def _stage(self, state_dict, version: int):
         """(specs, buffer, shared-memory file or None): staged in /dev/shm when this host may share."""
         if self.wcfg.shared_memory != "never":
-            specs, tensors = layout(state_dict)
             try:
-                path = shared_memory.write((t.cpu().numpy() for t in tensors), f"v{version}")
+                return self._stage_shared(state_dict, version)
             except OSError as exc:  # /dev/shm full or too small (containers): stage in private memory
                 log.warning("cannot stage version %d in shared memory (%s)", version, exc)
-            else:
-                return specs, shared_memory.map_readonly(path, sum(t.nbytes for t in specs)), path
         return *stage(state_dict), None
+
+    def _stage_shared(self, state_dict, version: int):
+        """Into the file reserved after the last release when it has the size (one memcpy), else a new one."""
+        nbytes = sum(t.numel() * t.element_size() for _, t in unaliased(state_dict))
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and spare.nbytes == nbytes:
+            specs, buffer = stage(state_dict, into=spare.buffer)
+            return specs, buffer, spare.name(f"v{version}")
+        if spare is not None:
+            spare.discard()
+        specs, tensors = layout(state_dict)
+        path = shared_memory.write((t.cpu().numpy() for t in tensors), f"v{version}")
+        return specs, shared_memory.map_readonly(path, nbytes), path
+
+    def _reserve_spare(self, nbytes: int) -> None:
+        """Allocate the next version's file now, between publishes, off the training loop's time."""
+        try:
+            spare = shared_memory.Reservation(nbytes)
+        except OSError as exc:
+            log.info("no spare shared-memory file for the next version (%s)", exc)
+            return
+        with self._spare_lock:
+            if self._closed or self._spare is not None:
+                spare.discard()
+            else:
+                self._spare = spare
 
     def _seal(self, specs, buffer, path: Path | None, version: int, step: int, model_id: str) -> None:
         sealed = seal(specs, buffer, version, step, model_id)
@@ -85,6 +113,8 @@ class VersionStore:
             with self._shared_lock:
                 self._shared[version] = (path, sealed.xxh3)
         self.release(sealed)
+        if path is not None:
+            self._reserve_spare(sealed.nbytes)
 
     def release(self, version: WeightVersion) -> None:
         """Make a sealed version the newest one (older ones that arrive late are dropped)."""
@@ -142,6 +172,11 @@ class VersionStore:
         """Wait for versions still being sealed, then flush the announcements."""
         for t in self._sealing:
             t.join()
+        with self._spare_lock:
+            self._closed = True
+            if self._spare is not None:
+                self._spare.discard()
+                self._spare = None
         self._unshare()
         if self._announcer is not None:
             self._announcer.close()
