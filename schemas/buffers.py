@@ -15,7 +15,10 @@ import weakref
 
 import numpy as np
 
-KEEP_PER_SIZE = 2  # the version being filled and the one before it, which a reader may still hold
+# one spare a size: a store drops its oldest version as it releases a new one, a subscriber its last as
+# the next arrives, so one buffer waiting is enough for the next; more would only hold memory (a 7B
+# model's bf16 version is 14 GB)
+KEEP_PER_SIZE = 1
 
 _pool: dict[int, list[mmap.mmap]] = {}
 _lock = threading.Lock()
@@ -46,9 +49,3 @@ def _give_back(pages: mmap.mmap) -> None:
         if len(kept) < KEEP_PER_SIZE:
             kept.append(pages)
     # else dropped: the pages are unmapped once the dying array lets go of them
-
-
-def pooled_bytes() -> int:
-    """Bytes held in the pool, ready for reuse."""
-    with _lock:
-        return sum(size * len(kept) for size, kept in _pool.items())
