@@ -301,3 +301,16 @@ def test_publishing_only_some_tensors_updates_only_those(wcfg, server):
     with pytest.raises(TbaError, match="tensors this model lacks"):
         load_into(searcher_model, {"not.a.tensor": torch.zeros(1)})
     sub.close()
+
+
+def test_an_unchanged_version_arrives_as_its_header_alone(wcfg, server):
+    """Weights published again unchanged (a step that skipped the update): every tensor UNCHANGED, no data
+    chunk follows, and the subscriber still gets the version, checked against the xxh3 after the header."""
+    model = tiny_llama(5)
+    sub = subscribe(wcfg, server)
+    sub.wait_for(server.publish(model.state_dict(), step=0), 20)
+    full_bytes = sub.stats.wire_bytes
+    got = sub.wait_for(server.publish(model.state_dict(), step=1), 20)
+    assert got.version == 1 and got.step == 1 and sub.stats.wire_bytes == full_bytes
+    assert same_bits(got.state_dict(), {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"})
+    sub.close()
