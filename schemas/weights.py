@@ -125,15 +125,19 @@ def layout(state_dict: dict[str, torch.Tensor]) -> tuple[tuple[TensorSpec, ...],
     return tuple(specs), tensors
 
 
-def stage(state_dict: dict[str, torch.Tensor], into: np.ndarray | None = None):
-    """(specs, buffer): a state dict copied into one staging buffer (into, or a pooled one), the only work
-    a publish does on the caller's time."""
+def stage(state_dict: dict[str, torch.Tensor]) -> tuple[tuple[TensorSpec, ...], np.ndarray]:
+    """Copy a state dict into one (pooled) staging buffer: the only work a publish does on the caller's time."""
     specs, tensors = layout(state_dict)
-    buffer = allocate(sum(t.nbytes for t in specs)) if into is None else into[: sum(t.nbytes for t in specs)]
+    buffer = allocate(sum(t.nbytes for t in specs))
+    fill(buffer, specs, tensors)
+    return specs, buffer
+
+
+def fill(buffer: np.ndarray, specs, tensors) -> None:
+    """Copy laid-out tensors into a buffer of their total size."""
     flat = torch.from_numpy(buffer)
     for spec, t in zip(specs, tensors, strict=True):
         flat[spec.offset : spec.offset + spec.nbytes].copy_(t)
-    return specs, buffer
 
 
 def tensor_digest(data: np.ndarray) -> bytes:
@@ -272,8 +276,8 @@ class VersionAssembler:
         self.specs = specs = header_specs(header)
         self.buffer = allocate(sum(t.nbytes for t in specs))
         self._pending: dict[int, bytearray] = {}  # compressed deltas being received
-        self._received = [0] * len(specs)
-        self._complete = [False] * len(specs)
+        self._received = [0] * len(specs)  # wire bytes of each tensor so far
+        self._ready = [0] * len(specs)  # bytes of each tensor in place, from its start
         self._digests: list = [None] * len(specs)  # bytes, or a Future of them while a tensor hashes
         self._hasher = None if self.by_sha256 else xxhash.xxh3_128()
         self._hashed = (0, 0)  # (tensor, bytes of it) fed to the hasher so far
@@ -283,15 +287,13 @@ class VersionAssembler:
         for i, meta in enumerate(header.tensors):
             if meta.encoding == Encoding.UNCHANGED:
                 self._slot(i)[:] = base.tensor_bytes(base_specs[meta.name])
-                self._complete[i] = True
+                self._ready[i] = meta.nbytes
                 if self.by_sha256:
                     self._digests[i] = base.digests[base_index[meta.name]]
             elif meta.wire_nbytes == 0 and meta.nbytes > 0:
                 raise TbaError(f"tensor {meta.name}: no bytes announced for a non-empty tensor")
-            elif meta.nbytes == 0:
-                self._complete[i] = True
-                if self.by_sha256:
-                    self._digests[i] = tensor_digest(self._slot(i))
+            elif meta.nbytes == 0 and self.by_sha256:
+                self._digests[i] = tensor_digest(self._slot(i))
         self._base_specs = base_specs
         self._hash_ready()
 
@@ -318,6 +320,7 @@ class VersionAssembler:
         if meta.encoding == Encoding.RAW:
             start = self.specs[i].offset + chunk.offset
             self.buffer[start : start + len(data)] = np.frombuffer(data, np.uint8)
+            self._ready[i] = end
         else:
             self._pending.setdefault(i, bytearray()).extend(data)
         self._received[i] = end
@@ -328,13 +331,10 @@ class VersionAssembler:
                 np.bitwise_xor(before, np.frombuffer(xor, np.uint8), out=self._slot(i))
             if self.by_sha256:  # hashed on another thread while the next chunks arrive (hashlib releases the GIL)
                 self._digests[i] = _HASHERS.submit(tensor_digest, self._slot(i))
-            self._complete[i] = True
+            self._ready[i] = meta.nbytes
             self._remaining -= 1
         self._hash_ready()
         return len(data)
-
-    def _raw(self, i: int) -> bool:
-        return self.header.tensors[i].encoding == Encoding.RAW
 
     def _hash_ready(self) -> None:
         """Feed the xxh3 every byte that is in place, in header order (a RAW tensor as its chunks land)."""
@@ -343,10 +343,9 @@ class VersionAssembler:
         i, done = self._hashed
         while i < len(self.specs):
             spec = self.specs[i]
-            ready = spec.nbytes if self._complete[i] else self._received[i] if self._raw(i) else 0
-            if ready > done:
-                self._hasher.update(memoryview(self.buffer[spec.offset + done : spec.offset + ready]))
-                done = ready
+            if self._ready[i] > done:
+                self._hasher.update(memoryview(self.buffer[spec.offset + done : spec.offset + self._ready[i]]))
+                done = self._ready[i]
             if done < spec.nbytes:
                 break
             i, done = i + 1, 0

@@ -26,11 +26,11 @@ def version_files() -> set[str]:
     return {name for name in files_of_this_process() if not name.endswith(".partial")}
 
 
-def reserved_inode(timeout_s: float = 20) -> int:
-    """The inode of the file the service reserved for its next version, once it is there."""
+def reserved_inode(nbytes: int, timeout_s: float = 20) -> int:
+    """The inode of the file the service reserved for its next version, once allocated in full."""
     spare = shared_memory.directory() / f"{shared_memory.PREFIX}{os.getpid()}-next.partial"
     deadline = time.monotonic() + timeout_s
-    while not spare.exists():
+    while not (spare.exists() and spare.stat().st_size == nbytes):
         assert time.monotonic() < deadline, "no file reserved for the next version"
         time.sleep(0.05)
     return spare.stat().st_ino
@@ -58,7 +58,7 @@ def test_a_subscriber_on_the_same_host_maps_versions_from_shared_memory(cfg):
             assert version_files() == {path.name}
             if reserved is not None:  # v1 was staged into the file reserved after v0's release
                 assert path.stat().st_ino == reserved
-            reserved = reserved_inode()
+            reserved = reserved_inode(got.nbytes)
         assert subscriber.stats.shared_memory == 2 and subscriber.stats.wire_bytes == 0
         held = subscriber.take().state_dict()  # a mapping outlives its file: v0's is gone, v1's too at stop
     finally:
