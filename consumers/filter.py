@@ -30,7 +30,7 @@ from ops.job import model_id
 from ops.schema_store import KafkaSchemaStore
 from ops.topics import filter_group, topic_names
 from schemas.codec import SchemaStore
-from schemas.records import DeadLetter, DeadLetterCodec, TrajectoryCodec
+from schemas.records import DeadLetter, DeadLetterCodec, TrajectoryCodec, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +57,26 @@ class GroupFilter:
     """The pure part: raw bytes in, routed bytes out. No Kafka here, so it is testable on its own."""
 
     def __init__(self, cfg: TbaConfig, store: SchemaStore):
+        self.cfg = cfg
         self.codec = TrajectoryCodec(store)
         self.letters = DeadLetterCodec(store)
         self.scorers = build_scorers(cfg.filter)
         self.source = topic_names(cfg).raw
         self.model_id = model_id(cfg)
+        self._completer = None  # loaded with the first text-only group: most jobs never need a model here
 
     def route(self, value: bytes | None, key: bytes | None = None, partition: int = -1, offset: int = -1) -> Routed:
         try:
             group = self.codec.decode(value or b"")
         except DecodeError as exc:
             return self._reject("decode", exc.reason, value, key, partition, offset)
-        if group.model_id and group.model_id != self.model_id:  # another tokenizer's ids: never trainable
+        carries_ids = group.prompt_token_ids.size or any(s.token_ids.size for s in group.samples)
+        if carries_ids and group.model_id and group.model_id != self.model_id:  # another tokenizer's ids
             reason = f"made with model {group.model_id!r}; this job trains {self.model_id!r}"
             return self._reject("model", reason, value, key, partition, offset)
+        reason = self._complete(group)
+        if reason:
+            return self._reject("completion", reason, value, key, partition, offset)
         scores = {}
         for name, scorer in self.scorers:
             try:
@@ -83,9 +89,35 @@ class GroupFilter:
         group.scores = {**group.scores, **scores}
         return Routed(True, self.codec.encode(group))
 
+    def _complete(self, group) -> str | None:
+        """Fill in what a text-only (or gateway) group lacks, once, so curated holds what the trainer reads;
+        the reason when it cannot be done."""
+        if self.cfg.trainer.loss != "tb":  # the baselines take samples as the policy's own (ratio 1)
+            bare = next((i for i, s in enumerate(group.samples) if s.logprobs.size == 0 and s.completion), None)
+            if bare is not None:
+                return (f"trainer.loss {self.cfg.trainer.loss} needs behaviour log-probs to weigh a sample; "
+                        f"sample {bare} has none")  # fmt: skip
+        group.group_id = group.group_id or group.digest().hex()  # a writer may leave naming it to us
+        group.created_at = group.created_at or now_ms()
+        if not group.missing():
+            return None
+        if self._completer is None:
+            self._completer = load_completer(self.cfg)
+        return self._completer.complete(group)
+
     def _reject(self, scorer: str, reason: str, value, key, partition: int, offset: int) -> Routed:
         letter = DeadLetter(reason, scorer, self.source, partition, offset, key, bytes(value or b""))
         return Routed(False, self.letters.encode(letter), scorer)
+
+
+def load_completer(cfg: TbaConfig):
+    """The job's tokenizer and reference model, as searchers load them (policy.completion.GroupCompleter)."""
+    from policy.completion import GroupCompleter
+    from policy.models import load_model
+
+    s = cfg.searcher
+    reference, tokenizer = load_model(s.reference_model or s.model, None if s.reference_model else s.gguf_file, s.dtype)
+    return GroupCompleter(reference, tokenizer, cfg.trainer.temperature)
 
 
 class FilterConsumer:
@@ -130,17 +162,19 @@ class FilterConsumer:
         return self.stats
 
     def _process(self, batch: dict[TopicPartition, list]) -> None:
+        # routed before the transaction opens: completing text-only groups (a model pass, a first model
+        # load) must not eat into the transaction's timeout
+        outs = [(rec, self.filter.route(rec.value, rec.key, tp.partition, rec.offset))
+                for tp, records in batch.items() for rec in records]  # fmt: skip
         self.producer.begin_transaction()
         try:
             routed = Counter()
             sends = []
-            for tp, records in batch.items():
-                for rec in records:
-                    out = self.filter.route(rec.value, rec.key, tp.partition, rec.offset)
-                    topic = self.topics.curated if out.accepted else self.topics.dlq
-                    # keep the generation time: curated time ranges (replays) then mean when groups were made
-                    sends.append(self.producer.send(topic, key=rec.key, value=out.value, timestamp_ms=rec.timestamp))
-                    routed["accepted" if out.accepted else out.scorer] += 1
+            for rec, out in outs:
+                topic = self.topics.curated if out.accepted else self.topics.dlq
+                # keep the generation time: curated time ranges (replays) then mean when groups were made
+                sends.append(self.producer.send(topic, key=rec.key, value=out.value, timestamp_ms=rec.timestamp))
+                routed["accepted" if out.accepted else out.scorer] += 1
             # a send that fails past its delivery timeout leaves kafka-python's transaction committable
             # (the Java client aborts it): wait for every send, and abort unless all were written
             self.producer.flush()

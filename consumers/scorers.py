@@ -61,10 +61,10 @@ def finite_rewards(group: TrajectoryGroup) -> Verdict:
 
 
 def lengths(group: TrajectoryGroup) -> Verdict:
-    """One behaviour and one reference log-prob per token, all finite and <= 0."""
+    """One reference log-prob per token, and one behaviour log-prob per token or none; all finite and <= 0."""
     for i, s in enumerate(group.samples):
         n, lp, ref = s.token_ids.size, s.logprobs.size, s.ref_logprobs.size
-        if not n == lp == ref:
+        if ref != n or lp not in (0, n):
             return Verdict(0.0, f"sample {i}: {n} tokens but {lp} logprobs and {ref} ref_logprobs")
     # one vectorised check for the whole group; look for the culprit only when it fails
     values = np.concatenate([a for s in group.samples for a in (s.logprobs, s.ref_logprobs)])

@@ -36,4 +36,10 @@ class KafkaSchemaStore(SchemaStore):
     def fetch(self) -> list[tuple[bytes, str]]:
         with one_line_refusals(self.cfg, READ):
             records = read_topic(self.cfg, self.topic, "read_uncommitted")
-        return [(bytes.fromhex(r.key.decode()), r.value) for r in records]
+        shared = []
+        for r in records:  # anyone may write this topic: a key that is no fingerprint is not a registration
+            try:
+                shared.append((bytes.fromhex((r.key or b"").decode("ascii")), (r.value or b"").decode("utf-8")))
+            except (UnicodeDecodeError, ValueError):
+                continue
+        return shared

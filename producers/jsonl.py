@@ -1,8 +1,10 @@
 """External generators: JSON Lines -> TrajectoryGroups -> the raw topic (`tba produce FILE.jsonl`).
 
 One JSON object per line, fields as in the TrajectoryGroup Avro schema, but with token ids and
-log-probs as plain JSON lists (we pack them). README.md documents the fields. Each line is
-validated on its own; an invalid line is reported with its number and reason and skipped.
+log-probs as plain JSON lists (we pack them). The least a line needs is a prompt_id, a prompt (or
+chat messages) and each sample's completion and reward: the filter fills in the rest. README.md
+documents the fields. Each line is validated on its own; an invalid line is reported with its
+number and reason and skipped.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from kafka.errors import MessageSizeTooLargeError
@@ -27,28 +30,35 @@ class _Line(BaseModel):
 
 class JsonlSample(_Line):
     completion: str
-    token_ids: list[int]
-    logprobs: list[float]
-    ref_logprobs: list[float]
     reward: float
-    finish_reason: str = "stop"
+    finish_reason: Literal["stop", "length"] = "stop"
+    # optional: the filter tokenizes the completion and computes reference log-probs with the job's models
+    token_ids: list[int] = []
+    logprobs: list[float] = []
+    ref_logprobs: list[float] = []
 
     @model_validator(mode="after")
     def _lengths_agree(self):
-        if not len(self.token_ids) == len(self.logprobs) == len(self.ref_logprobs):
-            raise ValueError(
-                f"token_ids, logprobs and ref_logprobs differ in length "
-                f"({len(self.token_ids)}, {len(self.logprobs)}, {len(self.ref_logprobs)})"
-            )
+        n = len(self.token_ids)
+        for name in ("logprobs", "ref_logprobs"):
+            given = len(getattr(self, name))
+            if given and given != n:
+                raise ValueError(f"{given} {name} for {n} token_ids (give one per token, or none)")
         if not math.isfinite(self.reward):
             raise ValueError(f"reward must be finite, got {self.reward}")
         return self
 
 
+class JsonlMessage(_Line):
+    role: str = Field(min_length=1)
+    content: str
+
+
 class JsonlGroup(_Line):
     prompt_id: str = Field(min_length=1)
-    task: str
-    prompt: str
+    task: str = ""
+    prompt: str = ""
+    messages: list[JsonlMessage] = []
     prompt_token_ids: list[int] = []
     samples: list[JsonlSample] = Field(min_length=1)
     group_id: str | None = None
@@ -58,12 +68,19 @@ class JsonlGroup(_Line):
     created_at: int | None = None
     metadata: dict[str, str] = {}
 
+    @model_validator(mode="after")
+    def _has_a_prompt(self):
+        if not (self.prompt or self.messages or self.prompt_token_ids):
+            raise ValueError("give the prompt as prompt, messages or prompt_token_ids")
+        return self
+
     def to_group(self) -> TrajectoryGroup:
         extra = {"group_id": self.group_id} if self.group_id else {}
         return TrajectoryGroup(
             prompt_id=self.prompt_id,
             task=self.task,
             prompt=self.prompt,
+            messages=[m.model_dump() for m in self.messages],
             prompt_token_ids=np.array(self.prompt_token_ids, np.int32),
             samples=[
                 Sample(

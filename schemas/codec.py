@@ -64,12 +64,15 @@ class SchemaStore:
         schema = self._schemas.get(fp)
         if schema is None:
             for key, canonical in self.fetch():
+                # every writer may write the store: trust a key only when it is the CRC-64-AVRO of the text
+                # as registered, which is what that writer put in its messages. Not re-derived here: Avro
+                # libraries disagree on canonical forms (Apache's keeps {"type": "long"} for a logical type)
+                if bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")) != key:
+                    continue
                 try:
                     parsed = fastavro.parse_schema(json.loads(canonical))
                 except (ValueError, fastavro.schema.SchemaParseException):
-                    continue  # a foreign value in the store is not ours to trust
-                if schema_fingerprint(parsed) != key:  # every writer may write the store: trust no mislabelled one
-                    continue
+                    continue  # not a schema: nothing to read with
                 with self._lock:
                     self._schemas.setdefault(key, parsed)
             schema = self._schemas.get(fp)

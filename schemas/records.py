@@ -55,6 +55,7 @@ class TrajectoryGroup:
     prompt: str
     prompt_token_ids: np.ndarray  # (P,) int32
     samples: list[Sample]
+    messages: list[dict[str, str]] = field(default_factory=list)  # a chat's turns; [] for a plain prompt
     policy_version: int = -1
     generator_id: str = ""
     model_id: str = ""
@@ -67,10 +68,19 @@ class TrajectoryGroup:
     def rewards(self) -> np.ndarray:
         return np.array([s.reward for s in self.samples], dtype=np.float64)  # (K,)
 
+    def missing(self) -> bool:
+        """Whether the job must fill something in before training on it: prompt token ids, a completion's
+        token ids (a sample with text but no ids), or reference log-probs. Behaviour log-probs stay optional."""
+        if self.prompt_token_ids.size == 0:
+            return True
+        return any(s.ref_logprobs.size == 0 and (s.token_ids.size or s.completion) for s in self.samples)
+
     def digest(self) -> bytes:
         """Content hash of prompt and completions (not ids or times): equal groups, equal digests."""
         h = hashlib.blake2b(digest_size=16)
         h.update(self.prompt.encode())
+        for m in self.messages:
+            h.update(f"{m['role']}\0{m['content']}\0".encode())
         for s in self.samples:
             h.update(s.token_ids.tobytes())
             h.update(s.completion.encode())
@@ -82,6 +92,7 @@ class TrajectoryGroup:
             "prompt_id": self.prompt_id,
             "task": self.task,
             "prompt": self.prompt,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in self.messages],
             "prompt_token_ids": np.asarray(self.prompt_token_ids, I32).tobytes(),
             "samples": [
                 {
@@ -110,6 +121,7 @@ class TrajectoryGroup:
             prompt_id=rec["prompt_id"],
             task=rec["task"],
             prompt=rec["prompt"],
+            messages=rec["messages"],
             prompt_token_ids=_unpack(rec["prompt_token_ids"], I32, "prompt_token_ids"),
             samples=[
                 Sample(

@@ -87,7 +87,10 @@ def test_tba_produce_publishes_valid_lines_and_reports_invalid_ones(cfg, store, 
     assert result.exit_code == 1, result.output
     assert "published 3 group(s); 5 invalid line(s) skipped" in result.stdout
     assert f"{path}:2: not JSON" in result.stderr
-    assert f"{path}:4: samples.0: Value error, token_ids, logprobs and ref_logprobs differ in length" in result.stderr
+    n = len(bad_lengths["samples"][0]["token_ids"])
+    assert f"{path}:4: samples.0: Value error, {n - 1} logprobs for {n} token_ids (give one per token, or none)" in (
+        result.stderr
+    )
     assert f"{path}:5: samples: List should have at least 1 item" in result.stderr
     assert f"{path}:6: " in result.stderr
     assert f"{path}:8: colour: Extra inputs are not permitted" in result.stderr
