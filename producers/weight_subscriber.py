@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,6 +28,7 @@ from schemas.weights import ChecksumError, VersionAssembler, WeightVersion, veri
 log = logging.getLogger(__name__)
 
 FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+RECENT_VERSIONS = 64
 
 
 @dataclass
@@ -36,7 +38,9 @@ class SubscriberStats:
     reconnects: int = 0
     wire_bytes: int = 0
     shared_memory: int = 0  # versions mapped from the server's shared memory instead of received
-    received: list[int] = field(default_factory=list)  # version numbers, in the order they arrived
+    malformed: int = 0  # streams dropped for breaking the protocol (then subscribed again)
+    # the newest version numbers, in the order they arrived: bounded, as a job lives for weeks of versions
+    received: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_VERSIONS))
 
 
 class WeightSubscriber:
@@ -65,7 +69,11 @@ class WeightSubscriber:
         return self._newest
 
     def take(self) -> WeightVersion | None:
-        """The newest version not taken yet, or None: call between generation batches."""
+        """The newest version not taken yet, or None: call between generation batches. Raises the error that
+        stopped the subscriber, so that its process goes down saying why rather than generate on with old
+        weights until it pauses for lag, for good."""
+        if self.error is not None:
+            raise self.error
         with self._arrived:
             if self._newest is None or self._newest.version <= self._taken:
                 return None
@@ -93,6 +101,18 @@ class WeightSubscriber:
         self._channel.close()
 
     def _run(self) -> None:
+        try:
+            self._keep_subscribed()
+        except Exception as exc:  # a bug, not a network fault: the process must stop and say so, not go on deaf
+            log.exception("%s: weight subscriber stopped", self.subscriber_id)
+            self._fail(TbaError(f"weight subscriber stopped: {type(exc).__name__}: {exc}"))
+
+    def _fail(self, error: TbaError) -> None:
+        self.error = error
+        with self._arrived:
+            self._arrived.notify_all()
+
+    def _keep_subscribed(self) -> None:
         backoff = self.cfg.reconnect_initial_s
         while not self._stop.is_set():
             try:
@@ -101,13 +121,16 @@ class WeightSubscriber:
             except ChecksumError as exc:
                 self.stats.checksum_failures += 1
                 log.warning("%s; fetching it again", exc)
+            except TbaError as exc:  # a stream that broke the protocol: drop it, subscribe afresh after a pause
+                self.stats.malformed += 1
+                log.warning("weight sync at %s sent a malformed stream (%s); subscribing again", self.target, exc)
+                self._stop.wait(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, self.cfg.reconnect_max_s)
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     return
                 if exc.code() in FATAL:
-                    self.error = TbaError(f"weight sync at {self.target} refused this subscriber: {exc.details()}")
-                    with self._arrived:
-                        self._arrived.notify_all()
+                    self._fail(TbaError(f"weight sync at {self.target} refused this subscriber: {exc.details()}"))
                     return
                 self.stats.reconnects += 1
                 # once per outage, a line that says what to check; the retries themselves at info
@@ -139,6 +162,8 @@ class WeightSubscriber:
                 if header is not None:
                     assembler, received = VersionAssembler(header, self._newest, checksum_after_data=True), 0
                 else:  # bytes of a tensor, or the checksum that follows them
+                    if assembler is None:
+                        raise TbaError("a data chunk before any version's header")
                     added = assembler.add(chunk)
                     self.stats.wire_bytes += added
                     received += added

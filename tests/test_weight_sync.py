@@ -69,7 +69,7 @@ def test_a_late_subscriber_gets_the_latest_version_only(wcfg, server):
         server.wait_published(server.publish(tiny_llama(seed).state_dict(), step=seed))
     sub = subscribe(wcfg, server)
     assert sub.wait_for(2, 20).step == 2
-    assert sub.stats.received == [2]
+    assert list(sub.stats.received) == [2]
     sub.close()
 
 
@@ -79,7 +79,7 @@ def test_three_subscribers_see_versions_in_order(wcfg, server):
         server.publish(tiny_llama(seed).state_dict(), step=seed)
     for sub in subs:
         assert sub.wait_for(5, 30).version == 5
-        received = sub.stats.received
+        received = list(sub.stats.received)
         assert received == sorted(set(received)) and received[-1] == 5  # increasing; skips only superseded
         sub.close()
 
@@ -117,6 +117,50 @@ def test_a_corrupted_chunk_is_rejected_and_fetched_again(wcfg, server):
     got = sub.wait_for(version, 20)
     assert sub.stats.checksum_failures == 1
     assert same_bits(got.state_dict(), {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"})
+    sub.close()
+
+
+class MalformOnce(CorruptOnce):
+    """Moves the first data chunk past its tensor's end: a stream that breaks the protocol."""
+
+    def intercept_unary_stream(self, continuation, details, request):
+        call = continuation(details, request)
+        interceptor = self
+
+        class Stream:
+            def __iter__(self):
+                for chunk in call:
+                    if not interceptor.done and isinstance(chunk, DataChunk) and len(chunk.data):
+                        chunk = dataclasses.replace(chunk, offset=chunk.offset + (1 << 40))
+                        interceptor.done = True
+                    yield chunk
+
+            def cancel(self):
+                return call.cancel()
+
+        return Stream()
+
+
+def test_a_malformed_stream_is_dropped_and_subscribed_again(wcfg, server):
+    sub = subscribe(wcfg, server, interceptors=[MalformOnce()])
+    first = server.publish(tiny_llama(1).state_dict(), step=1)
+    assert sub.wait_for(first, 20).version == first and sub.stats.malformed == 1
+    model = tiny_llama(2)
+    second = server.publish(model.state_dict(), step=2)  # and the next version arrives as usual
+    got = sub.wait_for(second, 20)
+    assert same_bits(got.state_dict(), {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"})
+    assert sub.error is None and sub.take().version == second
+    sub.close()
+
+
+def test_a_subscriber_that_stopped_says_why_to_its_process(wcfg, server, monkeypatch):
+    sub = WeightSubscriber(wcfg.weights, server.target, "s")
+    monkeypatch.setattr(sub, "_subscribe_once", lambda: 1 / 0)  # a bug in the background thread
+    sub.start()
+    with pytest.raises(TbaError, match="weight subscriber stopped: ZeroDivisionError"):
+        sub.wait_for(0, 20)
+    with pytest.raises(TbaError, match="weight subscriber stopped"):
+        sub.take()  # the searcher's next batch: its process goes down with the line, and is restarted
     sub.close()
 
 
