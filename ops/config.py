@@ -11,13 +11,19 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from ops.errors import ConfigError
 
 
 class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """A check across fields that still names the one field to fix (`_explain` reads it from the context)."""
+    return PydanticCustomError("config", "{field}: {message}", {"field": field, "message": message})
 
 
 class KafkaConfig(Section):
@@ -195,7 +201,7 @@ class SearcherConfig(Section):
     prompts_per_batch: int = Field(2, ge=1)
     temperature: float = Field(0.7, gt=0)
     max_new_tokens: int = Field(32, ge=1)
-    searchers: int = Field(1, ge=1)  # how many `tba run` starts (`tba scale searchers N` changes it)
+    searchers: int = Field(1, ge=0)  # how many `tba run` starts (`tba scale searchers N` too); 0: with gateway.enabled
     weights_target: str | None = None  # host:port of the weight-sync service; None: weights.host:port
     max_policy_lag: int = Field(4, ge=0)  # versions behind the newest announced one before pausing
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # vllm: the share of the GPU it may take
@@ -242,6 +248,21 @@ class TrainerConfig(Section):
     seed: int = 0
 
 
+class GatewayConfig(Section):
+    """`tba gateway`: an OpenAI-compatible endpoint on the policy being trained; rewards posted back make groups."""
+
+    enabled: bool = False  # `tba run` starts it, beside searcher.searchers searchers (which may then be 0)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)  # 0: any free port
+    token_env: str = "TBA_GATEWAY_TOKEN"  # the environment variable holding the bearer token; unset: no auth
+    reward_timeout_s: float = Field(600.0, gt=0)  # a group whose rewards are not all in by then goes to the dlq
+    batch_wait_ms: float = Field(20.0, ge=0)  # how long a generation batch waits for more requests to join it
+    max_batch_prompts: int = Field(16, ge=1)  # requests (each n completions of one prompt) in one batch
+    max_tokens: int = Field(32, ge=1)  # a request's max_tokens when it gives none
+    max_tokens_limit: int = Field(1024, ge=1)  # the most max_tokens a request may ask for
+    task_label: str = Field("gateway", min_length=1)  # the groups' task
+
+
 class RunConfig(Section):
     """`tba run`: the whole job on one machine, each role its own supervised process."""
 
@@ -279,6 +300,13 @@ class TbaConfig(Section):
     trainer: TrainerConfig = TrainerConfig()
     run: RunConfig = RunConfig()
     demo: DemoConfig = DemoConfig()
+    gateway: GatewayConfig = GatewayConfig()
+
+    @model_validator(mode="after")
+    def _something_generates(self) -> TbaConfig:
+        if self.searcher.searchers == 0 and not self.gateway.enabled and self.trainer.mode == "async":
+            raise field_error("searcher.searchers", "0 with gateway.enabled false: nothing would generate groups")
+        return self
 
 
 ENV_PREFIX = "TBA__"
@@ -328,10 +356,13 @@ def _explain(exc: ValidationError, sources: dict[tuple[str, ...], str]) -> str:
     """One clause per error, naming the field and, when its value came from one, the environment variable."""
     lines = []
     for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
+        named = err.get("ctx", {}).get("field") if err["type"] == "config" else None  # field_error's
+        loc = tuple(named.split(".")) if named else tuple(str(p) for p in err["loc"])
         field = ".".join(loc)
         if err["type"] == "extra_forbidden":
             line = f"{field}: unknown field"
+        elif named:
+            line = err["msg"]
         else:
             line = f"{field}: {err['msg']} (got {err.get('input')!r})"
         variable = next((v for path, v in sources.items() if path[: len(loc)] == loc or loc[: len(path)] == path), None)

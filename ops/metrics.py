@@ -86,6 +86,19 @@ def searcher_metrics(searcher) -> Iterable[Metric]:
     yield _gauge("searcher_mean_reward", "Mean reward of all its samples", s.mean_reward, labels)
 
 
+def gateway_metrics(gateway) -> Iterable[Metric]:
+    requests = CounterMetricFamily(f"{PREFIX}_gateway_requests", "HTTP requests answered", labels=["route", "status"])
+    for (route, status), n in sorted(dict(gateway.requests).items()):  # a copy: requests go on meanwhile
+        requests.add_metric([route, str(status)], n)
+    yield requests
+    groups = gateway.groups
+    yield _gauge("gateway_open_groups", "Groups served, awaiting rewards", len(groups), {})
+    yield _counter("gateway_groups", "Groups produced to raw (all rewards in)", groups.stats.produced, {})
+    yield _counter("gateway_expired_groups", "Groups sent to the dlq without all rewards", groups.stats.expired, {})
+    yield _counter("gateway_batches", "Generation batches (generate calls)", gateway.batcher.stats.batches, {})
+    yield _gauge("gateway_policy_version", "Version it generates with", gateway.policy_version, {})
+
+
 def filter_metrics(consumer, instance: str) -> Iterable[Metric]:
     s = consumer.stats
     yield _counter("filter_consumed", "Raw records routed", s.consumed, {"instance": instance})

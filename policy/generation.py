@@ -1,9 +1,10 @@
 """Generation backends: sample completions with per-token behaviour and reference log-probs.
 
-HFGenerator runs Hugging Face transformers (CPU or GPU). Log-probs are recomputed with a forward
-pass at the sampling temperature, for the policy and the frozen reference alike: one code path,
-and exactly the quantity the trainer's TB loss uses. Sampling uses top_p = 1 and no top-k, so the
-behaviour distribution is the tempered policy itself.
+HFGenerator runs Hugging Face transformers (CPU or GPU). Searchers' log-probs (`sample`) are
+recomputed with a forward pass at the sampling temperature, for the policy and the frozen reference
+alike: one code path, and exactly the quantity the trainer's TB loss uses. The gateway's (`complete`)
+come from the generation pass itself, at the temperature of each call, with no reference. Sampling
+uses top_p = 1 and no top-k, so the behaviour distribution is the tempered policy itself.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ class Completion:
     text: str
     token_ids: np.ndarray  # (T,) int32, up to and including EOS
     logprobs: np.ndarray  # (T,) float32, behaviour policy at the sampling temperature
-    ref_logprobs: np.ndarray  # (T,) float32
+    ref_logprobs: np.ndarray  # (T,) float32; empty from complete(), which runs no reference
     finish_reason: str  # "stop" (EOS) or "length"
+    top_ids: np.ndarray | None = None  # (T, k) int64: complete(top_logprobs=k)'s most likely tokens at each step
+    top_logprobs: np.ndarray | None = None  # (T, k) float32: their log-probs, as `logprobs` is taken
 
 
 class HFGenerator:
@@ -50,10 +53,9 @@ class HFGenerator:
     def close(self) -> None:
         """Nothing to release: the models are plain objects of this process."""
 
-    def _sequences(
-        self, prompts: torch.Tensor, attention: torch.Tensor, common: int, n: int, sample: bool
-    ) -> torch.Tensor:
-        """(P*n, W + T): each padded prompt n times, followed by its completions, padded after EOS.
+    def _generate(self, prompts: torch.Tensor, attention: torch.Tensor, common: int, n: int, max_new_tokens: int,
+                  **sampling):  # fmt: skip
+        """generate()'s output (a dict) for each padded prompt n times: sequences (P*n, W + T), padded after EOS.
 
         The first `common` tokens are the same in every prompt (the system prompt, the few-shot
         example): their keys and values are computed once for the batch, each prompt's rest once for
@@ -73,25 +75,29 @@ class HFGenerator:
             ).past_key_values  # fmt: skip
         if cache is not None:
             cache.batch_repeat_interleave(n)
-        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
         return self.model.generate(
             input_ids=prompts.repeat_interleave(n, dim=0),
             attention_mask=attention.repeat_interleave(n, dim=0),
             past_key_values=cache,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_id,
-            **(sampling if sample else {"do_sample": False}),
-        ).cpu()
+            return_dict_in_generate=True,
+            **sampling,
+        )
 
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, sample: bool):
-        """n completions of each prompt: (sequences (P*n, W + T), attention incl. completion, W, lengths, ended);
-        rows i*n .. i*n+n-1 belong to prompt i.
+    def _sequences(
+        self, prompts: torch.Tensor, attention: torch.Tensor, common: int, n: int, sample: bool
+    ) -> torch.Tensor:
+        """(P*n, W + T): each padded prompt n times, followed by its completions, padded after EOS."""
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
+        return self._generate(
+            prompts, attention, common, n, self.max_new_tokens, **(sampling if sample else {"do_sample": False})
+        ).sequences.cpu()
 
-        Prompts are padded to W after the prefix they all share (at least one token stays after it),
-        so that prefix is one block of the batch; attention masks and positions skip the padding.
-        """
+    def _padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(input_ids (P, W), attention (P, W), W, common): prompts padded to W after the prefix they all share
+        (at least one token stays after it), so that prefix is one block of the batch."""
         common = 0
         for column in zip(*prompts, strict=False):
             if any(t != column[0] for t in column):
@@ -101,13 +107,74 @@ class HFGenerator:
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([p[:common] + [self.pad_id] * (width - len(p)) + p[common:] for p in prompts])
         attention = torch.tensor([[1] * common + [0] * (width - len(p)) + [1] * (len(p) - common) for p in prompts])
-        out = self._sequences(input_ids, attention, common, n, sample)  # (P*n, W + T)
-        completion = out[:, width:]  # (N, T)
+        return input_ids, attention, width, common
+
+    def _ends(self, completion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lengths, ended) of completions (N, T): each through its first EOS, if it has one."""
         is_eos = completion == self.eos_id
         ended = is_eos.any(-1)
-        lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, completion.shape[1])  # through the first EOS
+        return torch.where(ended, is_eos.int().argmax(-1) + 1, completion.shape[1]), ended
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, sample: bool):
+        """n completions of each prompt: (sequences (P*n, W + T), attention incl. completion, W, lengths, ended);
+        rows i*n .. i*n+n-1 belong to prompt i. Attention masks and positions skip the padding."""
+        input_ids, attention, width, common = self._padded(prompts)
+        out = self._sequences(input_ids, attention, common, n, sample)  # (P*n, W + T)
+        completion = out[:, width:]  # (N, T)
+        lengths, ended = self._ends(completion)
         mask = torch.arange(completion.shape[1]) < lengths[:, None]  # (N, T)
         return out, torch.cat([attention.repeat_interleave(n, dim=0), mask.long()], dim=1), width, lengths, ended
+
+    @torch.no_grad()
+    def complete(
+        self, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int, top_logprobs: int = 0
+    ) -> list[list[Completion]]:
+        """n completions of each prompt with the behaviour log-probs of the generation pass itself: the gateway's.
+
+        temperature > 0 samples the tempered policy (top-p 1, no top-k): generate()'s processed scores are
+        then the logits over the temperature, and their log-softmax is the log-prob of each sampled token
+        at that temperature, with no second forward pass. temperature 0 is greedy decoding, where no
+        temperature divides the logits: the log-probs are then those of the untempered softmax (as vLLM
+        reports them). top_logprobs > 0 also keeps that many most likely tokens per step. No reference
+        model runs: ref_logprobs are empty.
+        """
+        input_ids, attention, width, common = self._padded(prompts)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+        out = self._generate(input_ids, attention, common, n, max_new_tokens, output_scores=True,
+                             **(sampling if temperature > 0 else {"do_sample": False}))  # fmt: skip
+        completion = out.sequences[:, width:]  # (N, T)
+        chosen, top_values, top_ids = [], [], []
+        for t, scores in enumerate(out.scores):  # a step at a time: (N, T, V) at once would be gigabytes
+            logp = torch.log_softmax(scores.float(), dim=-1)  # (N, V)
+            chosen.append(logp.gather(-1, completion[:, t : t + 1]).squeeze(-1).cpu())
+            if top_logprobs:
+                values, ids = logp.topk(top_logprobs, dim=-1)
+                top_values.append(values.cpu())
+                top_ids.append(ids.cpu())
+        completion = completion.cpu()
+        lengths, ended = self._ends(completion)
+        logprobs = torch.stack(chosen, dim=1).numpy().astype(np.float32)  # (N, T)
+        if top_logprobs:
+            tops = torch.stack(top_ids, dim=1).numpy(), torch.stack(top_values, dim=1).numpy().astype(np.float32)
+        else:
+            tops = None
+        results = []
+        for i in range(completion.shape[0]):
+            t = int(lengths[i])
+            ids = completion[i, :t]
+            results.append(
+                Completion(
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    token_ids=ids.numpy().astype(np.int32),
+                    logprobs=logprobs[i, :t],
+                    ref_logprobs=np.zeros(0, np.float32),
+                    finish_reason="stop" if bool(ended[i]) else "length",
+                    top_ids=tops[0][i, :t] if tops else None,
+                    top_logprobs=tops[1][i, :t] if tops else None,
+                )
+            )
+        return [results[j * n : (j + 1) * n] for j in range(len(prompts))]
 
     def texts(self, prompts: list[list[int]], sample: bool) -> tuple[list[str], list[bool]]:
         """One completion per prompt, greedy or sampled: (texts, whether each ended with EOS)."""

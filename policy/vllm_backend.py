@@ -1,9 +1,11 @@
 """vLLM generation backend (GPU or CPU): vLLM samples the tokens, Hugging Face copies score them.
 
-Behaviour and reference log-probs are recomputed with the Hugging Face models (the path shared
-with HFGenerator), as the paper's code does: one code path for the quantity the TB loss uses. The
-engine's own log-probs after temperature are kept per batch (`engine_logprobs`) so tests and
-bench/generation.py can hold the two against each other. Sampling uses top_p = 1 and no top-k.
+Behaviour and reference log-probs of searchers' samples are recomputed with the Hugging Face models
+(the path shared with HFGenerator), as the paper's code does: one code path for the quantity the TB
+loss uses. The engine's own log-probs after temperature are kept per batch (`engine_logprobs`) so
+tests and bench/generation.py can hold the two against each other; the gateway's completions
+(`complete`) carry the engine's own, as HFGenerator.complete carries generate()'s. Sampling uses
+top_p = 1 and no top-k.
 
 A published version reaches the running engine without pickling tensors through its RPC: the
 full weights (LoRA adapters merged in) are written once to a safetensors file in shared memory,
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from ops.shared_memory import directory
-from policy.generation import HFGenerator
+from policy.generation import Completion, HFGenerator
 from policy.models import merged_weights
 from schemas.weights import unaliased
 
@@ -64,6 +66,45 @@ class VLLMGenerator(HFGenerator):
     def close(self) -> None:
         """Stop the engine's processes now, not at interpreter exit."""
         self.llm.llm_engine.engine_core.shutdown()
+
+    def complete(
+        self, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int, top_logprobs: int = 0
+    ) -> list[list[Completion]]:
+        """HFGenerator.complete on the engine: its sampled tokens' processed log-probs (after temperature;
+        untempered when greedy, where vLLM divides by no temperature) are the behaviour log-probs."""
+        from vllm import SamplingParams
+
+        copies = n if temperature == 0 else 1  # greedy, vLLM takes n = 1 only: each copy of a prompt gets one
+        params = SamplingParams(
+            n=n // copies, temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
+            stop_token_ids=[self.eos_id], logprobs=top_logprobs, detokenize=False,
+        )  # fmt: skip
+        rows = [{"prompt_token_ids": p} for p in prompts for _ in range(copies)]
+        outputs = self.llm.generate(rows, params, use_tqdm=False)
+        completions = [self._engine_completion(c, top_logprobs) for out in outputs for c in out.outputs]
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _engine_completion(self, sampled, top_logprobs: int) -> Completion:
+        """One of the engine's completions: token ids through EOS (the engine keeps the stop token), per step
+        the sampled token's log-prob and the top_logprobs best (by the engine's rank)."""
+        ids = list(sampled.token_ids)
+        steps = sampled.logprobs or []
+        tops = None
+        if top_logprobs:  # a step holds the top_logprobs best and the sampled token, each with its rank
+            best = [sorted((lp.rank, token, lp.logprob) for token, lp in step.items())[:top_logprobs] for step in steps]
+            tops = (
+                np.array([[token for _, token, _ in b] for b in best], np.int64).reshape(len(ids), top_logprobs),
+                np.array([[lp for _, _, lp in b] for b in best], np.float32).reshape(len(ids), top_logprobs),
+            )
+        return Completion(
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            token_ids=np.array(ids, np.int32),
+            logprobs=np.array([step[t].logprob for step, t in zip(steps, ids, strict=True)], np.float32),
+            ref_logprobs=np.zeros(0, np.float32),
+            finish_reason="stop" if ids and ids[-1] == self.eos_id else "length",
+            top_ids=tops[0] if tops else None,
+            top_logprobs=tops[1] if tops else None,
+        )
 
     def _sequences(
         self, input_ids: torch.Tensor, attention: torch.Tensor, common: int, n: int, sample: bool

@@ -15,14 +15,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ops import kafka_clients
 from ops.config import TbaConfig
-from ops.errors import ConfigError
 from ops.trajectory_producer import TrajectoryProducer
 from policy.generation import HFGenerator
 from policy.tasks import RewardError, scored_samples, task_label
+from producers.generators import build_generator, swap_in_newest, weight_subscriber
 from producers.policy_watch import PolicyWatch
 from producers.prompt_feed import PromptFeed, seed_prompts
 from producers.weight_subscriber import WeightSubscriber
@@ -71,13 +70,10 @@ class Searcher:
 
     def swap_weights(self) -> bool:
         """Load the newest received version, if any (between batches only)."""
-        if self.subscriber is None:
-            return False
-        version = self.subscriber.take()  # only ever a version newer than the last one taken
+        version = swap_in_newest(self.subscriber, self.generator)
         if version is None:
             return False
-        self.generator.load_weights(version.state_dict())
-        self.policy_version = version.version
+        self.policy_version = version
         self.stats.swaps += 1
         return True
 
@@ -182,38 +178,10 @@ class Searcher:
 def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
     """A searcher as configured: model and frozen reference from disk, task, producer, weight subscriber."""
     from ops.job import model_id
-    from policy.models import load_model
     from policy.tasks import build_task
 
-    s = cfg.searcher
-    if s.backend == "vllm" and s.gguf_file:
-        raise ConfigError("searcher.gguf_file: the vllm backend loads a model folder (convert the GGUF file once)")
-    torch.manual_seed(s.seed + index)
-    model, tokenizer = load_model(s.model, s.gguf_file, s.dtype)
-    if cfg.trainer.lora_r:  # the trainer publishes adapters only: carry the same ones
-        from policy.models import apply_lora
-
-        model = apply_lora(model, cfg.trainer)
-    reference, _ = load_model(s.reference_model or s.model, s.gguf_file if not s.reference_model else None, s.dtype)
-    if torch.cuda.is_available():
-        model, reference = model.cuda(), reference.cuda()
-    if s.backend == "vllm":
-        from policy.default_model import default_model_dir
-        from policy.vllm_backend import VLLMGenerator
-
-        cuda = torch.cuda.is_available()
-        engine = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "seed": s.seed + index,
-                  "max_model_len": s.max_model_len, "enforce_eager": not cuda}  # fmt: skip
-        if s.kv_cache_mb or not cuda:  # on a CPU, gpu_memory_utilization would be a share of all RAM
-            engine["kv_cache_memory_bytes"] = (s.kv_cache_mb or 1024) << 20
-        else:
-            engine["gpu_memory_utilization"] = s.gpu_memory_utilization
-        path = s.model or str(default_model_dir())
-        generator = VLLMGenerator(path, model, tokenizer, reference, s.temperature, s.max_new_tokens, **engine)
-    else:
-        generator = HFGenerator(model, tokenizer, reference, s.temperature, s.max_new_tokens)
-    target = s.weights_target or f"{cfg.weights.host}:{cfg.weights.port}"
-    subscriber = WeightSubscriber(cfg.weights, target, f"searcher-{index}").start()
+    generator = build_generator(cfg, cfg.searcher.seed + index)
+    subscriber = weight_subscriber(cfg, f"searcher-{index}")
     producer = TrajectoryProducer(cfg)
     task = build_task(cfg.task)
     feed = PromptFeed(cfg, f"searcher-{index}")  # first: it says so when the job has no prompts topic

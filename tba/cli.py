@@ -13,6 +13,7 @@ from ops.broker import configured_broker
 from ops.config import TbaConfig, load_config, with_overrides
 from ops.errors import TbaError
 from tba.elastic import prompts, scale
+from tba.gateway import gateway
 from tba.logs import configure_logging
 from tba.signals import exit_unfinished_after, stop_on_signals
 
@@ -374,6 +375,7 @@ def demo(obj: Context) -> None:
 
 cli.add_command(scale)  # tba/elastic.py: `tba scale searchers N`, `tba prompts load FILE`
 cli.add_command(prompts)
+cli.add_command(gateway)  # tba/gateway.py: `tba gateway`
 
 
 def main() -> None:

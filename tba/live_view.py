@@ -1,4 +1,5 @@
-"""The live terminal view of `tba run` (rich): processes, throughput, Kafka lag, learning.
+"""The live terminal view of `tba run` (rich): processes, throughput (the gateway's requests, open and expired
+groups), Kafka lag, learning.
 
 It reads what anyone could read from outside: each process's /metrics endpoint, the topics' end
 offsets and the filter group's committed offsets, and the trainer's run_dir/metrics.jsonl.
@@ -147,6 +148,11 @@ class JobView:
             return f"{groups:.2f} groups/s, {tokens:.0f} tok/s"
         if p["role"] == "filter":
             return f"{rate.get('tba_filter_consumed_total', 0):.1f} records/s"
+        if p["role"] == "gateway":  # requests per second, and the groups now awaiting rewards and expired so far
+            now = self.previous.get(p["name"], (0.0, {}))[1]
+            return (f"{rate.get('tba_gateway_requests_total', 0):.1f} req/s, "
+                    f"{now.get('tba_gateway_open_groups', 0):.0f} open, "
+                    f"{now.get('tba_gateway_expired_groups_total', 0):.0f} expired groups")  # fmt: skip
         return f"{60 * rate.get('tba_trainer_steps_total', 0):.1f} steps/min"
 
     def _accuracy_trend(self) -> str:

@@ -2,7 +2,8 @@
 
 Starts the local broker (when kafka.bootstrap points at it) and the topics, then runs every role as
 its own process: the trainer (which hosts the weight-sync service), searcher.searchers searchers
-(`tba scale searchers N` changes how many while it runs: tba/elastic.py) and run.filters filters. A
+(`tba scale searchers N` changes how many while it runs: tba/elastic.py), run.filters filters and,
+with gateway.enabled, the OpenAI-compatible gateway (`tba gateway`). A
 process that dies is restarted after a back-off that doubles per crash; one that crashes more than
 run.max_restarts times stops the job. Ctrl-C, SIGTERM or the end of the wall
 budget stop the trainer first (it checkpoints), then the others. Running again with the same
@@ -51,7 +52,7 @@ class RoleProcess:
     """One supervised process: its command line and what happened to it so far."""
 
     name: str
-    role: str  # trainer | searcher | filter
+    role: str  # trainer | searcher | filter | gateway
     args: list[str]
     threads: int
     metrics_port: int | None = None
@@ -95,15 +96,17 @@ def _die_with_parent() -> None:
 
 
 def role_processes(cfg: TbaConfig) -> list[RoleProcess]:
-    """The trainer, the searchers and the filters, with metrics ports and a fair share of the cores.
+    """The trainer, the searchers, the filters and (gateway.enabled) the gateway, with metrics ports and a fair
+    share of the cores.
 
     In sync mode the trainer generates its own on-policy batches (and writes them to raw as the job's
     history): there are no searchers.
     """
     searchers = cfg.searcher.searchers if cfg.trainer.mode == "async" else 0
     filters = cfg.run.filters
-    # the trainer and each searcher compute; filters barely do: they share what is left over
-    threads = max(1, (os.cpu_count() or 1) // (1 + searchers))
+    gateways = int(cfg.gateway.enabled)
+    # the trainer, each searcher and the gateway compute; filters barely do: they share what is left over
+    threads = max(1, (os.cpu_count() or 1) // (1 + searchers + gateways))
     base = cfg.run.metrics_port
     port = (lambda i: base + i) if base else (lambda i: None)
     out = [RoleProcess("trainer", "trainer", ["train"], threads, port(0))]
@@ -112,6 +115,8 @@ def role_processes(cfg: TbaConfig) -> list[RoleProcess]:
         RoleProcess(f"filter-{i}", "filter", ["filter", "--instance", str(i)], 1, port(1 + searchers + i))
         for i in range(filters)
     ]
+    if gateways:  # on gateway.host:port, after the filters' metrics ports
+        out.append(RoleProcess("gateway", "gateway", ["gateway"], threads, port(1 + searchers + filters)))
     return out
 
 

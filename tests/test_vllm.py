@@ -83,6 +83,23 @@ def test_vllm_samples_carry_the_hf_paths_behaviour_and_reference_logprobs(job):
             np.testing.assert_allclose(engine[: len(ids)], c.logprobs[: len(engine)], atol=ENGINE_ATOL)
 
 
+def test_vllm_completes_for_the_gateway_with_the_engines_own_logprobs(job):
+    """complete() (the gateway's): the engine's log-probs of the tokens it sampled, at the temperature (greedy:
+    untempered), with the best alternatives, and no reference."""
+    _, _, searcher = job
+    generator = searcher.generator
+    prompts = [generator.prompt_ids(p.messages) for p in searcher.task.train[:2]]
+    for temperature in (0.9, 0.0):
+        groups = generator.complete(prompts, 2, temperature, 6, top_logprobs=2)
+        assert [len(g) for g in groups] == [2, 2]
+        for prompt, group in zip(prompts, groups, strict=True):
+            for c in group:
+                assert c.token_ids.size == c.logprobs.size > 0 and c.ref_logprobs.size == 0
+                assert c.top_ids.shape == c.top_logprobs.shape == (c.token_ids.size, 2)
+                expected = logprobs_of(generator.model, prompt, c.token_ids.tolist(), temperature or 1.0)
+                np.testing.assert_allclose(c.logprobs, expected, atol=ENGINE_ATOL)
+
+
 def test_merged_weights_are_peft_merge_without_touching_the_adapters(job):
     cfg, _, _ = job
     model = trainer_model(cfg, seed=1)
