@@ -241,6 +241,11 @@ class TrainerConfig(Section):
     min_buffer_prompts: int = Field(4, ge=1)  # wait for this many prompts before the first step
     max_steps: int = Field(1000, ge=1)
     checkpoint_every: int = Field(50, ge=1)
+    # each checkpoint holds the buffer's index, which grows with the history: keep the newest few (and any named)
+    keep_checkpoints: int = Field(3, ge=1)
+    keep_checkpoint_steps: list[int] = []  # e.g. [500, 1000]: kept whatever keep_checkpoints says
+    metrics_max_mb: float = Field(16, gt=0)  # metrics.jsonl moves to metrics.jsonl.1 past this ...
+    metrics_backups: int = Field(4, ge=0)  # ... and this many rotated files are kept
     eval_every: int = Field(20, ge=1)
     eval_prompts: int = Field(64, ge=1)  # held-out problems per evaluation
     eval_max_new_tokens: int = Field(32, ge=1)

@@ -17,18 +17,48 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 PREFIX = "tba"
 
 
+class MetricsLog:
+    """The trainer's run_dir/metrics.jsonl, a JSON row a step, bounded: past max_mb it moves to metrics.jsonl.1
+    (.1 to .2, ...), and the oldest of `backups` goes. The row of every step of a week-long job would
+    otherwise fill the disk a little more each day."""
+
+    def __init__(self, run_dir: Path, max_mb: float, backups: int):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.max_bytes, self.backups = int(max_mb * 1e6), backups
+        self.file = open(self.path, "a")
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.file.tell() >= self.max_bytes:
+            self.file.close()
+            for i in range(self.backups, 0, -1):  # .backups is dropped, each older one moves up by one
+                older = self.path.with_name(f"{self.path.name}.{i - 1}" if i > 1 else self.path.name)
+                if older.exists():
+                    older.replace(self.path.with_name(f"{self.path.name}.{i}"))
+            if self.backups == 0:
+                self.path.unlink()
+            self.file = open(self.path, "a")
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def metric_rows(run_dir: Path) -> list[dict]:
-    """The rows the trainer appended to run_dir/metrics.jsonl (none if there is no such file yet).
+    """The rows the trainer appended to run_dir/metrics.jsonl and its rotated files, oldest first (none if
+    there is no such file yet).
 
     A last line still being written, or cut short by a kill, is left out rather than failing the reader.
     """
-    path = run_dir / "metrics.jsonl"
+    current = Path(run_dir) / "metrics.jsonl"
+    rotated = sorted(current.parent.glob("metrics.jsonl.[0-9]*"), key=lambda p: -int(p.suffix[1:]))
     rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    for path in [*rotated, current]:
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
     return rows
 
 

@@ -3,7 +3,6 @@ metrics rows and checkpoints."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -136,12 +135,12 @@ def run_trainer(
 def _loop(
     cfg: TbaConfig, trainer: Trainer, next_batch, evaluate: Evaluator, stop: threading.Event, metrics_port=None
 ) -> Trainer:
-    from ops.metrics import metrics_served, trainer_metrics
+    from ops.metrics import MetricsLog, metrics_served, trainer_metrics
 
     t = cfg.trainer
     main = trainer.rank == 0  # under DDP, process 0 samples, evaluates, records and checkpoints
     Path(t.run_dir).mkdir(parents=True, exist_ok=True)
-    metrics = open(Path(t.run_dir) / "metrics.jsonl", "a") if main else None
+    metrics = MetricsLog(Path(t.run_dir), t.metrics_max_mb, t.metrics_backups) if main else None
     started = time.monotonic()
 
     def record(kind: str, **values) -> None:
@@ -151,8 +150,7 @@ def _loop(
                "policy_version": trainer.policy_version, "time": time.time(), "wall_s": time.monotonic() - started,
                **values}  # fmt: skip
         trainer.last[kind] = row
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
+        metrics.write(row)
         log.info("%s", row)
 
     try:

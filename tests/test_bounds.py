@@ -1,0 +1,26 @@
+"""What a long job leaves on disk is bounded by configuration: checkpoints and the metrics log."""
+
+from ops.metrics import MetricsLog, metric_rows
+from trainer.checkpoint import prune
+
+
+def test_checkpoints_keep_the_newest_and_those_named(tmp_path):
+    for step in range(1, 11):
+        (tmp_path / f"step-{step:06d}" / "model").mkdir(parents=True)
+    (tmp_path / "latest").write_text("step-000010")
+    removed = prune(tmp_path, keep=3, steps=[2, 99])
+    assert sorted(p.name for p in removed) == [f"step-{s:06d}" for s in (1, 3, 4, 5, 6, 7)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000002", "step-000008", "step-000009",
+                                                         "step-000010"]  # fmt: skip
+
+
+def test_the_metrics_log_rotates_and_reads_back_oldest_first(tmp_path):
+    log = MetricsLog(tmp_path, max_mb=0.001, backups=2)  # ~1 kB a file
+    for step in range(200):
+        log.write({"kind": "train", "step": step, "pad": "x" * 40})
+    log.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["metrics.jsonl", "metrics.jsonl.1", "metrics.jsonl.2"]
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) < 3 * 1100  # bounded, whatever the steps
+    steps = [r["step"] for r in metric_rows(tmp_path)]
+    assert steps == list(range(steps[0], 200)) and steps[0] > 0  # the newest rows, in order; the oldest gone
