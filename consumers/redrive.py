@@ -17,8 +17,9 @@ from ops.schema_store import KafkaSchemaStore
 from ops.topics import read_topic, topic_names
 from schemas.records import DeadLetterCodec
 
-# what a dead letter's scorer can be: the filter's fixed checks, its configurable scorers, the trainer's admission
-SCORERS = ("decode", "model", *scorers.SCORERS, "trainer")
+# what a dead letter's scorer can be: the filter's fixed checks (completing a text-only group among them), its
+# configurable scorers, the trainer's admission. Not the gateway's: a group whose rewards never came has none
+SCORERS = ("decode", "model", "completion", *scorers.SCORERS, "trainer")
 
 
 def redrive(cfg: TbaConfig, scorer: str | None = None) -> int:

@@ -5,6 +5,7 @@ user), grants them (kafka-python's admin client; creating an ACL that exists is 
 
   searcher   write raw; read prompts and policy versions
   generator  write raw (an external generator, `tba produce`)
+  gateway    write raw, and dlq (groups whose rewards never came)
   filter     read raw as the filter group; write curated and dlq in transactions (ids <ns>.<group>.*)
   trainer    read curated; write policy versions and dlq (its own rejects), and raw in sync mode
   every role read and write the schemas topic: writers register their schema, readers look it up
@@ -86,6 +87,7 @@ def role_rights(cfg: TbaConfig) -> dict[str, list[Right]]:
             *schemas,
         ],  # fmt: skip
         "generator": topics(WRITE, names.raw) + schemas,
+        "gateway": topics(WRITE, names.raw, names.dlq) + schemas,
         "filter": topics(READ, names.raw) + topics(WRITE, names.curated, names.dlq) + transactions + schemas,
         "trainer": [
             *topics(READ, names.curated),

@@ -47,7 +47,7 @@ class KafkaConfig(Section):
     ssl_keyfile: Path | None = None
     # role -> its SASL user: `tba topics create` (as an admin) grants each named role only what it needs
     # (ops/acls.py); each role's process then connects as its own user (kafka.sasl_username)
-    principals: dict[Literal["searcher", "generator", "filter", "trainer"], str] = {}
+    principals: dict[Literal["searcher", "generator", "gateway", "filter", "trainer"], str] = {}
 
 
 class TopicsConfig(Section):
@@ -241,8 +241,7 @@ class TrainerConfig(Section):
     min_buffer_prompts: int = Field(4, ge=1)  # wait for this many prompts before the first step
     max_steps: int = Field(1000, ge=1)
     checkpoint_every: int = Field(50, ge=1)
-    # each checkpoint holds the buffer's index, which grows with the history: keep the newest few (and any named)
-    keep_checkpoints: int = Field(3, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)  # the newest kept (each holds the buffer's index: it grows)
     keep_checkpoint_steps: list[int] = []  # e.g. [500, 1000]: kept whatever keep_checkpoints says
     metrics_max_mb: float = Field(16, gt=0)  # metrics.jsonl moves to metrics.jsonl.1 past this ...
     metrics_backups: int = Field(4, ge=0)  # ... and this many rotated files are kept
@@ -261,7 +260,8 @@ class GatewayConfig(Section):
     port: int = Field(8000, ge=0, le=65535)  # 0: any free port
     token_env: str = "TBA_GATEWAY_TOKEN"  # the environment variable holding the bearer token; unset: no auth
     reward_timeout_s: float = Field(600.0, gt=0)  # a group whose rewards are not all in by then goes to the dlq
-    batch_wait_ms: float = Field(20.0, ge=0)  # how long a generation batch waits for more requests to join it
+    # 0: requests that come while a batch generates form the next one (no wait alone; bench/gateway.py)
+    batch_wait_ms: float = Field(0.0, ge=0)  # > 0: a batch also waits this long for more requests to join it
     max_batch_prompts: int = Field(16, ge=1)  # requests (each n completions of one prompt) in one batch
     max_tokens: int = Field(32, ge=1)  # a request's max_tokens when it gives none
     max_tokens_limit: int = Field(1024, ge=1)  # the most max_tokens a request may ask for
@@ -280,6 +280,8 @@ class RunConfig(Section):
     max_restarts: int = Field(5, ge=0)  # per process; one more crash stops the job with an error
     stop_timeout_s: float = Field(120.0, gt=0)  # how long the trainer may take to checkpoint and exit
     live_view: bool = True  # the rich terminal view (only when stdout is a terminal)
+    log_max_mb: float = Field(32, gt=0)  # a role's log moves to <name>.log.1 past this, keeping log_backups
+    log_backups: int = Field(2, ge=0)
     keep_broker: bool = False  # a local broker the job started keeps running after it (one running before does)
 
 

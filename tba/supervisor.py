@@ -40,6 +40,7 @@ from ops.errors import TbaError
 from ops.job import locked_run_dir, write_config
 from ops.transactions import HangingTransactions
 from tba.elastic import Scaler
+from tba.logs import rotate
 from tba.signals import Stop
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,8 @@ class Supervisor:
             log.warning("the local broker is gone; restarting it on %s", self.broker.data_dir)
             self.broker.start()
         self._heal_transactions(now)
+        for p in self.processes:  # role logs stay bounded, however long the job runs
+            rotate(self.logs / f"{p.name}.log", int(self.cfg.run.log_max_mb * 1e6), self.cfg.run.log_backups)
         for p in self.processes:
             if p.done or p.running:
                 continue

@@ -25,7 +25,7 @@ from schemas.records import PolicyVersionCodec
 from trainer.curated_feed import CuratedFeed
 from trainer.replay_buffer import ReplayBuffer
 
-ROLES = ("searcher", "generator", "filter", "trainer")
+ROLES = ("searcher", "generator", "filter", "trainer", "gateway")
 PASSWORDS = {user: f"{user} secret" for user in ("admin", *ROLES)}
 
 
@@ -58,6 +58,7 @@ def as_user(acl_broker, tmp_path_factory):
     assert run.returncode == 0, run.stderr
     assert f"allowed User:filter WRITE TRANSACTIONAL_ID {namespace}.filter.*" in run.stdout
     assert f"allowed User:generator WRITE TOPIC {namespace}.trajectories.raw" in run.stdout
+    assert f"allowed User:gateway WRITE TOPIC {namespace}.trajectories.dlq" in run.stdout
     yield config
     for name in env:
         del os.environ[name]
@@ -105,7 +106,7 @@ def test_a_role_where_it_does_not_belong_is_refused_with_one_line(as_user, tmp_p
 
 
 def test_each_role_does_its_job_and_the_refusals_change_nothing(as_user):
-    searcher, generator, filter_, trainer = (as_user(role) for role in ROLES)
+    searcher, generator, filter_, trainer = (as_user(role) for role in ROLES[:4])
     names = topic_names(searcher)
     rng = np.random.default_rng(1)
     with pytest.raises(AccessDenied):  # refused first: the job below must not mind

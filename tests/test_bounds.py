@@ -1,6 +1,7 @@
 """What a long job leaves on disk is bounded by configuration: checkpoints and the metrics log."""
 
 from ops.metrics import MetricsLog, metric_rows
+from tba.logs import rotate
 from trainer.checkpoint import prune
 
 
@@ -24,3 +25,16 @@ def test_the_metrics_log_rotates_and_reads_back_oldest_first(tmp_path):
     assert sum(p.stat().st_size for p in tmp_path.iterdir()) < 3 * 1100  # bounded, whatever the steps
     steps = [r["step"] for r in metric_rows(tmp_path)]
     assert steps == list(range(steps[0], 200)) and steps[0] > 0  # the newest rows, in order; the oldest gone
+
+
+def test_a_role_log_rotates_while_its_writer_keeps_appending(tmp_path):
+    path = tmp_path / "searcher-0.log"
+    with open(path, "ab", buffering=0) as role:  # the role's stdout, as the supervisor opens it
+        for i in range(10):
+            role.write(f"line {i} ".encode() + b"x" * 100 + b"\n")
+            rotate(path, max_bytes=300, backups=2)
+        role.write(b"last line\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["searcher-0.log", "searcher-0.log.1", "searcher-0.log.2"]
+    assert path.read_bytes().endswith(b"last line\n") and path.stat().st_size < 300 + 120
+    assert b"line 8 " in (tmp_path / "searcher-0.log.1").read_bytes()  # the newest old lines are in .1
+    assert not rotate(path, max_bytes=10_000, backups=2)
