@@ -34,8 +34,7 @@ class KafkaConfig(Section):
     # name>-<random>) and kept there, so a new job never reads another job's topics
     namespace: str | None = Field(None, pattern=r"^[A-Za-z0-9_\-]+$")
     client_timeout_s: float = Field(30.0, gt=0)
-    # Kafka's 1 MiB default is too small for 20-sample groups of long completions.
-    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024)
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024)  # Kafka's 1 MiB: too small for 20 long samples
     # security, for every producer, consumer and admin client; secrets never live in this file
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
@@ -59,9 +58,10 @@ class TopicsConfig(Section):
     min_insync_replicas: int = Field(1, ge=1)
     compression: Literal["zstd", "lz4", "none"] = "zstd"
     raw_retention_hours: float = Field(72, gt=0)
-    # The curated topic is the training history: kept until deleted by hand (-1).
-    curated_retention_hours: float = -1
+    raw_retention_gb: float = Field(20, gt=0)  # and by size (over its partitions): whichever comes first
+    curated_retention_hours: float = -1  # the training history: kept until deleted by hand (-1)
     dlq_retention_hours: float = Field(24 * 14, gt=0)
+    dlq_retention_gb: float = Field(5, gt=0)
 
 
 class BrokerConfig(Section):
@@ -142,8 +142,7 @@ class WeightsConfig(Section):
     reconnect_initial_s: float = Field(0.2, gt=0)
     reconnect_max_s: float = Field(5.0, gt=0)
     max_subscribers: int = Field(32, ge=1)
-    # subscribers on the service's host map each version from shared memory (/dev/shm) instead of
-    # receiving it: auto (detected by host id) | always (every subscriber that offers it) | never
+    # subscribers on the service's host map versions from shared memory (/dev/shm): auto (by host id) | always | never
     shared_memory: Literal["auto", "always", "never"] = "auto"
     publish_token_env: str = "TBA_WEIGHTS_PUBLISH_TOKEN"
     subscribe_token_env: str = "TBA_WEIGHTS_SUBSCRIBE_TOKEN"
@@ -282,6 +281,7 @@ class RunConfig(Section):
     live_view: bool = True  # the rich terminal view (only when stdout is a terminal)
     log_max_mb: float = Field(32, gt=0)  # a role's log moves to <name>.log.1 past this, keeping log_backups
     log_backups: int = Field(2, ge=0)
+    stall_s: float = Field(300, ge=0)  # a role without progress this long while it had work is restarted; 0: off
     keep_broker: bool = False  # a local broker the job started keeps running after it (one running before does)
 
 

@@ -112,6 +112,7 @@ def searcher_metrics(searcher) -> Iterable[Metric]:
     yield _counter("searcher_paused_batches", "Batches skipped for max policy lag", s.paused, labels)
     yield _counter("searcher_weight_swaps", "Policy versions loaded", s.swaps, labels)
     yield _counter("searcher_unscored_groups", "Groups not sent: their reward failed", s.unscored, labels)
+    yield _counter("searcher_idle_steps", "Looks for prompts that found none", s.idle, labels)
     yield _gauge("searcher_policy_version", "Version it generates with", searcher.policy_version, labels)
     yield _gauge("searcher_mean_reward", "Mean reward of all its samples", s.mean_reward, labels)
 

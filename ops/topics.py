@@ -13,7 +13,8 @@ from ops.config import TbaConfig
 from ops.errors import ConfigError
 
 HOUR_MS = 3_600_000
-SHOWN_CONFIG = ("cleanup.policy", "retention.ms", "compression.type", "max.message.bytes", "min.insync.replicas")
+SHOWN_CONFIG = ("cleanup.policy", "retention.ms", "retention.bytes", "compression.type", "max.message.bytes",
+                "min.insync.replicas")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,10 @@ def prompts_seed_id(cfg: TbaConfig) -> str:
     return f"{topic_names(cfg).prompts}.seed"
 
 
-def _retention(hours: float) -> str:
-    return str(-1 if hours < 0 else int(hours * HOUR_MS))
+def _retention(hours: float, gb: float | None = None, partitions: int = 1) -> dict[str, str]:
+    """Kafka's retention settings: by time, and by size (retention.bytes counts per partition; None: unbounded)."""
+    size = -1 if gb is None else int(gb * 1e9 / partitions)
+    return {"retention.ms": str(-1 if hours < 0 else int(hours * HOUR_MS)), "retention.bytes": str(size)}
 
 
 def topic_specs(cfg: TbaConfig) -> list[NewTopic]:
@@ -69,9 +72,9 @@ def topic_specs(cfg: TbaConfig) -> list[NewTopic]:
     stream = {**base, "compression.type": "producer"}
     compacted = {**base, "cleanup.policy": "compact"}
     specs = [
-        (names.raw, t.partitions, {**stream, "retention.ms": _retention(t.raw_retention_hours)}),
-        (names.curated, t.partitions, {**stream, "retention.ms": _retention(t.curated_retention_hours)}),
-        (names.dlq, 1, {**stream, "retention.ms": _retention(t.dlq_retention_hours)}),
+        (names.raw, t.partitions, {**stream, **_retention(t.raw_retention_hours, t.raw_retention_gb, t.partitions)}),
+        (names.curated, t.partitions, {**stream, **_retention(t.curated_retention_hours)}),
+        (names.dlq, 1, {**stream, **_retention(t.dlq_retention_hours, t.dlq_retention_gb)}),
         (names.schemas, 1, compacted),
         (names.policy_versions, 1, compacted),
         # the searchers' consumer group cycles through it for as long as the job runs: kept forever

@@ -39,6 +39,7 @@ class SearcherStats:
     swaps: int = 0
     paused: int = 0  # batches skipped for being more than max_policy_lag versions behind
     unscored: int = 0  # groups not sent because their reward could not be computed
+    idle: int = 0  # looks for prompts that found none (no prompts partition held): alive, with nothing to do
     mean_reward: float = 0.0
 
 
@@ -108,6 +109,7 @@ class Searcher:
             return []
         problems = self.feed.take(self.cfg.prompts_per_batch)
         if not problems:
+            self.stats.idle += 1
             return []
         prompts = [self.generator.prompt_ids(p.messages) for p in problems]
         groups = []

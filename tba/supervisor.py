@@ -40,8 +40,10 @@ from ops.errors import TbaError
 from ops.job import locked_run_dir, write_config
 from ops.transactions import HangingTransactions
 from tba.elastic import Scaler
+from tba.live_view import scrape
 from tba.logs import rotate
 from tba.signals import Stop
+from tba.stalls import StallWatch, filter_member_lag
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +64,7 @@ class RoleProcess:
     restarts: int = 0
     next_start: float = 0.0  # monotonic time of the next (re)start; 0: now
     exit_codes: list[int] = field(default_factory=list)
+    stalls: int = 0  # restarts for making no progress while it had work (tba/stalls.py)
     done: str = ""  # why it is not to be started again: "finished" (the trainer at max_steps) or "stopped"
 
     @property
@@ -84,6 +87,7 @@ class RoleProcess:
             "restarts": self.restarts,
             "uptime_s": now - self.started_at if self.running else 0.0,
             "exit_codes": self.exit_codes[-5:],
+            "stall_restarts": self.stalls,
             "metrics_port": self.metrics_port,
         }
 
@@ -149,6 +153,7 @@ class Supervisor:
         self.healing: threading.Thread | None = None
         self.next_heal = 0.0
         self.scaler = Scaler(self, searcher_process)  # `tba scale searchers N` while it runs
+        self.stalls = StallWatch(cfg.run.stall_s, cfg.trainer.min_buffer_prompts)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -200,6 +205,7 @@ class Supervisor:
             p.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                       start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
         p.started_at = time.monotonic()
+        self.stalls.started(p.name, p.started_at)
         log.info("started %s (pid %d)", p.name, p.proc.pid)
 
     def tick(self) -> bool:
@@ -252,6 +258,26 @@ class Supervisor:
             self.transactions.heal()
         except (KafkaError, TbaError, OSError) as exc:  # Kafka restarting or away: the next look tries again
             log.debug("could not look for hanging transactions: %r", exc)
+        if self.cfg.run.stall_s:
+            self._restart_stalled()
+
+    def _restart_stalled(self) -> None:
+        """Kill each running role that made no progress for run.stall_s while it had work: the tick restarts it."""
+        watched = [p for p in self.processes if p.running and p.metrics_port]
+        lag = {}
+        if any(p.role == "filter" for p in watched):
+            try:
+                lag = filter_member_lag(self.cfg)
+            except (KafkaError, TbaError, OSError) as exc:  # unknown lag: no filter counts as stalled this look
+                log.debug("could not read the filters' lag: %r", exc)
+        for p in watched:
+            instance = p.args[-1] if p.role == "filter" else ""
+            why = self.stalls.look(p.name, p.role, scrape(p.metrics_port, timeout_s=2.0), lag.get(instance))
+            proc = p.proc
+            if why and proc is not None and proc.poll() is None:
+                p.stalls += 1
+                log.warning("restarting %s: %s (run.stall_s %.0f)", p.name, why, self.cfg.run.stall_s)
+                proc.kill()
 
     def stop(self, hurry: threading.Event | None = None) -> None:
         """The trainer first (it checkpoints on SIGTERM), then searchers and filters; SIGKILL if they hang,

@@ -1,8 +1,11 @@
-"""What a long job leaves on disk is bounded by configuration: checkpoints and the metrics log."""
+"""What a long job leaves on disk is bounded: checkpoints, the metrics log, role logs, the spill file."""
+
+import shutil
 
 from ops.metrics import MetricsLog, metric_rows
 from tba.logs import rotate
 from trainer.checkpoint import prune
+from trainer.spill_file import SpillFile, free_beyond_reserve
 
 
 def test_checkpoints_keep_the_newest_and_those_named(tmp_path):
@@ -38,3 +41,18 @@ def test_a_role_log_rotates_while_its_writer_keeps_appending(tmp_path):
     assert path.read_bytes().endswith(b"last line\n") and path.stat().st_size < 300 + 120
     assert b"line 8 " in (tmp_path / "searcher-0.log.1").read_bytes()  # the newest old lines are in .1
     assert not rotate(path, max_bytes=10_000, backups=2)
+
+
+def test_the_spill_file_stops_growing_before_the_disk_fills(tmp_path, monkeypatch, caplog):
+    spill = SpillFile(str(tmp_path), max_bytes=1 << 30)
+    assert 0 < free_beyond_reserve(spill._file.fileno()) < shutil.disk_usage(tmp_path).free  # the reserve is kept
+    monkeypatch.setattr("trainer.spill_file.free_beyond_reserve", lambda fd: 1000)  # a disk nearly full
+    spill.keep([(0, offset, bytes([offset]) * 300) for offset in range(5)])
+    spill.keep([(0, 5, b"later")])
+    assert [spill.get(0, o) is not None for o in range(6)] == [True, True, True, False, False, False]
+    assert spill.full and spill.size <= 1000
+    assert [r.message for r in caplog.records].count(
+        "the spill file is full (the disk's free space, at 0.0 GB): groups read from here on are read back from "
+        "Kafka when evicted"
+    ) == 1
+    spill.close()

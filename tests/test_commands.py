@@ -54,7 +54,10 @@ def test_topics_create_is_idempotent_and_describe_shows_their_config(broker, mon
     rows = {r["topic"]: r for r in map(json.loads, runner.invoke(cli, ["topics", "describe"]).output.splitlines())}
     assert rows["cmdtopics.trajectories.raw"]["partitions"] == 2
     assert rows["cmdtopics.trajectories.raw"]["retention.ms"] == str(72 * 3_600_000)
+    assert rows["cmdtopics.trajectories.raw"]["retention.bytes"] == str(10 * 10**9)  # 20 GB over 2 partitions
+    assert rows["cmdtopics.trajectories.dlq"]["retention.bytes"] == str(5 * 10**9)
     assert rows["cmdtopics.trajectories.curated"]["retention.ms"] == "-1"
+    assert rows["cmdtopics.trajectories.curated"]["retention.bytes"] == "-1"  # the history: never by size
     assert rows["cmdtopics.schemas"]["cleanup.policy"] == "compact"
     assert rows["cmdtopics.policy.versions"]["cleanup.policy"] == "compact"
     # the searchers cycle through the prompts for the whole job: as many partitions as raw, kept forever

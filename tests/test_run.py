@@ -15,6 +15,7 @@ from ops.broker import free_port
 from ops.config import with_overrides
 from ops.metrics import metric_rows
 from tba.live_view import scrape
+from tba.stalls import StallWatch, filter_member_lag
 from tba.supervisor import Supervisor
 from tests.tiny_models import saved_tiny_llama
 
@@ -63,7 +64,7 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
                  "max_steps": 100_000, "eval_every": 5, "checkpoint_every": 1000, "run_dir": str(run_dir),
                  "eval_prompts": 4, "eval_max_new_tokens": 6},
         weights={"port": 0, "subscription_s": 10},
-        run={"metrics_port": metrics_port, "restart_initial_s": 0.5},
+        run={"metrics_port": metrics_port, "restart_initial_s": 0.5, "stall_s": 15},
     )  # fmt: skip
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -86,6 +87,19 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
             60, "the searcher's restart",
         )  # fmt: skip
         assert process(restarted, "searcher-0")["exit_codes"] == [-signal.SIGKILL]
+
+        # a filter stuck whole (stopped, as a deadlock would leave it) answers nothing: killed and restarted
+        job_cfg = with_overrides(cfg, kafka={"namespace": restarted["namespace"]})
+        assert set(filter_member_lag(job_cfg)) == {"0"}  # the filter group's one member, by its instance
+        stuck = process(restarted, "filter-0")
+        os.kill(stuck["pid"], signal.SIGSTOP)
+        restarted = wait_until(
+            lambda: (s := job_state(run_dir)) and process(s, "filter-0")["stall_restarts"] == 1
+            and process(s, "filter-0")["pid"] not in (None, stuck["pid"]) and s,
+            90, "the stuck filter's restart",
+        )  # fmt: skip
+        assert all(p["stall_restarts"] == 0 for p in restarted["processes"] if p["name"] != "filter-0")
+        wait_until(lambda: scrape(metrics_port + 2).get("tba_filter_accepted_total", 0) >= 1, 90, "the filter back")
         pids = [p["pid"] for p in restarted["processes"]]
 
         job.send_signal(signal.SIGTERM)  # the trainer checkpoints, then everything stops
@@ -177,3 +191,30 @@ def test_a_run_dir_resumes_only_the_job_whose_checkpoint_it_holds(cfg, tmp_path)
     other = with_overrides(cfg, trainer={"lr": 1e-5}, task={"dataset": "chain_sum"})
     with pytest.raises(TbaError, match=r"other settings \(task.dataset: '\w+' -> 'chain_sum'; trainer.lr: "):
         Supervisor(other).check_resume()
+
+
+def test_a_role_is_stalled_only_without_progress_while_it_had_work():
+    watch = StallWatch(stall_s=60, min_buffer_prompts=4)
+    watch.started("trainer", now=0)
+    full = {"tba_trainer_steps_total": 7, "tba_trainer_buffer_prompts": 9}
+    assert watch.look("trainer", "trainer", full, now=10) is None
+    assert watch.look("trainer", "trainer", full, now=69) is None  # not yet stall_s without a step
+    assert watch.look("trainer", "trainer", full, now=71) == "no step with a buffer to train on for 61s"
+    waiting = {"tba_trainer_steps_total": 7, "tba_trainer_buffer_prompts": 1}  # too few prompts: rightly idle
+    assert watch.look("trainer", "trainer", waiting, now=200) is None
+    assert watch.look("trainer", "trainer", full, now=250) is None  # the clock started again when idle
+
+    watch.started("filter-0", now=0)
+    routed = {"tba_filter_consumed_total": 5, "tba_filter_transactions_total": 2}
+    assert watch.look("filter-0", "filter", routed, lag=0, now=100) is None  # nothing waiting on its partitions
+    assert watch.look("filter-0", "filter", routed, lag=30, now=150) is None  # counted from the last idle look
+    assert watch.look("filter-0", "filter", routed, lag=30, now=161) == (
+        "nothing routed with 30 records waiting on its partitions for 61s"
+    )
+
+    watch.started("searcher-0", now=0)
+    assert watch.look("searcher-0", "searcher", {"tba_searcher_idle_steps_total": 1}, now=30) is None
+    assert watch.look("searcher-0", "searcher", {"tba_searcher_idle_steps_total": 2}, now=80) is None  # looking
+    assert watch.look("searcher-0", "searcher", {}, now=139) is None  # its endpoint quiet, not yet stall_s
+    assert watch.look("searcher-0", "searcher", {}, now=141) == "its metrics endpoint has not answered for 61s"
+    assert watch.look("gateway", "gateway", {"tba_gateway_open_groups": 0}, now=1000) is None  # idle is fine

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 LENGTH = struct.Struct("<I")
 ALIGN = 16
 MAX_BYTES = ALIGN * (2**32 - 2)
+RESERVE_BYTES, RESERVE_SHARE = 1 << 30, 0.05  # free space the file never takes: the larger of the two
+
+
+def free_beyond_reserve(fd: int) -> int:
+    """Bytes the file on fd may still take: its disk's free space less the reserve kept for everything else."""
+    disk = os.fstatvfs(fd)
+    return disk.f_bavail * disk.f_frsize - max(RESERVE_BYTES, int(RESERVE_SHARE * disk.f_blocks * disk.f_frsize))
 
 
 class SpillFile:
@@ -41,19 +48,24 @@ class SpillFile:
         self._lock = threading.Lock()  # a prefetch keeps and reads on its own thread
 
     def keep(self, records) -> None:
-        """Append (partition, offset, value)s: one lock and one write for a whole poll's worth."""
+        """Append (partition, offset, value)s: one lock and one write for a whole poll's worth. Stops growing
+        at max_bytes, or before the disk's free space falls to the reserve: a cache must never fill a disk."""
         parts = []
         with self._lock:
+            room = self.max_bytes - self.size
+            if not self.full:
+                room = min(room, free_beyond_reserve(self._file.fileno()))
+            written = 0
             for partition, offset, value in records:
                 padding = -(LENGTH.size + len(value)) % ALIGN
-                if self.size + LENGTH.size + len(value) + padding > self.max_bytes:
+                if self.full or written + LENGTH.size + len(value) + padding > room:
                     if not self.full:
-                        log.warning(
-                            "the spill file is full (buffer.spill_gb): groups read from here on are read back "
-                            "from Kafka when evicted"
-                        )
+                        limit = "buffer.spill_gb" if room == self.max_bytes - self.size else "the disk's free space"
+                        log.warning("the spill file is full (%s, at %.1f GB): groups read from here on are read "
+                                    "back from Kafka when evicted", limit, self.size / 1e9)  # fmt: skip
                         self.full = True
                     break
+                written += LENGTH.size + len(value) + padding
                 first, positions = self._slots(partition, offset)
                 i = offset - first
                 if i >= positions.size:
