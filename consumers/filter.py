@@ -33,6 +33,7 @@ from schemas.codec import SchemaStore
 from schemas.records import DeadLetter, DeadLetterCodec, TrajectoryCodec, now_ms
 
 log = logging.getLogger(__name__)
+ROUTE_BUDGET_S = 10.0  # routing work a transaction takes at most (then it commits what it routed)
 
 
 @dataclass
@@ -101,9 +102,16 @@ class GroupFilter:
         group.created_at = group.created_at or now_ms()
         if not group.missing():
             return None
+        carried_ids = group.prompt_token_ids.size or any(s.token_ids.size for s in group.samples)
         if self._completer is None:
-            self._completer = load_completer(self.cfg)
-        return self._completer.complete(group)
+            self._completer = load_completer(self.cfg)  # outside the try: a model that cannot load is fatal
+        try:
+            reason = self._completer.complete(group)
+        except Exception as exc:  # a bad chat template for these messages, ...: this group to the dlq, not the filter
+            return f"completion failed: {type(exc).__name__}: {str(exc)[:200]}"
+        if reason is None and not carried_ids:
+            group.model_id = self.model_id  # its ids are now this job's model's, whatever made the text
+        return reason
 
     def _reject(self, scorer: str, reason: str, value, key, partition: int, offset: int) -> Routed:
         letter = DeadLetter(reason, scorer, self.source, partition, offset, key, bytes(value or b""))
@@ -161,16 +169,28 @@ class FilterConsumer:
                 break
         return self.stats
 
+    def _routed(self, batch: dict[TopicPartition, list]) -> tuple[list, dict[TopicPartition, int]]:
+        """(record, Routed) in order until ROUTE_BUDGET_S is spent, and where each partition's unrouted rest begins.
+
+        Routed before the transaction opens, and in bounded time: completing a text-only group is a model pass,
+        and a poll of hundreds of them must outlast neither the transaction timeout nor the poll interval."""
+        deadline = time.monotonic() + ROUTE_BUDGET_S
+        outs, rest = [], {}
+        for tp, records in batch.items():
+            for rec in records:
+                if outs and time.monotonic() > deadline:
+                    rest[tp] = rec.offset
+                    break
+                outs.append((tp, rec, self.filter.route(rec.value, rec.key, tp.partition, rec.offset)))
+        return outs, rest
+
     def _process(self, batch: dict[TopicPartition, list]) -> None:
-        # routed before the transaction opens: completing text-only groups (a model pass, a first model
-        # load) must not eat into the transaction's timeout
-        outs = [(rec, self.filter.route(rec.value, rec.key, tp.partition, rec.offset))
-                for tp, records in batch.items() for rec in records]  # fmt: skip
+        outs, rest = self._routed(batch)
         self.producer.begin_transaction()
         try:
             routed = Counter()
             sends = []
-            for rec, out in outs:
+            for _, rec, out in outs:
                 topic = self.topics.curated if out.accepted else self.topics.dlq
                 # keep the generation time: curated time ranges (replays) then mean when groups were made
                 sends.append(self.producer.send(topic, key=rec.key, value=out.value, timestamp_ms=rec.timestamp))
@@ -184,13 +204,16 @@ class FilterConsumer:
                 raise denied[0]
             if failed:
                 raise KafkaError(f"{len(failed)} of {len(sends)} sends failed, first: {failed[0]}")
-            offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1) for tp, records in batch.items()}
+            done = {tp: rec.offset + 1 for tp, rec, _ in outs}  # the last routed of each partition, + 1
+            offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in done.items()}
             self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
             self.producer.commit_transaction()
             self.stats.consumed += len(sends)  # counted once committed: an aborted batch is read again
             self.stats.accepted += routed.pop("accepted", 0)
             self.stats.rejected.update(routed)
             self.stats.transactions += 1
+            for tp, offset in rest.items():  # what the time budget left is fetched again, for the next one
+                self.consumer.seek(tp, offset)
         except ProducerFencedError as exc:
             raise TbaError(
                 f"filter instance fenced: another filter uses the same instance id ({exc}); "

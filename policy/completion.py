@@ -22,8 +22,10 @@ class GroupCompleter:
     """complete(group) fills prompt ids, completion ids and reference log-probs in place; returns None,
     or the reason the group cannot be completed."""
 
-    def __init__(self, reference, tokenizer, temperature: float):
+    def __init__(self, reference, tokenizer, temperature: float, rows: int = 8):
         self.reference = reference
+        self.rows = rows  # completions per reference pass: bounds the logits' memory for large groups
+        self.context = getattr(reference.config, "max_position_embeddings", None)
         self.tokenizer = tokenizer
         self.temperature = temperature  # the loss's: reference log-probs are compared at it
         self.eos_id = tokenizer.eos_token_id
@@ -43,8 +45,12 @@ class GroupCompleter:
                 ids = self.tokenizer(s.completion, add_special_tokens=False)["input_ids"]
                 s.token_ids = np.array(ids + ([self.eos_id] if s.finish_reason == "stop" else []), np.int32)
         todo = [s for s in group.samples if s.ref_logprobs.size == 0 and s.token_ids.size]
-        if todo:
-            for s, ref in zip(todo, self.reference_logprobs(group.prompt_token_ids, [s.token_ids for s in todo]),
+        longest = group.prompt_token_ids.size + max((s.token_ids.size for s in todo), default=0)
+        if self.context and longest > self.context:
+            return f"prompt + completion is {longest} tokens, past the reference model's context of {self.context}"
+        for start in range(0, len(todo), self.rows):  # (rows, T, V) logits at a time, not (K, T, V)
+            chunk = todo[start : start + self.rows]
+            for s, ref in zip(chunk, self.reference_logprobs(group.prompt_token_ids, [s.token_ids for s in chunk]),
                               strict=True):  # fmt: skip
                 s.ref_logprobs = ref
         return None

@@ -75,7 +75,7 @@ class JsonlGroup(_Line):
         return self
 
     def to_group(self) -> TrajectoryGroup:
-        extra = {"group_id": self.group_id} if self.group_id else {}
+        extra = {"group_id": self.group_id or ""}  # none given: the filter names it by its content
         return TrajectoryGroup(
             prompt_id=self.prompt_id,
             task=self.task,

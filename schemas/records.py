@@ -143,7 +143,9 @@ class TrajectoryGroup:
         )
 
 
-def _unpack(data: bytes, dtype: np.dtype, name: str) -> np.ndarray:
+def _unpack(data: bytes | str, dtype: np.dtype, name: str) -> np.ndarray:
+    if isinstance(data, str):  # a field the writer left out: fastavro gives the schema's default as written
+        data = data.encode("latin-1")  # (Avro writes a bytes default as a string of code points 0-255)
     if len(data) % dtype.itemsize:
         raise ValueError(f"{name}: {len(data)} bytes is not a whole number of {dtype.itemsize}-byte values")
     return np.frombuffer(data, dtype)
@@ -162,8 +164,8 @@ class TrajectoryCodec:
         rec = self.avro.decode(data)
         try:
             return TrajectoryGroup.from_record(rec)
-        except ValueError as exc:
-            raise DecodeError(str(exc)) from exc
+        except (ValueError, TypeError, KeyError) as exc:  # a record that decodes, yet is no group we can hold
+            raise DecodeError(f"not a TrajectoryGroup: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass

@@ -44,17 +44,21 @@ def progress_and_work(role: str, metrics: dict[str, float], min_buffer_prompts: 
 class StallWatch:
     """look() each role's metrics (and a filter's lag); the reason it is stalled, or None."""
 
+    STARTUP = 3  # stall_s times this for a process to answer a first time: loading models comes before /metrics
+
     def __init__(self, stall_s: float, min_buffer_prompts: int):
         self.stall_s = stall_s
         self.min_buffer_prompts = min_buffer_prompts
         self.seen: dict[str, Seen] = {}
         self.answered: dict[str, float] = {}
+        self.starting: set[str] = set()  # not answered since it (re)started
 
     def started(self, name: str, now: float | None = None) -> None:
-        """A (re)started process gets a whole stall_s before anything counts against it."""
+        """A (re)started process gets STARTUP x stall_s to answer, then stall_s for anything else."""
         now = time.monotonic() if now is None else now
         self.seen[name] = Seen(None, now)
         self.answered[name] = now
+        self.starting.add(name)
 
     def look(self, name: str, role: str, metrics: dict[str, float], lag: int | None = None,
              now: float | None = None) -> str | None:  # fmt: skip
@@ -62,8 +66,11 @@ class StallWatch:
         seen = self.seen.setdefault(name, Seen(None, now))
         if not metrics:
             quiet = now - self.answered.setdefault(name, now)
-            return f"its metrics endpoint has not answered for {quiet:.0f}s" if quiet >= self.stall_s else None
+            if quiet < self.stall_s * (self.STARTUP if name in self.starting else 1):
+                return None
+            return f"its metrics endpoint has not answered for {quiet:.0f}s"
         self.answered[name] = now
+        self.starting.discard(name)
         found = progress_and_work(role, metrics, self.min_buffer_prompts, lag)
         if found is None:
             return None

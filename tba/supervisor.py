@@ -263,18 +263,17 @@ class Supervisor:
 
     def _restart_stalled(self) -> None:
         """Kill each running role that made no progress for run.stall_s while it had work: the tick restarts it."""
-        watched = [p for p in self.processes if p.running and p.metrics_port]
+        watched = [(p, p.proc) for p in self.processes if p.running and p.metrics_port]  # this process, not a later one
         lag = {}
-        if any(p.role == "filter" for p in watched):
+        if any(p.role == "filter" for p, _ in watched):
             try:
                 lag = filter_member_lag(self.cfg)
             except (KafkaError, TbaError, OSError) as exc:  # unknown lag: no filter counts as stalled this look
                 log.debug("could not read the filters' lag: %r", exc)
-        for p in watched:
+        for p, proc in watched:
             instance = p.args[-1] if p.role == "filter" else ""
             why = self.stalls.look(p.name, p.role, scrape(p.metrics_port, timeout_s=2.0), lag.get(instance))
-            proc = p.proc
-            if why and proc is not None and proc.poll() is None:
+            if why and proc.poll() is None and proc is p.proc:
                 p.stalls += 1
                 log.warning("restarting %s: %s (run.stall_s %.0f)", p.name, why, self.cfg.run.stall_s)
                 proc.kill()

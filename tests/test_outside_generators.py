@@ -55,14 +55,28 @@ def apache_record(prompt_id: str, rewards: list[float], **extra) -> dict:
     }  # fmt: skip
 
 
-def test_a_writer_using_apaches_avro_library_reaches_curated(cfg, store):
+MINIMAL = {  # ours with every defaulted field left out: the text-only form
+    "type": "record", "name": "TrajectoryGroup", "namespace": "tba", "fields": [
+        {"name": "prompt_id", "type": "string"},
+        {"name": "prompt", "type": "string"},
+        {"name": "samples", "type": {"type": "array", "items": {"type": "record", "name": "Sample", "fields": [
+            {"name": "completion", "type": "string"}, {"name": "reward", "type": "double"}]}}},
+    ],
+}  # fmt: skip
+
+
+def test_a_writer_using_apaches_avro_library_reaches_curated(cfg, store, tmp_path):
     """The registration is trusted by its key: the CRC-64-AVRO of the canonical text as registered, though
     Apache's canonical form differs from fastavro's (logical types); a mislabelled one is still refused."""
+    cfg = with_overrides(cfg, searcher={"model": saved_tiny_llama(tmp_path / "model")})
     ours = load_schema("trajectory_group")
     evolved = {**ours, "fields": [*ours["fields"], {"name": "agent", "type": "string", "default": "none"}]}
+    minimal = {"prompt_id": "p-text", "prompt": "1+1?", "samples": [{"completion": "2", "reward": 1.0},
+                                                                   {"completion": "3", "reward": 0.0}]}  # fmt: skip
     messages = [
         apache_avro_message(ours, apache_record("p-ours", [1.0, 0.0])),
         apache_avro_message(evolved, apache_record("p-evolved", [0.0, 1.0, 0.5], agent="planner")),
+        apache_avro_message(MINIMAL, minimal),
     ]
     names = topic_names(cfg)
     producer = kafka_clients.producer(cfg)  # a plain Kafka producer: the schema store is only a topic
@@ -80,9 +94,12 @@ def test_a_writer_using_apaches_avro_library_reaches_curated(cfg, store):
     run_filters(cfg, store)
     codec = TrajectoryCodec(store)
     curated = {g.prompt_id: g for g in (codec.decode(r.value) for r in read_topic(cfg, names.curated))}
-    assert set(curated) == {"p-ours", "p-evolved"}
+    assert set(curated) == {"p-ours", "p-evolved", "p-text"}
     assert curated["p-ours"].rewards.tolist() == [1.0, 0.0]
     assert curated["p-evolved"].rewards.tolist() == [0.0, 1.0, 0.5]
+    text = curated.pop("p-text")  # completed by the filter: this job's ids, so this job's model
+    assert text.rewards.tolist() == [1.0, 0.0] and text.model_id == "model" and text.group_id
+    assert [s.token_ids.size == s.ref_logprobs.size > 0 for s in text.samples] == [True, True]
     for g in curated.values():
         assert g.generator_id == "apache-avro" and g.metadata == {"by": "apache"} and g.created_at == 1_700_000_000_000
         assert g.samples[0].token_ids.tolist() == [5, 6, 7, 8] and g.prompt_token_ids.tolist() == [3, 4, 5, 6]
@@ -152,6 +169,7 @@ def minimal_lines() -> list[dict]:
 
 
 def test_text_only_groups_from_tba_produce_are_completed_once_and_train(cfg, store, tmp_path, monkeypatch):
+    monkeypatch.setattr("consumers.filter.ROUTE_BUDGET_S", 0.0)  # one group a transaction: the rest fetched again
     saved_tiny_llama(tmp_path / "model")
     port = free_port()
     cfg = with_overrides(
@@ -209,3 +227,23 @@ def test_a_loss_that_weighs_by_behaviour_logprobs_refuses_groups_without_them(cf
         DeadLetterCodec(SchemaStore()).decode(out.value).reason
     )
     assert groups_filter._completer is None  # refused before any model was loaded
+
+
+def test_a_group_that_cannot_be_completed_goes_to_the_dlq_and_the_filter_goes_on(cfg, tmp_path):
+    cfg = with_overrides(cfg, searcher={"model": saved_tiny_llama(tmp_path / "model")})
+    groups_filter, codec = GroupFilter(cfg, SchemaStore()), TrajectoryCodec(SchemaStore())
+    letters = DeadLetterCodec(SchemaStore())
+    empty_i, empty_f = np.zeros(0, np.int32), np.zeros(0, np.float32)
+    long = TrajectoryGroup("p", "", "x" * 600, empty_i, [Sample("1", empty_i, empty_f, empty_f, 1.0)])
+    out = groups_filter.route(codec.encode(long))
+    assert (out.accepted, out.scorer) == (False, "completion")
+    assert "past the reference model's context of 512" in letters.decode(out.value).reason
+
+    class Broken:
+        def complete(self, group):
+            raise RuntimeError("template error")
+
+    groups_filter._completer = Broken()
+    short = TrajectoryGroup("p", "", "hi", empty_i, [Sample("1", empty_i, empty_f, empty_f, 1.0)])
+    out = groups_filter.route(codec.encode(short))
+    assert letters.decode(out.value).reason == "completion failed: RuntimeError: template error"

@@ -64,7 +64,7 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
                  "max_steps": 100_000, "eval_every": 5, "checkpoint_every": 1000, "run_dir": str(run_dir),
                  "eval_prompts": 4, "eval_max_new_tokens": 6},
         weights={"port": 0, "subscription_s": 10},
-        run={"metrics_port": metrics_port, "restart_initial_s": 0.5, "stall_s": 15},
+        run={"metrics_port": metrics_port, "restart_initial_s": 0.5, "stall_s": 20},
     )  # fmt: skip
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -213,6 +213,9 @@ def test_a_role_is_stalled_only_without_progress_while_it_had_work():
     )
 
     watch.started("searcher-0", now=0)
+    watch.started("searcher-1", now=0)
+    assert watch.look("searcher-1", "searcher", {}, now=170) is None  # loading its model: 3 x stall_s to answer
+    assert watch.look("searcher-1", "searcher", {}, now=181) == "its metrics endpoint has not answered for 181s"
     assert watch.look("searcher-0", "searcher", {"tba_searcher_idle_steps_total": 1}, now=30) is None
     assert watch.look("searcher-0", "searcher", {"tba_searcher_idle_steps_total": 2}, now=80) is None  # looking
     assert watch.look("searcher-0", "searcher", {}, now=139) is None  # its endpoint quiet, not yet stall_s

@@ -131,15 +131,16 @@ def save(trainer) -> Path:
     os.replace(tmp, final)
     (root / "latest.tmp").write_text(final.name)
     os.replace(root / "latest.tmp", root / "latest")
-    prune(root, trainer.t.keep_checkpoints, trainer.t.keep_checkpoint_steps)
+    prune(root, trainer.t.keep_checkpoints, trainer.t.keep_checkpoint_steps, latest=final.name)
     return final
 
 
-def prune(root: Path, keep: int, steps: list[int]) -> list[Path]:
-    """Remove all but the newest `keep` checkpoints and those of `steps`; returns what was removed. Each holds
+def prune(root: Path, keep: int, steps: list[int], latest: str) -> list[Path]:
+    """Remove all but the newest `keep` checkpoints, those of `steps` and `latest` (the one just written, which a
+    stray higher-numbered folder of an interrupted save must not push out); returns what was removed. Each holds
     the buffer's index, which grows with the history: kept forever they would fill a week-long job's disk."""
     found = sorted(root.glob("step-[0-9]*"), key=lambda p: int(p.name.removeprefix("step-")))
-    named = {f"step-{s:06d}" for s in steps}
+    named = {f"step-{s:06d}" for s in steps} | {latest}
     removed = [p for p in found[: max(0, len(found) - keep)] if p.name not in named]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
