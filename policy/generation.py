@@ -159,6 +159,10 @@ class HFGenerator:
             tops = torch.stack(top_ids, dim=1).numpy(), torch.stack(top_values, dim=1).numpy().astype(np.float32)
         else:
             tops = None
+        return self._completions(completion, lengths, ended, n, logprobs, None, tops)
+
+    def _completions(self, completion, lengths, ended, n: int, logprobs, ref, tops) -> list[list[Completion]]:
+        """Rows (N, T) cut at their lengths into Completions, n to a prompt; ref and tops may be None."""
         results = []
         for i in range(completion.shape[0]):
             t = int(lengths[i])
@@ -167,14 +171,14 @@ class HFGenerator:
                 Completion(
                     text=self.tokenizer.decode(ids, skip_special_tokens=True),
                     token_ids=ids.numpy().astype(np.int32),
-                    logprobs=logprobs[i, :t],
-                    ref_logprobs=np.zeros(0, np.float32),
+                    logprobs=np.asarray(logprobs[i, :t], np.float32),
+                    ref_logprobs=np.zeros(0, np.float32) if ref is None else np.asarray(ref[i, :t], np.float32),
                     finish_reason="stop" if bool(ended[i]) else "length",
                     top_ids=tops[0][i, :t] if tops else None,
                     top_logprobs=tops[1][i, :t] if tops else None,
                 )
             )
-        return [results[j * n : (j + 1) * n] for j in range(len(prompts))]
+        return [results[j * n : (j + 1) * n] for j in range(len(results) // n)]
 
     def texts(self, prompts: list[list[int]], sample: bool) -> tuple[list[str], list[bool]]:
         """One completion per prompt, greedy or sampled: (texts, whether each ended with EOS)."""
@@ -197,17 +201,4 @@ class HFGenerator:
             token_logprobs(completion_logits(m, head, head_mask, tail, tail_mask), tail, self.temperature).cpu()
             for m in (self.model, self.reference)
         )
-        results = []
-        for i in range(out.shape[0]):
-            t = int(lengths[i])
-            ids = completion[i, :t]
-            results.append(
-                Completion(
-                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                    token_ids=ids.numpy().astype(np.int32),
-                    logprobs=policy[i, :t].numpy().astype(np.float32),
-                    ref_logprobs=ref[i, :t].numpy().astype(np.float32),
-                    finish_reason="stop" if bool(ended[i]) else "length",
-                )
-            )
-        return [results[j * n : (j + 1) * n] for j in range(len(prompts))]
+        return self._completions(completion, lengths, ended, n, policy.numpy(), ref.numpy(), None)

@@ -148,7 +148,8 @@ def test_dead_letters_are_redriven_once_and_rescored(cfg, store, rng, monkeypatc
     assert "re-drove 4 dead letter(s)" in out.output, out.output
     assert "re-drove 0 dead letter(s)" in runner.invoke(cli, ["filter", "--redrive"]).output  # once each
     typo = runner.invoke(cli, ["filter", "--redrive", "--scorer", "length_limit"])
-    assert typo.exit_code == 2 and "'length_limit' is none of decode, model, completion, structure" in typo.output, typo.output
+    assert typo.exit_code == 2, typo.output
+    assert "'length_limit' is none of decode, model, completion, structure" in typo.output
     run_filters(cfg, store)  # the relaxed default limits accept them now
     codec = TrajectoryCodec(store)
     assert sorted(codec.decode(r.value).group_id for r in read_topic(cfg, topic_names(cfg).curated)) == sorted(long_ids)

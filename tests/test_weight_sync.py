@@ -84,10 +84,11 @@ def test_three_subscribers_see_versions_in_order(wcfg, server):
         sub.close()
 
 
-class CorruptOnce(grpc.UnaryStreamClientInterceptor):
-    """Flips one byte of the first data chunk the subscriber receives: a corrupted transfer."""
+class ChangeOnce(grpc.UnaryStreamClientInterceptor):
+    """Changes the first data chunk the subscriber receives, with change(chunk) -> chunk."""
 
-    def __init__(self):
+    def __init__(self, change):
+        self.change = change
         self.done = False
 
     def intercept_unary_stream(self, continuation, details, request):
@@ -98,9 +99,7 @@ class CorruptOnce(grpc.UnaryStreamClientInterceptor):
             def __iter__(self):
                 for chunk in call:
                     if not interceptor.done and isinstance(chunk, DataChunk) and len(chunk.data):
-                        data = bytearray(chunk.data)
-                        data[0] ^= 0xFF
-                        chunk = dataclasses.replace(chunk, data=bytes(data))
+                        chunk = interceptor.change(chunk)
                         interceptor.done = True
                     yield chunk
 
@@ -110,9 +109,25 @@ class CorruptOnce(grpc.UnaryStreamClientInterceptor):
         return Stream()
 
 
+def corrupt_once() -> ChangeOnce:
+    """One byte of the first data chunk flipped: a corrupted transfer."""
+
+    def flip(chunk):
+        data = bytearray(chunk.data)
+        data[0] ^= 0xFF
+        return dataclasses.replace(chunk, data=bytes(data))
+
+    return ChangeOnce(flip)
+
+
+def malform_once() -> ChangeOnce:
+    """The first data chunk moved past its tensor's end: a stream that breaks the protocol."""
+    return ChangeOnce(lambda chunk: dataclasses.replace(chunk, offset=chunk.offset + (1 << 40)))
+
+
 def test_a_corrupted_chunk_is_rejected_and_fetched_again(wcfg, server):
     model = tiny_llama(1)
-    sub = subscribe(wcfg, server, interceptors=[CorruptOnce()])
+    sub = subscribe(wcfg, server, interceptors=[corrupt_once()])
     version = server.publish(model.state_dict(), step=1)
     got = sub.wait_for(version, 20)
     assert sub.stats.checksum_failures == 1
@@ -120,29 +135,8 @@ def test_a_corrupted_chunk_is_rejected_and_fetched_again(wcfg, server):
     sub.close()
 
 
-class MalformOnce(CorruptOnce):
-    """Moves the first data chunk past its tensor's end: a stream that breaks the protocol."""
-
-    def intercept_unary_stream(self, continuation, details, request):
-        call = continuation(details, request)
-        interceptor = self
-
-        class Stream:
-            def __iter__(self):
-                for chunk in call:
-                    if not interceptor.done and isinstance(chunk, DataChunk) and len(chunk.data):
-                        chunk = dataclasses.replace(chunk, offset=chunk.offset + (1 << 40))
-                        interceptor.done = True
-                    yield chunk
-
-            def cancel(self):
-                return call.cancel()
-
-        return Stream()
-
-
 def test_a_malformed_stream_is_dropped_and_subscribed_again(wcfg, server):
-    sub = subscribe(wcfg, server, interceptors=[MalformOnce()])
+    sub = subscribe(wcfg, server, interceptors=[malform_once()])
     first = server.publish(tiny_llama(1).state_dict(), step=1)
     assert sub.wait_for(first, 20).version == first and sub.stats.malformed == 1
     model = tiny_llama(2)
