@@ -7,6 +7,7 @@ time, so the hot paths carry no metrics code and the numbers cannot drift from t
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,37 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+class MetricsTail:
+    """The rows appended to run_dir/metrics.jsonl since the last call, for a reader that looks every second (the
+    live view): it reads what is new, not the whole file each time (which grew with every step of the job),
+    and starts a rotated file from its beginning."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.inode, self.position, self.partial = None, 0, b""
+
+    def new_rows(self) -> list[dict]:
+        try:
+            file = open(self.path, "rb")
+        except FileNotFoundError:
+            return []
+        with file:
+            stat = os.fstat(file.fileno())
+            if stat.st_ino != self.inode or stat.st_size < self.position:  # a new file: rotated, or a new run
+                self.inode, self.position, self.partial = stat.st_ino, 0, b""
+            file.seek(self.position)
+            data = file.read()
+        self.position += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")  # a line still being written waits
+        rows = []
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
 
 
 def metric_rows(run_dir: Path) -> list[dict]:

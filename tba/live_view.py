@@ -11,7 +11,7 @@ import http.client
 import threading
 import time
 import urllib.request
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,7 +19,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from ops.metrics import metric_rows
+from ops.metrics import MetricsTail
 
 KAFKA_EVERY_S = 5.0  # end offsets and group offsets cost a few round trips: not every second
 
@@ -46,6 +46,8 @@ class JobView:
         self.cfg = cfg
         self.previous: dict[str, tuple[float, dict[str, float]]] = {}  # name -> (time, scrape)
         self.rates: dict[str, dict[str, float]] = {}
+        self.metrics: MetricsTail | None = None  # the trainer's metrics.jsonl, read as it grows
+        self.evals: deque[dict] = deque(maxlen=5)  # the newest evaluations
         self.kafka: dict = {}
         self.kafka_at = 0.0
         # Kafka is read on a thread of its own: a broker away makes each read wait for the client timeout,
@@ -156,8 +158,10 @@ class JobView:
         return f"{60 * rate.get('tba_trainer_steps_total', 0):.1f} steps/min"
 
     def _accuracy_trend(self) -> str:
-        evals = [r for r in metric_rows(Path(self.cfg.trainer.run_dir)) if r["kind"] == "eval"]
-        return " -> ".join(f"{r['greedy_accuracy']:.2f}" for r in evals[-5:])
+        if self.metrics is None:
+            self.metrics = MetricsTail(Path(self.cfg.trainer.run_dir))
+        self.evals.extend(r for r in self.metrics.new_rows() if r["kind"] == "eval")
+        return " -> ".join(f"{r['greedy_accuracy']:.2f}" for r in self.evals)
 
     @staticmethod
     def _staleness(trainer: dict[str, float]) -> Text:

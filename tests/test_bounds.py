@@ -2,7 +2,7 @@
 
 import shutil
 
-from ops.metrics import MetricsLog, metric_rows
+from ops.metrics import MetricsLog, MetricsTail, metric_rows
 from tba.logs import rotate
 from trainer.checkpoint import prune
 from trainer.spill_file import SpillFile, free_beyond_reserve
@@ -58,3 +58,20 @@ def test_the_spill_file_stops_growing_before_the_disk_fills(tmp_path, monkeypatc
         "Kafka when evicted"
     ) == 1
     spill.close()
+
+
+def test_the_live_view_reads_only_the_rows_added_since_it_last_looked(tmp_path):
+    tail = MetricsTail(tmp_path)
+    assert tail.new_rows() == []  # no file yet
+    log = MetricsLog(tmp_path, max_mb=0.0005, backups=1)  # ~500 bytes a file: rotates every few rows
+    seen = []
+    for step in range(40):
+        log.write({"kind": "eval", "step": step, "pad": "x" * 60})
+        if step % 3 == 0:
+            seen += [r["step"] for r in tail.new_rows()]
+    with open(tmp_path / "metrics.jsonl", "a") as half:
+        half.write('{"kind": "eval", "st')  # a line still being written is left for the next look
+    seen += [r["step"] for r in tail.new_rows()]
+    assert seen == sorted(set(seen)) and seen[-1] == 39  # in order, never twice, the newest read
+    assert tail.position == (tmp_path / "metrics.jsonl").stat().st_size  # read to the end, not again from 0
+    log.close()

@@ -1,6 +1,7 @@
 """Every role stops within its stop timeout whatever Kafka does: here, Kafka not answering at all."""
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -78,6 +79,8 @@ def test_the_live_view_never_holds_the_supervisor_when_kafka_is_unreachable(tmp_
     cfg = load_config(environ={}, kafka={"bootstrap": f"127.0.0.1:{free_port()}", "namespace": "away"},
                       trainer={"run_dir": str(tmp_path)}, weights={"port": 0})  # fmt: skip
     supervisor, view = Supervisor(cfg), live_view.JobView(cfg)
+    rows = [{"kind": "eval", "greedy_accuracy": a} for a in (0.25, 0.5)] + [{"kind": "train", "step": 1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for _ in range(4):
         started = time.monotonic()
         view(supervisor)
@@ -86,6 +89,7 @@ def test_the_live_view_never_holds_the_supervisor_when_kafka_is_unreachable(tmp_
     console = Console(file=io.StringIO(), width=120)
     console.print(view.renderable)
     assert f"waiting for Kafka at {cfg.kafka.bootstrap} to answer" in console.file.getvalue()
+    assert "0.25 -> 0.50" in console.file.getvalue()  # the held-out accuracy, from the rows read once each
 
 
 def test_every_role_stops_on_sigterm_within_its_stop_timeout_when_the_broker_is_gone(tmp_path):
