@@ -75,7 +75,7 @@ class GroupFilter:
         if carries_ids and group.model_id and group.model_id != self.model_id:  # another tokenizer's ids
             reason = f"made with model {group.model_id!r}; this job trains {self.model_id!r}"
             return self._reject("model", reason, value, key, partition, offset)
-        reason = self._complete(group)
+        reason = self._complete(group, carries_ids)
         if reason:
             return self._reject("completion", reason, value, key, partition, offset)
         scores = {}
@@ -90,7 +90,7 @@ class GroupFilter:
         group.scores = {**group.scores, **scores}
         return Routed(True, self.codec.encode(group))
 
-    def _complete(self, group) -> str | None:
+    def _complete(self, group, carries_ids: bool) -> str | None:
         """Fill in what a text-only (or gateway) group lacks, once, so curated holds what the trainer reads;
         the reason when it cannot be done."""
         if self.cfg.trainer.loss != "tb":  # the baselines take samples as the policy's own (ratio 1)
@@ -102,14 +102,13 @@ class GroupFilter:
         group.created_at = group.created_at or now_ms()
         if not group.missing():
             return None
-        carried_ids = group.prompt_token_ids.size or any(s.token_ids.size for s in group.samples)
         if self._completer is None:
             self._completer = load_completer(self.cfg)  # outside the try: a model that cannot load is fatal
         try:
             reason = self._completer.complete(group)
         except Exception as exc:  # a bad chat template for these messages, ...: this group to the dlq, not the filter
             return f"completion failed: {type(exc).__name__}: {str(exc)[:200]}"
-        if reason is None and not carried_ids:
+        if reason is None and not carries_ids:
             group.model_id = self.model_id  # its ids are now this job's model's, whatever made the text
         return reason
 

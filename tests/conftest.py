@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ops.broker import LocalBroker, free_port
-from ops.config import TbaConfig, load_config
+from ops.config import TbaConfig, load_config, with_overrides
 from ops.schema_store import KafkaSchemaStore
 from ops.topics import create_topics
 
@@ -27,6 +27,21 @@ def make_config(bootstrap: str, **sections) -> TbaConfig:
     sections["trainer"] = {"lora_r": 0, **sections.get("trainer", {})}
     kafka = {"bootstrap": bootstrap, "namespace": f"t{uuid.uuid4().hex[:10]}", "client_timeout_s": 20}
     return load_config(environ={}, kafka=kafka, **sections)
+
+
+def trainer_on_tiny_model(cfg: TbaConfig, tmp_path) -> TbaConfig:
+    """cfg for a trainer of a saved tiny model on the toy task, training on whatever reaches curated."""
+    from tests.tiny_models import saved_tiny_llama
+
+    return with_overrides(
+        cfg,
+        task={"name": "toy", "train_size": 4, "eval_size": 2},
+        searcher={"model": saved_tiny_llama(tmp_path / "model")},
+        buffer={"samples_per_prompt": 4},
+        trainer={"prompts_per_step": 2, "min_buffer_prompts": 2, "max_steps": 100_000, "eval_every": 100_000,
+                 "eval_prompts": 2, "eval_max_new_tokens": 4, "run_dir": str(tmp_path / "run")},
+        weights={"port": 0},
+    )  # fmt: skip
 
 
 @pytest.fixture

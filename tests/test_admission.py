@@ -7,14 +7,13 @@ import numpy as np
 
 from ops import kafka_clients
 from ops.broker import free_port
-from ops.config import with_overrides
 from ops.topics import read_topic, topic_names
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
 from schemas.records import DeadLetterCodec
 from tba.live_view import scrape
+from tests.conftest import trainer_on_tiny_model
 from tests.test_run import wait_until
-from tests.tiny_models import saved_tiny_llama
 from trainer.job import run_trainer
 
 
@@ -37,17 +36,8 @@ def untrainable(rng) -> dict[str, tuple]:
 
 
 def test_a_running_job_keeps_training_past_groups_it_cannot_train_on(cfg, store, tmp_path):
-    saved_tiny_llama(tmp_path / "model")
     port = free_port()
-    cfg = with_overrides(
-        cfg,
-        task={"name": "toy", "train_size": 4, "eval_size": 2},
-        searcher={"model": str(tmp_path / "model")},
-        buffer={"samples_per_prompt": 4},
-        trainer={"prompts_per_step": 2, "min_buffer_prompts": 2, "max_steps": 100_000, "eval_every": 100_000,
-                 "eval_prompts": 2, "eval_max_new_tokens": 4, "run_dir": str(tmp_path / "run")},
-        weights={"port": 0},
-    )  # fmt: skip
+    cfg = trainer_on_tiny_model(cfg, tmp_path)
     names = topic_names(cfg)
     rng = np.random.default_rng(0)
     with TrajectoryProducer(cfg, store, topic=names.curated) as curated:

@@ -26,6 +26,7 @@ from schemas.codec import SchemaStore, load_schema
 from schemas.records import DeadLetterCodec, Sample, TrajectoryCodec, TrajectoryGroup
 from tba.cli import cli
 from tba.live_view import scrape
+from tests.conftest import trainer_on_tiny_model
 from tests.test_filter import run_filters
 from tests.test_run import wait_until
 from tests.tiny_models import char_tokenizer, saved_tiny_llama, tiny_llama
@@ -170,17 +171,8 @@ def minimal_lines() -> list[dict]:
 
 def test_text_only_groups_from_tba_produce_are_completed_once_and_train(cfg, store, tmp_path, monkeypatch):
     monkeypatch.setattr("consumers.filter.ROUTE_BUDGET_S", 0.0)  # one group a transaction: the rest fetched again
-    saved_tiny_llama(tmp_path / "model")
     port = free_port()
-    cfg = with_overrides(
-        cfg,
-        task={"name": "toy", "train_size": 4, "eval_size": 2},
-        searcher={"model": str(tmp_path / "model")},
-        buffer={"samples_per_prompt": 4},
-        trainer={"prompts_per_step": 2, "min_buffer_prompts": 2, "max_steps": 100_000, "eval_every": 100_000,
-                 "eval_prompts": 2, "eval_max_new_tokens": 4, "run_dir": str(tmp_path / "run")},
-        weights={"port": 0},
-    )  # fmt: skip
+    cfg = trainer_on_tiny_model(cfg, tmp_path)
     path = tmp_path / "text.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in minimal_lines()) + "\n")
     monkeypatch.setenv("TBA__KAFKA__BOOTSTRAP", cfg.kafka.bootstrap)
