@@ -29,7 +29,9 @@ from gateway_agent import agent_round  # noqa: E402
 TOKEN = "gateway-job-token"
 
 
-def job_config(root: Path, model: str, budget_s: float) -> TbaConfig:
+def job_config(root: Path, model: str, budget_s: float, searchers: int = 0, filters: int = 1,
+               checkpoint_every: int = 1_000_000) -> TbaConfig:
+    """The gateway alone feeds it unless `searchers` says otherwise (bench/soak.py runs every role)."""
     port = free_port()
     return load_config(
         environ={},
@@ -37,26 +39,27 @@ def job_config(root: Path, model: str, budget_s: float) -> TbaConfig:
         broker={"port": port, "data_dir": str(root / "kafka"), "heap": "768m"},
         topics={"partitions": 2},
         task={"name": "toy", "train_size": 16, "eval_size": 4},
-        searcher={"model": model, "searchers": 0, "temperature": 1.0},
+        searcher={"model": model, "searchers": searchers, "temperature": 1.0},
         gateway={"enabled": True, "port": free_port(), "token_env": "TBA_GATEWAY_TOKEN", "reward_timeout_s": 60},
         filter={"scorers": ["structure", "finite_rewards", "lengths", "length_limits"], "max_poll_records": 20},
         buffer={"samples_per_prompt": 6, "on_policy_prob": 0.95},
         trainer={"prompts_per_step": 2, "micro_batch_prompts": 1, "lora_r": 0, "lr": 1e-2, "warmup_steps": 1,
                  "beta_start": 0.05, "beta_end": 0.05, "temperature": 1.0, "sync_every": 1, "min_buffer_prompts": 2,
-                 "max_steps": 1_000_000, "eval_every": 1_000_000, "checkpoint_every": 1_000_000, "eval_prompts": 4,
-                 "eval_max_new_tokens": 6, "run_dir": str(root / "run")},
+                 "max_steps": 1_000_000, "eval_every": 1_000_000, "checkpoint_every": checkpoint_every,
+                 "eval_prompts": 4, "eval_max_new_tokens": 6, "run_dir": str(root / "run")},
         weights={"port": free_port(), "subscription_s": 10},
-        run={"budget_s": budget_s, "metrics_port": free_port(), "live_view": False},
+        run={"budget_s": budget_s, "metrics_port": free_port(), "live_view": False, "filters": filters},
     )  # fmt: skip
 
 
 @contextmanager
-def gateway_job(root: Path, budget_s: float = 600) -> Iterator[tuple[TbaConfig, openai.OpenAI]]:
-    """`tba run` of a gateway-fed job in root; yields its config and a client once the gateway answers.
-    The job is stopped (SIGTERM: the trainer checkpoints) and its broker with it on the way out."""
+def gateway_job(root: Path, budget_s: float = 600, **shape) -> Iterator[tuple[TbaConfig, openai.OpenAI]]:
+    """`tba run` of a gateway-fed job in root (shape: job_config's searchers, filters, checkpoint_every); yields
+    its config and a client once the gateway answers. The job is stopped (SIGTERM: the trainer checkpoints) and
+    its broker with it on the way out."""
     from tests.tiny_models import saved_tiny_llama
 
-    cfg = job_config(root, saved_tiny_llama(root / "model"), budget_s)
+    cfg = job_config(root, saved_tiny_llama(root / "model"), budget_s, **shape)
     (root / "job.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "TBA_GATEWAY_TOKEN": TOKEN}
     job = subprocess.Popen([sys.executable, "-m", "tba.cli", "--config", str(root / "job.yaml"), "run"], cwd=ROOT,
