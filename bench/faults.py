@@ -6,7 +6,8 @@ read from the start, that nothing acked was lost and nothing was admitted twice.
 
 Roles killed: the searcher, each filter, the trainer (which hosts the weight-sync service, so that
 is killed with it) and the broker. A filter transaction the broker's kill -9 leaves hanging is
-aborted by the supervisor (`hanging_transactions_healed`); `hanging_transactions_left` must be empty.
+ended by the supervisor as its coordinator decided (`hanging_transactions_healed`); `hanging_transactions_left`
+must be empty, and no group may be routed twice.
 The job uses a tiny random model and the toy task: the point is the data path, not learning. The
 check itself lives in tests/fault_injection.py, which tests/test_faults.py runs in a short version.
 """

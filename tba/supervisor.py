@@ -14,8 +14,8 @@ Everything a process says goes to run_dir/logs/<name>.log; the state of each pro
 run_dir/job.json every tick, for the live view and for anyone watching from outside. One job at a
 time holds a run dir (run_dir/.lock). A second Ctrl-C kills the processes instead of waiting for them.
 A broker the job started itself is stopped with it, unless run.keep_broker (`tba run --keep-broker`).
-Every HEAL_EVERY_S it looks for filter transactions left hanging by a broker's restart and aborts
-them (ops/transactions.py), which a person had to do by hand before.
+Every HEAL_EVERY_S it looks for filter transactions left hanging by a broker's restart and ends them
+as their coordinator decided (ops/transactions.py), which a person had to do by hand before.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from tba.stalls import StallWatch, filter_member_lag
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
-HEAL_EVERY_S = 15.0  # a look is a few admin requests; a hanging transaction is aborted after its 60 s grace
+HEAL_EVERY_S = 15.0  # a look is a few admin requests; a hanging transaction is ended after its 60 s grace
 
 
 @dataclass
@@ -245,7 +245,7 @@ class Supervisor:
         return not (budget and now - self.started >= budget)
 
     def _heal_transactions(self, now: float) -> None:
-        """Every HEAL_EVERY_S, on a thread of its own (a look waits on Kafka, the tick must not): abort
+        """Every HEAL_EVERY_S, on a thread of its own (a look waits on Kafka, the tick must not): end
         hanging transactions, which would otherwise hold the filter group and every curated reader."""
         if now < self.next_heal or (self.healing is not None and self.healing.is_alive()):
             return

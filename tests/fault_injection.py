@@ -204,7 +204,7 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
         raw = topic_names(cfg).raw
         drained = end_offsets(cfg, [raw])[raw]  # nothing may write to raw after this (else unrouted by design)
         time.sleep(2 * interval_s)  # and the trainer ingests it
-        # a transaction open when the broker died is aborted only once it times out, or, left hanging, once
+        # a transaction open when the broker died is aborted only once it times out, or, left hanging, ended once
         # the supervisor has seen it stuck for its grace (looking every HEAL_EVERY_S); until then it hides
         # every later committed record of its partitions from read_committed readers (the check's too)
         deadline = time.monotonic() + supervisor.transactions.grace_s + 3 * HEAL_EVERY_S
@@ -252,7 +252,7 @@ def hanging_transactions_left(cfg: TbaConfig) -> list[str]:
 
 def hanging_transactions(cfg: TbaConfig) -> list[str]:
     """The transactions whose markers the broker skipped, from its log: 'transactional id: partitions'.
-    The supervisor aborts them (hanging_transactions_healed); none may be left."""
+    The supervisor ends them as their coordinator decided (hanging_transactions_healed); none may be left."""
     log = Path(cfg.broker.data_dir) / "broker.log"
     text = log.read_text(errors="replace") if log.exists() else ""
     return [f"{txn}: {parts}" for parts, txn in SKIPPED_MARKERS.findall(text)]

@@ -1,5 +1,6 @@
-"""A hanging transaction (open on a partition, over as far as its coordinator knows) is found and aborted,
-and read_committed readers move past it; a live transaction is left alone."""
+"""A hanging transaction (open on a partition, over as far as its coordinator knows) is found and ended as its
+coordinator decided (aborted, or committed when the coordinator had prepared a commit), and read_committed
+readers move past it; a live transaction is left alone."""
 
 import contextlib
 import json
@@ -30,20 +31,30 @@ def partitions_unverified(cfg):
         admin.close()
 
 
-def leave_hanging(cfg, tp: TopicPartition) -> None:
-    """A transactional write that never told its coordinator about the partition: the partition holds the
-    transaction open, the coordinator has none open, and nobody will end it. That is the state a broker
-    that skipped a commit's markers leaves (README, Reliability), made here without killing a broker."""
+def transaction_unknown_on(cfg, tp: TopicPartition) -> KafkaProducer:
+    """A transactional producer, in a transaction, whose writes to tp never tell the coordinator about the
+    partition: the partition holds the transaction open and the coordinator will never end it there. That is
+    the state a broker that skipped a transaction's markers leaves (README, Reliability), made without a kill."""
     producer = kafka_clients.producer(cfg, transactional_id=f"{cfg.kafka.namespace}.hanging")
     producer.init_transactions()
     producer.begin_transaction()
     manager = producer._transaction_manager
+    asking = manager.maybe_add_partition_to_transaction
 
-    def added_without_asking(partition):  # skips AddPartitionsToTxn
+    def added_without_asking(partition):  # skips AddPartitionsToTxn for tp alone
+        if partition != tp:
+            return asking(partition)
         with manager._lock:
             manager._partitions_in_transaction.add(partition)
 
     manager.maybe_add_partition_to_transaction = added_without_asking
+    return producer
+
+
+def leave_hanging(cfg, tp: TopicPartition) -> None:
+    """A transaction that never ends: its coordinator has nothing of it (no partition added), so it prepared no
+    commit, and it is aborted."""
+    producer = transaction_unknown_on(cfg, tp)
     producer.send(tp.topic, b"hanging", partition=tp.partition).get(timeout=20)
     producer.close(timeout=0)
 
@@ -114,3 +125,25 @@ def test_the_supervisor_aborts_hanging_transactions_as_it_ticks(cfg, tmp_path):
     assert json.loads((tmp_path / "job.json").read_text())["hanging_transactions_healed"] == 1
     assert end_offsets(cfg, [curated]) == end_offsets(cfg, [curated], "read_uncommitted")  # nothing held back
     assert supervisor.tick() and supervisor.healing is looking  # the next look is HEAL_EVERY_S later
+
+
+def test_a_hanging_transaction_its_coordinator_committed_is_committed(cfg, caplog):
+    """The broker's kill -9 case: the coordinator prepared the commit and wrote the markers of some partitions
+    only. Aborting the rest would, on the filter group's offsets, have a committed batch read and routed again."""
+    curated = topic_names(cfg).curated
+    skipped, marked = TopicPartition(curated, 1), TopicPartition(curated, 0)
+    with partitions_unverified(cfg):
+        producer = transaction_unknown_on(cfg, skipped)
+        producer.send(curated, b"skipped marker", partition=skipped.partition).get(timeout=20)
+        producer.send(curated, b"marked", partition=marked.partition).get(timeout=20)
+        producer.commit_transaction()  # PrepareCommit names curated-0 alone: curated-1 gets no marker
+        producer.close()
+    assert [r.value for r in read_topic(cfg, curated)] == [b"marked"]
+
+    healer = HangingTransactions(cfg, grace_s=0)
+    with caplog.at_level(logging.WARNING, logger="ops.transactions"):
+        ended = healer.heal()
+    assert [(t.partition, t.start_offset) for t in ended] == [(skipped, 0)]
+    assert f"committed a hanging transaction on {curated}-1 from offset 0" in caplog.text
+    assert sorted(r.value for r in read_topic(cfg, curated)) == [b"marked", b"skipped marker"]
+    assert healer.heal() == []
