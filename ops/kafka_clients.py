@@ -10,6 +10,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaTimeoutError, SaslAuthenticationFailedError
 
+import ops.kafka_group_join  # noqa: F401  (every group member takes the outcome of each rebalance it joins)
 from ops.config import TbaConfig
 from ops.errors import BrokerError, ConfigError
 

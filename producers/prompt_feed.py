@@ -132,11 +132,14 @@ class PromptFeed(ConsumerRebalanceListener):
 
     def idle(self) -> None:
         """Take part in the group without taking prompts (while the searcher pauses for policy lag): a member
-        that did not poll would hold up every rebalance, and so every other searcher, until it did."""
-        self.consumer.pause(*self.consumer.assignment())  # a rebalance in this poll can assign unpaused ones
-        for tp, records in self.consumer.poll(timeout_ms=500).items():
-            self.consumer.seek(tp, records[0].offset)  # not served: read them again when generating again
-        self.consumer.resume(*self.consumer.paused())
+        that did not poll would hold up every rebalance, and so every other searcher, until it did.
+
+        It does not pause() its partitions: kafka-python (3.0.12) parks a paused partition's records that
+        were already fetched and, after resume(), gives them back only when no other partition's records are
+        in line, which after a rebalance in this poll may never happen; meanwhile it never fetches that
+        partition again, so this member never reaches its end and never wraps to the next epoch."""
+        for tp, records in self.consumer.poll(timeout_ms=500, max_records=1).items():
+            self.consumer.seek(tp, records[0].offset)  # not served: read it again when generating again
 
     def _wrap_at_end(self) -> None:
         """Once every held partition is read to its end, start them all again from the beginning."""
