@@ -261,3 +261,34 @@ def test_a_long_fill_says_how_far_it_got_and_stops_when_told(cfg, store, rng, ca
     assert "records read" in caplog.text and "a second" in caplog.text and "left (Ctrl-C stops)" in caplog.text
     feed.close()
     buffer.close()
+
+
+def test_the_index_drops_the_groups_no_draw_reaches_and_draws_as_before(cfg, store, rng):
+    """A long job's index stays bounded: a prompt's groups beyond 2 x per_prompt_cap samples are dropped once
+    they are most of it, and the draws (same random state) pick the same records before and after."""
+    cfg = with_overrides(cfg, buffer={"per_prompt_cap": 16, "samples_per_prompt": 4, "on_policy_prob": 0.5})
+    buffer, ids = ReplayBuffer(cfg, store), {}
+    for offset in range(300):  # 3 prompts, 100 groups of 4 samples each, a new policy version every 30 groups
+        group = synthetic_group(rng, offset % 3, samples=4, policy_version=offset // 30)
+        buffer.add(0, offset, group)
+        ids[offset] = group.group_id
+
+    def draws():
+        picks = [d.picked for _ in range(20) for d in buffer.draw(3, 4)]
+        return [[(int(buffer.offset.values[g]), j) for g, j in picked] for picked in picks]
+
+    state = buffer.rng.bit_generator.state
+    before = draws()
+    buffer.rng.bit_generator.state = state
+    assert buffer.compact() == 300 - 3 * 8  # each prompt keeps its newest 8 groups: 32 samples
+    assert len(buffer) == 24 and sorted(buffer.offset.values.tolist()) == list(range(276, 300))
+    assert draws() == before
+    # the decoded groups cached under the old row numbers are found under the new ones
+    assert [buffer.group(i).group_id for i in range(len(buffer))] == [ids[o] for o in buffer.offset.values.tolist()]
+    assert all(sp.prompt_id.startswith("arith-") and len(sp.samples) == 4 for sp in buffer.sample(3))
+
+    buffer.compact_at = 40  # sample() compacts on its own once the index reaches compact_at
+    for offset in range(300, 330):
+        buffer.add(0, offset, synthetic_group(rng, offset % 3, samples=4, policy_version=10))
+    buffer.sample(3)
+    assert len(buffer) == 24 and buffer.compact_at == 100_000

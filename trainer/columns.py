@@ -12,6 +12,12 @@ class Column:
         self._data = np.empty(capacity, dtype)
         self.size = 0
 
+    @classmethod
+    def of(cls, values: np.ndarray) -> Column:
+        column = cls(values.dtype, max(1024, values.size))
+        column.extend(values)
+        return column
+
     def extend(self, values) -> None:
         values = np.asarray(values, self._data.dtype).ravel()
         end = self.size + values.size

@@ -1,15 +1,15 @@
 """ReplayBuffer: curated groups indexed by Kafka offset, sampled as TBA samples them.
 
-The index is a set of numpy columns, one row per group (partition, offset, prompt, policy version,
-first sample, previous group of the same prompt) and one row per sample (reward as float16, enough to
-weigh a draw; a 32-bit content hash, enough to tell apart a prompt's newest samples): 32 + 6*K bytes
-a group (80 for K = 8), 8 more for its place in the spill file, and up to a quarter more while a
-column waits to grow (bench/results/replay_scale.json). The decoded group has the exact reward. A prompt's
-groups form a linked list from its newest group backwards, so no per-prompt Python containers.
-Decoded groups live in a bounded LRU cache; an evicted group is read back by its offset
-(trainer/read_back.py): from a local spill file of the records read, else from Kafka, the topic being
-the storage. prefetch() draws the next step's batch and reads its groups back on another thread while
-the current step trains.
+The index is a set of numpy columns, one row per group (partition, offset, prompt, policy version, first sample,
+previous group of the same prompt) and one row per sample (reward as float16, enough to weigh a draw; a 32-bit
+content hash, enough to tell apart a prompt's newest samples): 32 + 6*K bytes a group (80 for K = 8), 8 more for
+its place in the spill file, and up to a quarter more while a column waits to grow (bench/results/replay_scale.json).
+The decoded group has the exact reward. A prompt's groups form a linked list from its newest group backwards, so no
+per-prompt Python containers. Draws reach only a prompt's newest samples: the rows beyond are dropped once they are
+most of the index (trainer/index_compaction.py), which so stays near prompts x 2 x per_prompt_cap / K groups.
+Decoded groups live in a bounded LRU cache; an evicted group is read back by its offset (trainer/read_back.py):
+from a local spill file of the records read, else from Kafka, the topic being the storage. prefetch() draws the
+next step's batch and reads its groups back on another thread while the current step trains.
 
 Sampling (TBA): with probability m a prompt that has groups from the newest policy version, drawing
 only from those; otherwise any buffered prompt, drawing from its newest `per_prompt_cap` samples.
@@ -35,10 +35,12 @@ from ops.topics import topic_names
 from schemas.codec import SchemaStore
 from schemas.records import Sample, TrajectoryCodec, TrajectoryGroup
 from trainer.columns import Column
+from trainer.index_compaction import compacted, reachable, sample_rows
 from trainer.read_back import GroupReader
 
 log = logging.getLogger(__name__)
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+COMPACT_MIN_ROWS = 100_000  # below this the rows no draw reaches cost too little (~8 MB) to drop
 
 
 @dataclass
@@ -98,6 +100,8 @@ class ReplayBuffer:
         self._reader = GroupReader(cfg, self.topic)
         self._prefetcher: ThreadPoolExecutor | None = None
         self.unreadable: set[int] = set()  # index rows whose records are gone from Kafka: never drawn again
+        self.compact_at = COMPACT_MIN_ROWS  # index rows at which the next compact() is due
+        self._pending: Future | None = None  # a prefetch in flight holds row numbers: no compaction meanwhile
 
     def __len__(self) -> int:
         return self.partition.size
@@ -111,16 +115,9 @@ class ReplayBuffer:
         spill = self._reader.spill.nbytes if self._reader.spill else 0
         return sum(getattr(self, name).nbytes for name in self._COLUMNS) + self._newest_group.nbytes + spill
 
-    _COLUMNS = (
-        "partition",
-        "offset",
-        "prompt",
-        "version",
-        "first_sample",
-        "previous",
-        "reward",
-        "content",
-    )
+    _GROUP_COLUMNS = ("partition", "offset", "prompt", "version", "first_sample", "previous")
+    _SAMPLE_COLUMNS = ("reward", "content")
+    _COLUMNS = _GROUP_COLUMNS + _SAMPLE_COLUMNS
 
     def state(self) -> dict[str, np.ndarray]:
         """The index and the sampler's position, for a checkpoint (decoded groups are re-read from Kafka)."""
@@ -245,6 +242,8 @@ class ReplayBuffer:
     def sample(self, num_prompts: int, k: int | None = None) -> list[SampledPrompt]:
         """num_prompts distinct prompts (fewer if the buffer has fewer), k samples each."""
         k = k or self.cfg.samples_per_prompt
+        if len(self) >= self.compact_at:
+            self.compact()
         return self.read(self.draw(num_prompts, k), k)
 
     def prefetch(self, num_prompts: int, k: int | None = None) -> PendingBatch:
@@ -252,9 +251,35 @@ class ReplayBuffer:
         this one, and .result() when the next step starts (the same draws as sample() at this point,
         unless the feed adds groups while the step trains)."""
         k = k or self.cfg.samples_per_prompt
+        if len(self) >= self.compact_at:
+            self.compact()
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-        return PendingBatch(self, k, self._prefetcher.submit(self._drawn_and_read, num_prompts, k))
+        self._pending = self._prefetcher.submit(self._drawn_and_read, num_prompts, k)
+        return PendingBatch(self, k, self._pending)
+
+    def compact(self) -> int:
+        """Drop the index rows no draw reaches (trainer/index_compaction.py); returns how many. Row numbers
+        change: not while a prefetch is in flight (it waits for the next call), nor with a Draw outstanding."""
+        if self._pending is not None and not self._pending.done():
+            return 0
+        with self._index_lock, self._cache_lock:
+            n, first = len(self), self.first_sample.values
+            keep = reachable(self._newest_group.values, self.previous.values, np.diff(first, append=self.reward.size),
+                             2 * self.cfg.per_prompt_cap)  # fmt: skip
+            self.compact_at = max(COMPACT_MIN_ROWS, 2 * keep.size)
+            if keep.size > n // 2:
+                return 0
+            groups = {name: getattr(self, name).values for name in self._GROUP_COLUMNS}
+            samples = {name: getattr(self, name).values for name in self._SAMPLE_COLUMNS}
+            renumber = compacted(groups, samples, keep)
+            for name, values in {**groups, **samples}.items():
+                setattr(self, name, Column.of(values))
+            self._newest_group.values[:] = renumber[self._newest_group.values]
+            self._cache = OrderedDict((int(renumber[i]), g) for i, g in self._cache.items() if renumber[i] >= 0)
+            self.unreadable = {int(renumber[i]) for i in self.unreadable if renumber[i] >= 0}
+            log.info("replay buffer index: %d groups no draw reaches dropped, %d kept", n - keep.size, keep.size)
+            return n - keep.size
 
     def _drawn_and_read(self, num_prompts: int, k: int) -> tuple[list[Draw], dict[int, TrajectoryGroup]]:
         draws = self.draw(num_prompts, k)
@@ -315,8 +340,7 @@ class ReplayBuffer:
                     wanted -= group_sizes[-1]
                 g = previous.item(g)
             rows, sizes = np.array(groups, np.int64), np.array(group_sizes, np.int64)
-            starts = first_sample[rows]
-            samples = np.repeat(starts - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())  # rows' samples
+            samples = sample_rows(first_sample[rows], sizes)
             _, first = np.unique(self.content.values[samples], return_index=True)  # the newest copy of each
             kept = np.sort(first)[:cap]
             samples, owners = samples[kept], np.repeat(rows, sizes)[kept]
