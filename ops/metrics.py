@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 PREFIX = "tba"
+STALENESS_BOUND = 16  # the staleness histogram's largest finite bucket (trainer/train.py counts by it)
 
 
 class MetricsLog:
@@ -199,10 +200,10 @@ def trainer_metrics(trainer) -> Iterable[Metric]:
         if key in evaluation:
             yield _gauge(f"eval_{key}", f"Held-out {key.replace('_', ' ')} (last evaluation)", evaluation[key], labels)
     # staleness of every trained sample, in policy versions, as a cumulative histogram
-    bounds = [0, 1, 2, 4, 8, 16]
-    counts = trainer.staleness_counts
+    bounds = [0, 1, 2, 4, 8, STALENESS_BOUND]
+    counts = dict(trainer.staleness_counts)  # a copy in one step: the training thread adds to it meanwhile
     buckets = [(str(b), sum(n for v, n in counts.items() if v <= b)) for b in bounds]
     buckets.append(("+Inf", sum(counts.values())))
     histogram = HistogramMetricFamily(f"{PREFIX}_trainer_sample_staleness", "Policy versions behind, per sample")
-    histogram.add_metric([], buckets, sum_value=float(sum(v * n for v, n in counts.items())))
+    histogram.add_metric([], buckets, sum_value=float(trainer.staleness_sum))
     yield histogram

@@ -10,6 +10,7 @@ removed when the next one starts.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 PREFIX = "tba-weights-"
+_reservations = itertools.count()
 
 
 def directory() -> Path:
@@ -76,9 +78,11 @@ class Reservation:
     here), where a new file costs the kernel a zeroed page per 4 KiB first (~0.17 s). Made in the
     background after a release, it takes that cost off the next publish."""
 
-    def __init__(self, nbytes: int, tag: str = "next"):
+    def __init__(self, nbytes: int):
         self.nbytes = nbytes
-        self.partial = directory() / f"{PREFIX}{os.getpid()}-{tag}.partial"
+        # a name of its own: publishes seal on threads of their own, and two reservations of one name would
+        # truncate each other's mapped file (SIGBUS on the next write into the first)
+        self.partial = directory() / f"{PREFIX}{os.getpid()}-next-{next(_reservations)}.partial"
         fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.posix_fallocate(fd, 0, nbytes)  # ENOSPC here, not SIGBUS when the pages are first touched

@@ -190,5 +190,11 @@ def test_staleness_is_counted_against_the_version_the_batch_was_trained_with(tcf
     # versions 1 and 2 are published after steps 2 and 4: steps 3-4 train version 1, step 5 version 2
     assert trained_with == [0, 0, 1, 1, 2] and staleness == [0.0, 0.0, 1.0, 1.0, 2.0]
     assert t.staleness_counts == {0: 2 * 3 * 4, 1: 2 * 3 * 4, 2: 3 * 4}
+    batch = t.buffer.sample(3)
+    for p in batch:  # from far back in a long job's history: one key past the histogram's bound, not one per value
+        p.policy_versions = [-1000] * len(p.samples)
+    t.train_step(batch)
+    assert t.staleness_counts == {0: 2 * 3 * 4, 1: 2 * 3 * 4, 2: 3 * 4, 17: 3 * 4}
+    assert t.staleness_sum == 1 * 2 * 3 * 4 + 2 * 3 * 4 + 1002 * 3 * 4
     t.close()
     server.stop()

@@ -132,3 +132,16 @@ def test_a_full_shared_memory_falls_back_to_the_stream(cfg, monkeypatch):
     finally:
         subscriber.close()
         server.stop()
+
+
+def test_two_reservations_at_once_have_files_of_their_own():
+    """Versions seal on threads of their own, each reserving the next one's file: two of one name truncated
+    each other's mapped file, and the trainer died of SIGBUS writing into it (seen in a soak)."""
+    first, second = shared_memory.Reservation(1 << 20), shared_memory.Reservation(1 << 20)
+    try:
+        assert first.partial != second.partial and os.stat(first.partial).st_size == 1 << 20
+        first.buffer[:] = 7  # its whole length is still its own
+        assert int(first.buffer[-1]) == 7
+    finally:
+        first.discard()
+        second.discard()

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ops.config import TbaConfig
 from ops.errors import TbaError
+from ops.metrics import STALENESS_BOUND
 from policy.logprobs import completion_logits, token_logprobs
 from trainer import checkpoint
 from trainer.baselines import grpo_loss, penalised_rewards, rloo_loss
@@ -81,7 +82,10 @@ class Trainer:
         warmup = max(1, self.t.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.waited_s = 0.0
-        self.staleness_counts: Counter[int] = Counter()  # trained samples by policy versions behind
+        # trained samples by policy versions behind, those over STALENESS_BOUND counted as one more: a key per
+        # distinct value would grow with the job (samples from the whole history), and /metrics reads them all
+        self.staleness_counts: Counter[int] = Counter()
+        self.staleness_sum = 0
         self.last: dict[str, dict] = {}  # the last metrics row of each kind ("train", "eval")
         # data parallel under torchrun: each process takes every world-th prompt of the batch
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -144,7 +148,8 @@ class Trainer:
         # staleness: versions between each sample's policy and the one this batch was trained with
         # (the version these weights were before the step: a publish below makes the next one)
         staleness = [self.policy_version - v for p in batch for v in p.policy_versions]
-        self.staleness_counts.update(staleness)
+        self.staleness_counts.update(min(s, STALENESS_BOUND + 1) for s in staleness)
+        self.staleness_sum += sum(staleness)
         self.step += 1
         if self.server is not None and self.step % self.t.sync_every == 0:
             self.publish()
