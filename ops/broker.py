@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -62,9 +63,21 @@ def classpath() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: a client reconnecting to a server on an ephemeral port
+    while it is down can be given that very port as its own and connect to itself (TCP's simultaneous open),
+    and the server's restart then finds its port taken."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for port in random.sample(range(10_000, max(10_001, low)), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port between 10000 and {low}")
 
 
 def _alive(pid: int) -> bool:
@@ -349,36 +362,6 @@ def wait_ready(nodes: list[LocalBroker], timeout_s: float, stop: threading.Event
             last = exc
         time.sleep(0.2)
     raise BrokerError(f"Kafka at {','.join(bootstrap)} did not answer metadata within {timeout_s:.0f}s ({last})")
-
-
-class LocalCluster:
-    """N KRaft nodes on consecutive ports, each in <root>/node-<id>, all voters of one quorum."""
-
-    def __init__(self, root: str | Path, size: int = 3, base_port: int | None = None, heap: str = "768m"):
-        self.root = Path(root).resolve()
-        ports = [base_port + i for i in range(size)] if base_port else [free_port() for _ in range(size)]
-        self.nodes = [LocalBroker(self.root / f"node-{i + 1}", ports[i], node_id=i + 1, heap=heap) for i in range(size)]
-
-    @property
-    def bootstrap(self) -> str:
-        return ",".join(n.bootstrap for n in self.nodes)
-
-    def start(self, timeout_s: float = 120) -> list[BrokerStatus]:
-        if not all((n.data_dir / "server.properties").exists() for n in self.nodes):
-            voters = {n.node_id: free_port() for n in self.nodes}
-            cid = _cluster_id()
-            for n in self.nodes:
-                n.configure(voters, cid, cluster_size=len(self.nodes))
-        for n in self.nodes:
-            n.launch()
-        wait_ready(self.nodes, timeout_s)
-        return [n.status() for n in self.nodes]
-
-    def stop(self, timeout_s: float = 30) -> None:
-        # all at once: stopped one by one, the last nodes wait out their timeout for a lost quorum
-        pids = [pid for pid in (n.terminate() for n in self.nodes) if pid is not None]
-        for pid in pids:
-            _wait_gone(pid, timeout_s)
 
 
 def configured_broker(cfg) -> LocalBroker:

@@ -36,7 +36,7 @@ from kafka.errors import KafkaError
 
 from ops.broker import job_broker
 from ops.config import ENV_PREFIX, TbaConfig, with_overrides
-from ops.errors import TbaError
+from ops.errors import BrokerError, TbaError
 from ops.job import locked_run_dir, write_config
 from ops.transactions import HangingTransactions
 from tba.elastic import Scaler
@@ -47,6 +47,7 @@ from tba.stalls import StallWatch, filter_member_lag
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
+BROKER_RETRY_S = 5.0  # between tries at restarting a local broker that did not start
 HEAL_EVERY_S = 15.0  # a look is a few admin requests; a hanging transaction is ended after its 60 s grace
 
 
@@ -152,6 +153,7 @@ class Supervisor:
         self.transactions = HangingTransactions(cfg)
         self.healing: threading.Thread | None = None
         self.next_heal = 0.0
+        self.next_broker_start = 0.0  # monotonic time of the next try at restarting the broker
         self.scaler = Scaler(self, searcher_process)  # `tba scale searchers N` while it runs
         self.stalls = StallWatch(cfg.run.stall_s, cfg.trainer.min_buffer_prompts)
 
@@ -212,10 +214,14 @@ class Supervisor:
         """Start what should run, notice exits, schedule restarts. False once the job is over."""
         now = time.monotonic()
         self.scaler.apply()
-        if self.broker is not None and self.broker.status() is None:  # same data dir: nothing acked is lost
-            self.broker_restarts += 1
+        if self.broker is not None and now >= self.next_broker_start and self.broker.status() is None:
+            self.broker_restarts += 1  # the same data dir: nothing acked is lost
             log.warning("the local broker is gone; restarting it on %s", self.broker.data_dir)
-            self.broker.start()
+            try:
+                self.broker.start()
+            except BrokerError as exc:  # e.g. its port held a moment by a client's socket: try again, not give up
+                log.warning("the broker did not start (%s); trying again in %.0fs", exc, BROKER_RETRY_S)
+                self.next_broker_start = now + BROKER_RETRY_S
         self._heal_transactions(now)
         for p in self.processes:  # role logs stay bounded, however long the job runs
             rotate(self.logs / f"{p.name}.log", int(self.cfg.run.log_max_mb * 1e6), self.cfg.run.log_backups)

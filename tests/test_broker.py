@@ -8,9 +8,10 @@ import pytest
 from kafka.admin import NewTopic
 
 from ops import kafka_clients
-from ops.broker import LocalBroker, LocalCluster, _cluster_id, free_port
+from ops.broker import LocalBroker, _cluster_id, free_port
 from ops.errors import BrokerError
 from tests.conftest import make_config
+from tests.local_cluster import LocalCluster
 from tests.test_commands import tba
 
 

@@ -4,13 +4,13 @@ acked; brought back -> every acked group is there."""
 
 import time
 
-from ops.broker import LocalCluster
 from ops.config import with_overrides
 from ops.schema_store import KafkaSchemaStore
 from ops.topics import create_topics, read_topic, topic_names
 from schemas.records import TrajectoryCodec
 from tests.conftest import make_config
 from tests.fault_injection import Load
+from tests.local_cluster import LocalCluster
 
 
 def wait_for(condition, timeout_s: float, what: str) -> float:

@@ -98,3 +98,30 @@ def test_one_job_at_a_time_holds_a_run_dir_and_a_failed_prepare_says_why_in_job_
         run_job(with_overrides(cfg, trainer={"lr": 1e-5}), Stop())
     state = json.loads((tmp_path / "job.json").read_text())
     assert state["stage"] == "stopped" and "other settings (trainer.lr" in state["failed"]
+
+
+def test_a_broker_that_cannot_restart_yet_is_tried_again_and_the_job_goes_on(tmp_path, caplog):
+    """Its port held a moment (a client's socket can be given it while the broker is away): a warning and
+    another try a few seconds later, never the end of the job's supervision."""
+    import logging
+    import socket
+
+    from ops.broker import job_broker
+
+    cfg = local_job(tmp_path)
+    supervisor = Supervisor(cfg)
+    supervisor.broker = job_broker(cfg)
+    for p in supervisor.processes:
+        p.done = "stopped"  # the tick's other work: none
+    with socket.socket() as holder, caplog.at_level(logging.WARNING, logger="tba.supervisor"):
+        holder.bind(("127.0.0.1", cfg.broker.port))
+        holder.listen()
+        assert supervisor.tick()
+        assert "the broker did not start" in caplog.text and supervisor.broker.status() is None
+        assert supervisor.tick() and supervisor.broker_restarts == 1  # not before BROKER_RETRY_S
+    supervisor.next_broker_start = 0.0
+    try:
+        assert supervisor.tick() and supervisor.broker.status() is not None
+        assert supervisor.broker_restarts == 2
+    finally:
+        supervisor.broker.stop()
