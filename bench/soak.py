@@ -39,6 +39,7 @@ from gateway_agent import agent_round  # noqa: E402
 from bench.results import measured_commit, write_results  # noqa: E402
 from ops import kafka_clients  # noqa: E402
 from ops.broker import job_broker  # noqa: E402
+from ops.config import load_config  # noqa: E402
 from ops.topics import topic_names, topic_partitions  # noqa: E402
 from tba.inspection import filter_lag  # noqa: E402
 from tba.live_view import scrape  # noqa: E402
@@ -194,14 +195,16 @@ def summarise(samples: list[dict], warmup_min: float, cfg) -> dict:
     roles = {name for s in samples for name in s["processes"]}
     per_role = {}
     for name in sorted(roles):
-        life = [s for s in late if "rss_mb" in s["processes"].get(name, {})]
-        last_pid = life[-1]["processes"][name]["pid"] if life else None
-        life = [s for s in life if s["processes"][name]["pid"] == last_pid]  # the last life only
+        seen = [s for s in samples if "rss_mb" in s["processes"].get(name, {})]
+        last_pid = seen[-1]["processes"][name]["pid"] if seen else None
+        life = [s for s in seen if s["processes"][name]["pid"] == last_pid]  # the last life only, from its own
+        life = [s for s in life if s["t_min"] >= life[0]["t_min"] + warmup_min]  # start past the warm-up
 
         per_role[name] = {
             "rss_mb_first": life[0]["processes"][name]["rss_mb"] if life else None,
             "rss_mb_last": life[-1]["processes"][name]["rss_mb"] if life else None,
-            "rss_slope_mb_per_h": slope_per_h(life, lambda r, n=name: r["processes"][n]["rss_mb"], warmup_min),
+            "rss_slope_mb_per_h": slope_per_h(life, lambda r, n=name: r["processes"][n]["rss_mb"], 0),
+            "life_from_min": life[0]["t_min"] if life else None,
             "fds_first": life[0]["processes"][name]["fds"] if life else None,
             "fds_last": life[-1]["processes"][name]["fds"] if life else None,
             "fds_max": max((s["processes"][name]["fds"] for s in life), default=None),
@@ -255,8 +258,8 @@ def summarise(samples: list[dict], warmup_min: float, cfg) -> dict:
             "searcher_groups": last["searcher_groups"],
             "agent_rounds": last["agent_rounds"],
             "agent_errors": last["agent_errors"],
-            "filter_lag_max_late": max((s["filter_lag"] for s in late), default=None),
-            "trainer_lag_max_late": max((s["trainer_lag"] for s in late), default=None),
+            "filter_lag_median_late": float(np.median([s["filter_lag"] for s in late])) if late else None,
+            "trainer_lag_median_late": float(np.median([s["trainer_lag"] for s in late])) if late else None,
         },
         "per_role": per_role,
     }
@@ -305,8 +308,17 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "bench/results/soak.json"))
+    parser.add_argument("--summarise", metavar="JSON", help="Summarise (and plot) the samples of a soak again.")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.summarise:  # the measurement stays that of its commit; the analysis is this one's
+        measured = json.loads(Path(args.summarise).read_text())
+        cfg = load_config(environ={}, **measured["job"])
+        summary = summarise(measured["samples"], args.warmup_min, cfg)
+        plot(measured["samples"], out.with_suffix(".png"))
+        keep = {k: measured[k] for k in ("commit", "complete", "config", "job") if k in measured}
+        write_results(out, {**keep, "summarised_at": measured_commit(), **summary, "samples": measured["samples"]})
+        return
     commit = measured_commit()
     with tempfile.TemporaryDirectory(prefix="tba-soak-") as tmp:
         root = Path(tmp)
@@ -331,7 +343,8 @@ def main() -> None:
     config = {"searchers": 2, "filters": 2, "gateway_clients": args.clients, "sync_every": 1,
               "checkpoint_every": args.checkpoint_every, "every_s": args.every_s, "model": "tiny random llama",
               "load_1_5_15_end": os.getloadavg()}  # fmt: skip
-    write_results(out, {"complete": True, "config": config, **summary, "samples": samples})
+    job = cfg.model_dump(mode="json")
+    write_results(out, {"complete": True, "config": config, "job": job, **summary, "samples": samples})
     out.with_suffix(".partial.json").unlink(missing_ok=True)
 
 
