@@ -25,7 +25,7 @@ from consumers.scorers import build_scorers
 from ops import kafka_clients
 from ops.acls import READ, WRITE, one_line_refusals, refusal
 from ops.config import TbaConfig
-from ops.errors import DecodeError, TbaError
+from ops.errors import BrokerError, DecodeError, TbaError
 from ops.job import model_id
 from ops.schema_store import KafkaSchemaStore
 from ops.topics import filter_group, topic_names
@@ -34,6 +34,8 @@ from schemas.records import DeadLetter, DeadLetterCodec, TrajectoryCodec, now_ms
 
 log = logging.getLogger(__name__)
 ROUTE_BUDGET_S = 10.0  # routing work a transaction takes at most (then it commits what it routed)
+# An instance that dies and never returns holds back read_committed readers this long.
+TRANSACTION_TIMEOUT_S = 15.0
 
 
 @dataclass
@@ -144,19 +146,25 @@ class FilterConsumer:
             group_instance_id=f"{group}.{instance}",
             max_poll_records=cfg.filter.max_poll_records,
         )
-        self.producer = kafka_clients.producer(
-            cfg,
-            transactional_id=f"{group}.{instance}",
-            # An instance that dies and never returns holds back read_committed readers this long.
-            transaction_timeout_ms=15_000,
+        self.transactional_id = f"{group}.{instance}"
+        self.producer = self._transactional_producer()
+        self._unread: list[TopicPartition] = []  # a batch whose transaction Kafka aborted: read again (_restore)
+
+    def _transactional_producer(self):
+        producer = kafka_clients.producer(
+            self.cfg, transactional_id=self.transactional_id, transaction_timeout_ms=int(TRANSACTION_TIMEOUT_S * 1000)
         )
-        with one_line_refusals(cfg, WRITE, transactional_id=f"{group}.{instance}"):
-            self.producer.init_transactions()
+        with one_line_refusals(self.cfg, WRITE, transactional_id=self.transactional_id):
+            producer.init_transactions()
+        return producer
 
     def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> FilterStats:
         stop = stop or threading.Event()
         last_input = time.monotonic()
         while not stop.is_set():
+            if self.producer is None:
+                self._restore(stop)
+                continue
             with one_line_refusals(self.cfg, READ):  # raw, or the group
                 batch = self.consumer.poll(timeout_ms=100)
             if batch:
@@ -185,6 +193,7 @@ class FilterConsumer:
 
     def _process(self, batch: dict[TopicPartition, list]) -> None:
         outs, rest = self._routed(batch)
+        opened = time.monotonic()
         self.producer.begin_transaction()
         try:
             routed = Counter()
@@ -214,10 +223,8 @@ class FilterConsumer:
             for tp, offset in rest.items():  # what the time budget left is fetched again, for the next one
                 self.consumer.seek(tp, offset)
         except ProducerFencedError as exc:
-            raise TbaError(
-                f"filter instance fenced: another filter uses the same instance id ({exc}); "
-                "give each a distinct --instance"
-            ) from exc
+            self._fenced(exc, time.monotonic() - opened, batch)
+            self.stats.aborts += 1
         except AuthorizationError as exc:  # re-reading cannot help: stop with the one line saying who may
             with contextlib.suppress(KafkaError):  # a refused transactional id leaves nothing to abort
                 self.producer.abort_transaction()
@@ -226,8 +233,41 @@ class FilterConsumer:
             # e.g. a rebalance took the partitions away mid-batch: abort, re-read from committed offsets
             log.warning("filter transaction aborted, re-reading the batch: %s", exc)
             self.stats.aborts += 1
-            self.producer.abort_transaction()
+            try:
+                self.producer.abort_transaction()
+            except KafkaError as failed:  # fenced, or stuck bumping its epoch: see _fenced
+                self._fenced(failed, time.monotonic() - opened, batch)
+                return
             self._rewind(list(batch))
+
+    def _fenced(self, exc: KafkaError, open_s: float, batch: dict[TopicPartition, list]) -> None:
+        """The transaction's producer can neither commit nor abort. Open past its timeout (Kafka away meanwhile),
+        the transaction was aborted by its coordinator, which bumped the producer epoch and so fenced this
+        producer as a newer instance would: once Kafka answers, a new producer takes the epoch back and the batch
+        is read again (_restore). Sooner, only another instance with this one's id fences it (and would again)."""
+        if open_s < TRANSACTION_TIMEOUT_S:
+            if isinstance(exc, ProducerFencedError):
+                raise TbaError(
+                    f"filter instance fenced: another filter uses the same instance id ({exc}); "
+                    "give each a distinct --instance"
+                ) from exc
+            raise exc
+        log.warning("filter transaction open %.0fs, past its %.0fs timeout: aborted by Kafka (%s); a new producer "
+                    "will read the batch again", open_s, TRANSACTION_TIMEOUT_S, exc)  # fmt: skip
+        self.producer.close(timeout=0)
+        self.producer = None
+        self._unread = list(batch)
+
+    def _restore(self, stop: threading.Event) -> None:
+        """The aborted batch's partitions back at their committed offsets (the group coordinator answering),
+        then a new producer; Kafka still away, tried again (a stop meanwhile ends the filter: see `tba filter`)."""
+        try:
+            self._rewind(self._unread)
+            self._unread = []
+            self.producer = self._transactional_producer()
+        except (KafkaError, BrokerError) as exc:  # BrokerError: no broker answered the new producer in time
+            log.warning("filter waiting for Kafka to read an aborted batch again: %s", exc)
+            stop.wait(1.0)
 
     def _rewind(self, partitions: list[TopicPartition]) -> None:
         assigned = self.consumer.assignment()
@@ -243,4 +283,5 @@ class FilterConsumer:
         try:
             self.consumer.close(timeout_ms=int(kafka_clients.CLOSE_TIMEOUT_S * 1000))
         finally:
-            self.producer.close(timeout=kafka_clients.CLOSE_TIMEOUT_S)
+            if self.producer is not None:
+                self.producer.close(timeout=kafka_clients.CLOSE_TIMEOUT_S)

@@ -177,6 +177,8 @@ def search(obj: Context, index: int, batches: int | None, metrics_port: int | No
     from producers.searcher import build_searcher
 
     stop = stop_on_signals()
+    # within the supervisor's 30 s: a batch Kafka has not acked by then is not committed, its prompts are redone
+    exit_unfinished_after(stop, 20.0, f"searcher {index}", "its unacknowledged batch's prompts are taken again")
     searcher = build_searcher(obj.job(), index)
     try:
         with metrics_served(metrics_port, lambda: searcher_metrics(searcher)):

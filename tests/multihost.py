@@ -119,6 +119,14 @@ def account(cfg_path: str, wait_s: float) -> dict:
     }
 
 
+def new_job(tmp: Path, hosts: Hosts, model: str) -> Job:
+    """A Job on hosts with its config: weight sync served with a certificate for the trainer-0 host."""
+    job = Job(tmp, hosts)
+    cert, key = certificate(tmp, hosts.address["trainer-0"])
+    job.config = job_yaml(tmp, hosts, model, cert, key)
+    return job
+
+
 class Job:
     """The roles' processes on their hosts, with their environments and logs."""
 
@@ -153,6 +161,35 @@ class Job:
         for name in names:
             if self.procs[name].poll() is not None:
                 raise RoleDied(f"{name} exited ({self.procs[name].returncode}):\n{self.log(name)[-3000:]}")
+
+    def start_broker(self) -> None:
+        """The broker on the kafka host, then the job's topics (created from the filter host)."""
+        broker = {"data_dir": str(self.tmp / "kafka"), "port": KAFKA_PORT, "host": self.hosts.address["kafka"],
+                  "heap": "512m", "sasl_port": SASL_PORT, "sasl_users": self.passwords}  # fmt: skip
+        done = self.hosts.run("kafka", python("-c", START_BROKER, json.dumps(broker)), self.env(), 180)
+        assert done.returncode == 0, f"broker did not start: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+        done = self.hosts.run("filter", python("-m", "tba.cli", "topics", "create"), self.env("admin"), 120)
+        assert done.returncode == 0, f"topics create failed: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+
+    def trainer_env(self, rank: int) -> dict[str, str]:
+        """The environment on trainer-{rank}: its tokens, and a run dir of its own (each host its own disk)."""
+        return self.env("trainer", GLOO_SOCKET_IFNAME="eth0", TBA_WEIGHTS_PUBLISH_TOKEN=self.tokens["publish"],
+                        TBA_WEIGHTS_SUBSCRIBE_TOKEN=self.tokens["subscribe"],
+                        TBA__TRAINER__RUN_DIR=str(self.tmp / f"run-{rank}"))  # fmt: skip
+
+    def start_searcher(self, i: int) -> None:
+        env = self.env("searcher", TBA_WEIGHTS_SUBSCRIBE_TOKEN=self.tokens["subscribe"])
+        self.start(f"searcher-{i}", f"searcher-{i}", python("-m", "tba.cli", "search", "--index", str(i)), env)
+
+    def start_filter(self) -> None:
+        self.start("filter", "filter", python("-m", "tba.cli", "filter", "--instance", "0"), self.env("filter"))
+
+    def read_topics(self, host: str, wait_s: float) -> dict:
+        """account() run on host (one that reaches the broker)."""
+        argv = python("-m", "tests.multihost", str(self.config), str(wait_s))
+        done = self.hosts.run(host, argv, self.env("admin"), wait_s + 120)
+        assert done.returncode == 0, f"reading the topics back failed: {done.stderr[-3000:]}"
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     def steps(self) -> int:
         return sum(r["kind"] == "train" for r in metric_rows(self.tmp / "run-0"))
@@ -189,19 +226,9 @@ def run_multihost(tmp: Path, min_steps: int = 10, min_versions: int = 2, timeout
     started = time.monotonic()
     model = saved_tiny_llama(tmp / "model")
     with Hosts(HOSTS) as hosts:
-        job = Job(tmp, hosts)
-        cert, key = certificate(tmp, hosts.address["trainer-0"])
-        job.config = job_yaml(tmp, hosts, model, cert, key)
-        broker = {"data_dir": str(tmp / "kafka"), "port": KAFKA_PORT, "host": hosts.address["kafka"], "heap": "512m",
-                  "sasl_port": SASL_PORT, "sasl_users": job.passwords}  # fmt: skip
-        done = hosts.run("kafka", python("-c", START_BROKER, json.dumps(broker)), job.env(), 180)
-        assert done.returncode == 0, f"broker did not start: {done.stdout[-2000:]}{done.stderr[-2000:]}"
-        done = hosts.run("filter", python("-m", "tba.cli", "topics", "create"), job.env("admin"), 120)
-        assert done.returncode == 0, f"topics create failed: {done.stdout[-2000:]}{done.stderr[-2000:]}"
-
+        job = new_job(tmp, hosts, model)
+        job.start_broker()
         torchrun = str(Path(sys.executable).with_name("torchrun"))
-        trainer_env = {"GLOO_SOCKET_IFNAME": "eth0", "TBA_WEIGHTS_PUBLISH_TOKEN": job.tokens["publish"],
-                       "TBA_WEIGHTS_SUBSCRIBE_TOKEN": job.tokens["subscribe"]}  # fmt: skip
         for rank in (0, 1):
             argv = [
                 torchrun,
@@ -219,12 +246,10 @@ def run_multihost(tmp: Path, min_steps: int = 10, min_versions: int = 2, timeout
                 "tba.cli",
                 "train",
             ]
-            own = {"TBA__TRAINER__RUN_DIR": str(tmp / f"run-{rank}")}  # each host its own disk
-            job.start(f"trainer-{rank}", f"trainer-{rank}", argv, job.env("trainer", **trainer_env, **own))
+            job.start(f"trainer-{rank}", f"trainer-{rank}", argv, job.trainer_env(rank))
         for i in (0, 1):
-            env = job.env("searcher", TBA_WEIGHTS_SUBSCRIBE_TOKEN=job.tokens["subscribe"])
-            job.start(f"searcher-{i}", f"searcher-{i}", python("-m", "tba.cli", "search", "--index", str(i)), env)
-        job.start("filter", "filter", python("-m", "tba.cli", "filter", "--instance", "0"), job.env("filter"))
+            job.start_searcher(i)
+        job.start_filter()
         roles = ("trainer-0", "trainer-1", "searcher-0", "searcher-1", "filter")
 
         def ready() -> bool:
@@ -247,9 +272,7 @@ def run_multihost(tmp: Path, min_steps: int = 10, min_versions: int = 2, timeout
         job.check_alive(*rest)
         searcher_exit = job.stop("searcher-0", 60)
         kept = job.searcher(0)
-        done = hosts.run("filter", python("-m", "tests.multihost", str(job.config), "60"), job.env("admin"), 180)
-        assert done.returncode == 0, f"reading the topics back failed: {done.stderr[-3000:]}"
-        topics = json.loads(done.stdout.strip().splitlines()[-1])
+        topics = job.read_topics("filter", 60)
         job.check_alive("trainer-0", "trainer-1", "filter")
         job.stop("filter", 60)
         trainer_exits = [job.stop(f"trainer-{r}", 120) for r in (0, 1)]

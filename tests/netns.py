@@ -33,10 +33,14 @@ def missing_requirements() -> str | None:
     return None
 
 
-def _ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+def _run(argv: list[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
+
+
+def _ip(*args: str) -> None:
+    _run(["ip", *args])
 
 
 class Hosts:
@@ -109,6 +113,29 @@ class Hosts:
                 proc.poll()  # reap our own children
             time.sleep(0.05)
         return pids
+
+    # Network faults, each undone by its pair. A cut is a pulled cable: the host's port on the bridge goes
+    # down, the host keeps its address and its connections, and TCP retransmits into the void until healed.
+    def cut(self, host: str) -> None:
+        _ip("-n", self.switch, "link", "set", f"port{self.names.index(host)}", "down")
+
+    def heal(self, host: str) -> None:
+        _ip("-n", self.switch, "link", "set", f"port{self.names.index(host)}", "up")
+
+    def blackhole(self, host: str, peer: str) -> None:
+        """host's packets to peer vanish (peer still reaches host, and everyone else)."""
+        _ip("-n", self.netns[host], "route", "add", "blackhole", f"{self.address[peer]}/32")
+
+    def unblackhole(self, host: str, peer: str) -> None:
+        _ip("-n", self.netns[host], "route", "del", "blackhole", f"{self.address[peer]}/32")
+
+    def throttle(self, host: str, rate: str = "1mbit", burst: str = "32kbit", latency: str = "400ms") -> None:
+        """Everything host sends goes through a token bucket of rate (tbf: this kernel has no netem)."""
+        tbf = ["qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", burst, "latency", latency]
+        _run(["ip", "netns", "exec", self.netns[host], "tc", *tbf])
+
+    def unthrottle(self, host: str) -> None:
+        _run(["ip", "netns", "exec", self.netns[host], "tc", "qdisc", "del", "dev", "eth0", "root"])
 
     def remove(self) -> None:
         """Kill whatever still runs on the hosts and delete every namespace (idempotent)."""
