@@ -29,8 +29,9 @@ from gateway_agent import agent_round  # noqa: E402
 TOKEN = "gateway-job-token"
 
 
-def job_config(root: Path, model: str, budget_s: float, searchers: int = 0, filters: int = 1,
-               checkpoint_every: int = 1_000_000) -> TbaConfig:
+def job_config(
+    root: Path, model: str, budget_s: float, searchers: int = 0, filters: int = 1, checkpoint_every: int = 1_000_000
+) -> TbaConfig:
     """The gateway alone feeds it unless `searchers` says otherwise (bench/soak.py runs every role)."""
     port = free_port()
     return load_config(
