@@ -1,5 +1,6 @@
 """Weight versions through shared memory for subscribers on the service's host (real gRPC, loopback)."""
 
+import contextlib
 import os
 import subprocess
 import time
@@ -28,12 +29,19 @@ def version_files() -> set[str]:
 
 def reserved_inode(nbytes: int, timeout_s: float = 20) -> int:
     """The inode of the file the service reserved for its next version, once allocated in full."""
-    spare = shared_memory.directory() / f"{shared_memory.PREFIX}{os.getpid()}-next.partial"
     deadline = time.monotonic() + timeout_s
-    while not (spare.exists() and spare.stat().st_size == nbytes):
+    while True:
+        pattern = f"{shared_memory.PREFIX}{os.getpid()}-next-*.partial"  # each reservation has a name of its own
+        sizes = {}
+        for f in shared_memory.directory().glob(pattern):
+            with contextlib.suppress(FileNotFoundError):  # renamed as a version was staged into it
+                sizes[f.stat().st_ino] = f.stat().st_size
+        spares = [inode for inode, size in sizes.items() if size == nbytes]
+        if spares:
+            (inode,) = spares  # one at a time, once the versions are sealed
+            return inode
         assert time.monotonic() < deadline, "no file reserved for the next version"
         time.sleep(0.05)
-    return spare.stat().st_ino
 
 
 def serve(cfg, **weights) -> WeightSyncServer:
