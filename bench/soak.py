@@ -10,8 +10,8 @@ once a minute), /dev/shm, the disk held by the broker's data dir (per topic), th
 spill file, and the job's progress (steps, policy version, groups, filter and trainer lag, restarts).
 
 Slopes are least-squares fits over the samples after `--warmup-min` minutes, within one life of each process
-(a restarted role counts from its new start). The JSON is rewritten after every sample (`complete` false until
-the end), so a soak cut short still shows what it saw.
+(a restarted role counts from its new start). Each sample is also appended to soak.partial.jsonl as it is
+taken (removed at the end), so a soak cut short still shows what it saw.
 """
 
 from __future__ import annotations
@@ -319,7 +319,8 @@ def main() -> None:
         keep = {k: measured[k] for k in ("commit", "complete", "config", "job") if k in measured}
         write_results(out, {**keep, "summarised_at": measured_commit(), **summary, "samples": measured["samples"]})
         return
-    commit = measured_commit()
+    commit, partial = measured_commit(), out.with_suffix(".partial.jsonl")
+    partial.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="tba-soak-") as tmp:
         root = Path(tmp)
         shape = {"searchers": 2, "filters": 2, "checkpoint_every": args.checkpoint_every}
@@ -332,8 +333,8 @@ def main() -> None:
                 while (elapsed := time.monotonic() - started) < args.hours * 3600:
                     heap = len(samples) % max(1, round(60 / args.every_s)) == 0
                     samples.append(sample(cfg, started, names, consumer, agents, heap))
-                    partial = {"complete": False, "commit": commit, "samples": samples}
-                    out.with_suffix(".partial.json").write_text(json.dumps(partial))
+                    with open(partial, "a") as f:  # a line a sample: what a soak cut short saw
+                        f.write(json.dumps({"commit": commit, **samples[-1]}) + "\n")
                     time.sleep(max(0.0, args.every_s - (time.monotonic() - started - elapsed)))
             finally:
                 agents.stop()
@@ -345,7 +346,7 @@ def main() -> None:
               "load_1_5_15_end": os.getloadavg()}  # fmt: skip
     job = cfg.model_dump(mode="json")
     write_results(out, {"complete": True, "config": config, "job": job, **summary, "samples": samples})
-    out.with_suffix(".partial.json").unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

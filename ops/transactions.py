@@ -54,10 +54,9 @@ class OpenTransaction:
         return f"{tp.topic}-{tp.partition} from offset {self.start_offset} (producer id {self.producer_id})"
 
 
-def coordinator_partition(key: str, partitions: int) -> int:
-    """The partition of __consumer_offsets (a group) or __transaction_state (a transactional id) holding a key:
-    Kafka's abs(String.hashCode) % partitions."""
-    units = key.encode("utf-16-be")  # Java hashes UTF-16 code units
+def offsets_partition(group: str, partitions: int) -> int:
+    """The __consumer_offsets partition holding a group's offsets: Kafka's abs(String.hashCode) % partitions."""
+    units = group.encode("utf-16-be")  # Java hashes UTF-16 code units
     h = 0
     for i in range(0, len(units), 2):
         h = (31 * h + int.from_bytes(units[i : i + 2], "big")) & 0xFFFFFFFF
@@ -72,7 +71,7 @@ def job_partitions(cfg: TbaConfig, admin: KafkaAdminClient) -> list[TopicPartiti
     for meta in admin.describe_topics([names.curated, names.dlq, OFFSETS_TOPIC]):
         indexes = [p["partition_index"] for p in meta["partitions"]]
         if meta["name"] == OFFSETS_TOPIC:
-            indexes = [coordinator_partition(filter_group(cfg), len(indexes))] if indexes else []
+            indexes = [offsets_partition(filter_group(cfg), len(indexes))] if indexes else []
         parts += [TopicPartition(meta["name"], i) for i in indexes]
     return parts
 
@@ -145,20 +144,24 @@ def first_write_ms(cfg: TbaConfig, txn: OpenTransaction) -> int:
         consumer.close()
 
 
-def committed_by_coordinator(cfg: TbaConfig, txn: OpenTransaction, transactional_id: str | None) -> bool:
+def transaction_log(cfg: TbaConfig) -> list[tuple[str, int, int, int, int]]:
+    """The decoded records of __transaction_state, oldest first per partition (tombstones left out)."""
+    records = read_topic(cfg, TRANSACTION_LOG, isolation="read_uncommitted")
+    return [entry for r in records if (entry := transaction_log_entry(r.key, r.value)) is not None]
+
+
+def committed_by_coordinator(cfg: TbaConfig, txn: OpenTransaction, transactional_id: str | None, entries) -> bool:
     """Whether the transaction's coordinator decided to commit it: the first PrepareCommit or PrepareAbort of its
-    producer id (at its epoch, or the next: transactions v2 bump the epoch as they end) since its first write."""
+    producer id (at its epoch, or the next: transactions v2 bump the epoch as they end) since its first write,
+    in entries (transaction_log())."""
     if transactional_id is None:
         return False  # no coordinator lists it: nothing can have been decided for it
     since = first_write_ms(cfg, txn)
-    for record in read_topic(cfg, TRANSACTION_LOG, isolation="read_uncommitted"):
-        entry = transaction_log_entry(record.key, record.value)
-        if entry is None or entry[0] != transactional_id:
-            continue
-        _, producer_id, epoch, status, updated_ms = entry
-        mine = producer_id == txn.producer_id and epoch in (txn.producer_epoch, txn.producer_epoch + 1)
-        if mine and status in (PREPARE_COMMIT, PREPARE_ABORT) and updated_ms >= since:
-            return status == PREPARE_COMMIT
+    for entry_id, producer_id, epoch, status, updated_ms in entries:
+        mine = entry_id == transactional_id and producer_id == txn.producer_id
+        if mine and epoch in (txn.producer_epoch, txn.producer_epoch + 1) and updated_ms >= since:
+            if status in (PREPARE_COMMIT, PREPARE_ABORT):
+                return status == PREPARE_COMMIT
     return False
 
 
@@ -226,8 +229,9 @@ class HangingTransactions:
         try:
             hanging = self.find(admin)
             ids = transactional_ids(admin, hanging)
+            entries = transaction_log(self.cfg) if hanging else []  # one read of the log for all of them
             for txn in hanging:
-                commit = committed_by_coordinator(self.cfg, txn, ids.get(txn.producer_id))
+                commit = committed_by_coordinator(self.cfg, txn, ids.get(txn.producer_id), entries)
                 end_transaction(admin, txn, commit)
                 log.warning(
                     "%s a hanging transaction on %s: open there for over %.0fs and unknown to its coordinator, "

@@ -242,8 +242,7 @@ class ReplayBuffer:
     def sample(self, num_prompts: int, k: int | None = None) -> list[SampledPrompt]:
         """num_prompts distinct prompts (fewer if the buffer has fewer), k samples each."""
         k = k or self.cfg.samples_per_prompt
-        if len(self) >= self.compact_at:
-            self.compact()
+        self.compact()
         return self.read(self.draw(num_prompts, k), k)
 
     def prefetch(self, num_prompts: int, k: int | None = None) -> PendingBatch:
@@ -251,17 +250,16 @@ class ReplayBuffer:
         this one, and .result() when the next step starts (the same draws as sample() at this point,
         unless the feed adds groups while the step trains)."""
         k = k or self.cfg.samples_per_prompt
-        if len(self) >= self.compact_at:
-            self.compact()
+        self.compact()
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
         self._pending = self._prefetcher.submit(self._drawn_and_read, num_prompts, k)
         return PendingBatch(self, k, self._pending)
 
     def compact(self) -> int:
-        """Drop the index rows no draw reaches (trainer/index_compaction.py); returns how many. Row numbers
-        change: not while a prefetch is in flight (it waits for the next call), nor with a Draw outstanding."""
-        if self._pending is not None and not self._pending.done():
+        """Once the index holds compact_at rows, drop those no draw reaches (trainer/index_compaction.py); returns
+        how many. Row numbers change: not while a prefetch is in flight (the next call), nor with a Draw out."""
+        if len(self) < self.compact_at or (self._pending is not None and not self._pending.done()):
             return 0
         with self._index_lock, self._cache_lock:
             n, first = len(self), self.first_sample.values
