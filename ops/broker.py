@@ -209,8 +209,10 @@ class LocalBroker:
             raise BrokerError(f"formatting KRaft storage in {self.data_dir} failed: {proc.stdout}{proc.stderr}")
         tmp.rename(props)
 
-    def _java(self, main: str, *args: str) -> list[str]:
-        jvm = ["-Xms256m", f"-Xmx{self.heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
+    def _java(self, main: str, *args: str, server: bool = False) -> list[str]:
+        jvm = [f"-Xmx{self.heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
+        if server:  # the whole heap held from the start, as Kafka's ops guide advises: memory flat for weeks, not
+            jvm += [f"-Xms{self.heap}", "-XX:+AlwaysPreTouch"]  # growing until the heap has once been filled
         return ["java", *jvm, f"-Dlog4j2.configurationFile={LOG4J}", "-cp", classpath(), main, *args]
 
     def launch(self) -> int:
@@ -225,7 +227,7 @@ class LocalBroker:
         with open(self.log_file, "ab") as out:
             self._log_start = out.tell()
             proc = subprocess.Popen(
-                self._java("kafka.Kafka", str(props)),
+                self._java("kafka.Kafka", str(props), server=True),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
