@@ -40,13 +40,17 @@ def server_credentials(cfg: WeightsConfig) -> grpc.ServerCredentials | None:
 
 
 def channel(cfg: WeightsConfig, target: str, interceptors=()) -> grpc.Channel:
-    """A client channel to target: TLS when tls_ca is set, sized for 1 MiB chunks, with keepalives."""
+    """A client channel to target: TLS when tls_ca is set, sized for 1 MiB chunks, with keepalives, and
+    reconnecting within weights.reconnect_max_s once the server is back."""
     options = [
         ("grpc.max_receive_message_length", 8 * 1024 * 1024),
         ("grpc.max_send_message_length", 8 * 1024 * 1024),
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC's own connection backoff grows to 120 s: after a minute's outage it waited ~40 s more to try again
+        ("grpc.initial_reconnect_backoff_ms", int(cfg.reconnect_initial_s * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(cfg.reconnect_max_s * 1000)),
     ]
     if cfg.tls_ca is not None:
         cert = _read(cfg.client_cert, "client_cert") if cfg.client_cert else None

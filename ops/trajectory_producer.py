@@ -73,7 +73,10 @@ class TrajectoryProducer:
         try:
             self.flush(timeout_s)
         finally:
-            self._producer.close(timeout=self._timeout_s if timeout_s is None else timeout_s)
+            try:
+                self._producer.close(timeout=self._timeout_s if timeout_s is None else timeout_s)
+            except KafkaTimeoutError:
+                pass  # kafka-python's close flushes again and gives up as flush did, which said what is unsent
 
     def __enter__(self) -> TrajectoryProducer:
         return self
