@@ -2,9 +2,10 @@
 
 A background thread keeps one Subscribe call open (calling again when the server ends it before
 its deadline), reconnects with exponential backoff when the server goes away, verifies each version's
-sha256 and keeps only the newest: the generation loop calls take() between batches and swaps
-weights when there is something new. A version that fails its checksum is dropped and fetched again.
-On the server's host (weights.shared_memory) a version is mapped from shared memory instead, checked with xxh3.
+checksum (xxh3-128 over every byte, sent after the data; sha256 from a server that offers only that) and
+keeps only the newest: the generation loop calls take() between batches and swaps weights when there is
+something new. A version that fails its checksum is dropped and fetched again. On the server's host
+(weights.shared_memory) a version is mapped from shared memory instead, checked with xxh3 too.
 """
 
 from __future__ import annotations

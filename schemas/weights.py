@@ -31,7 +31,7 @@ Encoding = pb.TensorMeta.Encoding
 
 
 class ChecksumError(TbaError):
-    """The reassembled weights do not match the version's sha256."""
+    """The reassembled weights do not match the version's checksum (xxh3-128 or sha256, as its header says)."""
 
 
 @dataclass(frozen=True)
