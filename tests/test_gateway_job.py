@@ -2,6 +2,8 @@
 gateway instead of searchers, the agents' groups are completed by the filter and trained on, and new policy
 versions reach the gateway."""
 
+import pytest
+
 from bench.gateway import server_timing
 from ops.schema_store import KafkaSchemaStore
 from ops.topics import read_topic, topic_names
@@ -9,6 +11,8 @@ from schemas.records import TrajectoryCodec
 from tba.live_view import scrape
 from tests.gateway_job import gateway_job, run_agents
 from tests.test_run import wait_until
+
+pytestmark = pytest.mark.slow  # a whole job
 
 
 def test_agents_through_the_gateway_alone_train_the_policy(tmp_path):

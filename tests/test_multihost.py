@@ -6,6 +6,8 @@ import pytest
 from tests.multihost import run_multihost
 from tests.netns import missing_requirements
 
+pytestmark = pytest.mark.slow  # network namespaces
+
 
 def test_a_job_spread_over_six_hosts_survives_losing_a_searcher_host(tmp_path):
     if reason := missing_requirements():

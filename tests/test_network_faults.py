@@ -8,6 +8,8 @@ import pytest
 from tests.netns import missing_requirements
 from tests.network_faults import PROGRESS, RECOVERY_LIMIT_S, run_network_faults
 
+pytestmark = pytest.mark.slow  # network namespaces
+
 CASES = ["filter_cut", "broker_frozen", "weights_cut"]
 
 

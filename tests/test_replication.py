@@ -4,6 +4,8 @@ acked; brought back -> every acked group is there."""
 
 import time
 
+import pytest
+
 from ops.config import with_overrides
 from ops.schema_store import KafkaSchemaStore
 from ops.topics import create_topics, read_topic, topic_names
@@ -11,6 +13,8 @@ from schemas.records import TrajectoryCodec
 from tests.conftest import make_config
 from tests.fault_injection import Load
 from tests.local_cluster import LocalCluster
+
+pytestmark = pytest.mark.slow  # a three-broker cluster
 
 
 def wait_for(condition, timeout_s: float, what: str) -> float:
@@ -41,7 +45,8 @@ def test_losing_one_then_two_of_three_brokers_loses_no_acked_group(tmp_path):
             print(f"acks went on {recovered:.1f}s after losing one broker")
 
             cluster.nodes[1].kill()  # two of three: no write can reach two replicas
-            time.sleep(12)  # what was in flight settles: acked before the loss, or failed
+            failed = load.failed  # what was in flight has settled once a send fails: acked before the loss, or not
+            wait_for(lambda: load.failed > failed, 60, "the first send to fail with two brokers down")
             acked, failed = len(load.acked), load.failed
             wait_for(lambda: load.failed > failed, 60, "sends to fail loudly with two brokers down")
             assert len(load.acked) == acked  # nothing acked without two replicas

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from ops.broker import free_port
@@ -20,6 +21,8 @@ from tba.supervisor import Supervisor
 from tests.fault_injection import job_config
 from tests.tiny_models import saved_tiny_llama, tiny_llama
 from trainer.weight_sync import publish_remote
+
+pytestmark = pytest.mark.slow  # job processes and a broker of their own
 
 
 def test_weights_serve_stops_on_sigterm_at_once_when_kafka_is_unreachable():
@@ -103,7 +106,7 @@ def test_every_role_stops_on_sigterm_within_its_stop_timeout_when_the_broker_is_
             supervisor.tick()
             time.sleep(0.5)
         supervisor.broker.kill()  # and no tick from here on: nothing restarts it
-        time.sleep(3)  # the roles are now on a Kafka that does not answer
+        time.sleep(3)  # no event to wait on: each role finds Kafka gone in its own time; 3 s puts it in a wait
         stopped = {}
         for p in supervisor.processes:
             started = time.monotonic()

@@ -33,6 +33,7 @@ def local_job(tmp_path, **run):
     )
 
 
+@pytest.mark.slow  # a broker of its own
 def test_ctrl_c_while_the_broker_starts_stops_the_job_at_once_and_the_broker_it_started(tmp_path):
     cfg = local_job(tmp_path)
     (tmp_path / "run").mkdir()
@@ -100,6 +101,7 @@ def test_one_job_at_a_time_holds_a_run_dir_and_a_failed_prepare_says_why_in_job_
     assert state["stage"] == "stopped" and "other settings (trainer.lr" in state["failed"]
 
 
+@pytest.mark.slow  # a broker of its own
 def test_a_broker_that_cannot_restart_yet_is_tried_again_and_the_job_goes_on(tmp_path, caplog):
     """Its port held a moment (a client's socket can be given it while the broker is away): a warning and
     another try a few seconds later, never the end of the job's supervision."""
