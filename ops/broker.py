@@ -182,7 +182,7 @@ class LocalBroker:
             "transaction.abort.timed.out.transaction.cleanup.interval.ms": 10_000,
         }
         if self.sasl_port:
-            users = " ".join(f'user_{name}="{password}"' for name, password in self.sasl_users.items())
+            users = " ".join(f"user_{name}={jaas_quoted(password)}" for name, password in self.sasl_users.items())
             sasl = f"SASL_PLAINTEXT://{host}:{self.sasl_port}"
             lines.update({
                 # CONTROLLER stays last: launch() reads the controller port from the end of this line
@@ -198,7 +198,7 @@ class LocalBroker:
             supers = ";".join(f"User:{name}" for name in ("ANONYMOUS", *self.super_users))
             lines.update({"authorizer.class.name": AUTHORIZER, "super.users": supers})
         tmp = props.with_suffix(".tmp")
-        tmp.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+        tmp.write_text("".join(f"{k}={properties_value(v)}\n" for k, v in lines.items()))
         tmp.chmod(0o600)  # it may hold SASL passwords
         proc = subprocess.run(
             self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(tmp), "--ignore-formatted"),
@@ -365,6 +365,16 @@ def wait_ready(nodes: list[LocalBroker], timeout_s: float, stop: threading.Event
             last = exc
         time.sleep(0.2)
     raise BrokerError(f"Kafka at {','.join(bootstrap)} did not answer metadata within {timeout_s:.0f}s ({last})")
+
+
+def properties_value(value) -> str:
+    """value as a .properties file reads it back: a backslash there escapes the next character, so it is doubled."""
+    return str(value).replace("\\", "\\\\")
+
+
+def jaas_quoted(value: str) -> str:
+    """A JAAS option value in double quotes: a password may hold a quote or a backslash."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def configured_broker(cfg) -> LocalBroker:

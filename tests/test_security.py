@@ -15,10 +15,13 @@ from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
 
 
+PASSWORD = 'correct "horse" \\ saddle'  # a quote and a backslash: the broker's JAAS line and properties escape them
+
+
 @pytest.fixture(scope="module")
 def sasl_broker(tmp_path_factory):
     node = LocalBroker(tmp_path_factory.mktemp("sasl-kafka"), port=free_port(), heap="512m",
-                       sasl_port=free_port(), sasl_users={"searcher": "correct horse"})  # fmt: skip
+                       sasl_port=free_port(), sasl_users={"searcher": PASSWORD})  # fmt: skip
     node.start()
     yield node
     node.stop()
@@ -32,14 +35,14 @@ def sasl_config(node, **kafka):
 
 def test_the_right_password_works_and_a_wrong_one_is_refused(sasl_broker, monkeypatch, tmp_path, rng):
     cfg = sasl_config(sasl_broker)
-    monkeypatch.setenv("TBA_KAFKA_PASSWORD", "correct horse")
+    monkeypatch.setenv("TBA_KAFKA_PASSWORD", PASSWORD)
     create_topics(cfg)
     with TrajectoryProducer(cfg) as producer:
         producer.send(synthetic_group(rng, 0))
     assert len(read_topic(cfg, topic_names(cfg).raw)) == 1
 
     secret = tmp_path / "password"
-    secret.write_text("correct horse\n")
+    secret.write_text(PASSWORD + "\n")
     monkeypatch.delenv("TBA_KAFKA_PASSWORD")  # from a file instead of the environment
     assert len(read_topic(sasl_config(sasl_broker, sasl_password_file=str(secret)), topic_names(cfg).raw)) == 1
 
