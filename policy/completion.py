@@ -11,9 +11,8 @@ needs none); given without token ids they cannot be aligned to ours, and the gro
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from policy.logprobs import completion_logits, token_logprobs
+from policy.logprobs import completions_token_logprobs
 from policy.models import chat_prompt_ids
 from schemas.records import TrajectoryGroup
 
@@ -55,18 +54,6 @@ class GroupCompleter:
                 s.ref_logprobs = ref
         return None
 
-    @torch.no_grad()
     def reference_logprobs(self, prompt: np.ndarray, completions: list[np.ndarray]) -> list[np.ndarray]:
         """The reference's log-prob of each completion token at the temperature: one pass, the prompt once."""
-        device = next(self.reference.parameters()).device
-        width = max(c.size for c in completions)
-        tail = torch.full((len(completions), width), self.pad_id, dtype=torch.long)  # (K, T)
-        tail_mask = torch.zeros_like(tail)
-        for row, ids in enumerate(completions):
-            tail[row, : ids.size] = torch.from_numpy(ids.astype(np.int64))
-            tail_mask[row, : ids.size] = 1
-        head = torch.from_numpy(prompt.astype(np.int64))[None]  # (1, W)
-        tail, tail_mask, head = tail.to(device), tail_mask.to(device), head.to(device)
-        logits = completion_logits(self.reference, head, torch.ones_like(head), tail, tail_mask)  # (K, T, V)
-        ref = token_logprobs(logits, tail, self.temperature).cpu()  # (K, T)
-        return [ref[row, : ids.size].numpy().astype(np.float32) for row, ids in enumerate(completions)]
+        return completions_token_logprobs(self.reference, [prompt.tolist()], completions, self.pad_id, self.temperature)

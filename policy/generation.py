@@ -1,10 +1,10 @@
 """Generation backends: sample completions with per-token behaviour and reference log-probs.
 
-HFGenerator runs Hugging Face transformers (CPU or GPU). Searchers' log-probs (`sample`) are
-recomputed with a forward pass at the sampling temperature, for the policy and the frozen reference
-alike: one code path, and exactly the quantity the trainer's TB loss uses. The gateway's (`complete`)
-come from the generation pass itself, at the temperature of each call, with no reference. Sampling
-uses top_p = 1 and no top-k, so the behaviour distribution is the tempered policy itself.
+HFGenerator runs Hugging Face transformers (CPU or GPU). Behaviour log-probs come from the generation
+pass itself: each step's logits over the temperature of the call, as generate() samples from them
+(top_p = 1, no top-k: the behaviour distribution is the tempered policy itself), so no second pass
+of the policy runs. Searchers' samples (`sample`) also carry the reference's log-probs at the
+sampling temperature, from one forward pass of the reference; the gateway's (`complete`) carry none.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from policy.logprobs import completion_logits, token_logprobs
+from policy.logprobs import completions_token_logprobs
 from policy.models import chat_prompt_ids, load_into
 
 
@@ -27,6 +28,56 @@ class Completion:
     finish_reason: str  # "stop" (EOS) or "length"
     top_ids: np.ndarray | None = None  # (T, k) int64: complete(top_logprobs=k)'s most likely tokens at each step
     top_logprobs: np.ndarray | None = None  # (T, k) float32: their log-probs, as `logprobs` is taken
+
+
+class SampledTokenLogprobs(LogitsProcessor):
+    """Records the log-prob of each token generate() picks, from the logits it picks it with, at a temperature.
+
+    A processor passed to generate() runs before its sampling warpers (temperature, top-k, top-p) and
+    changes nothing here: it takes log_softmax(logits / temperature), token_logprobs' arithmetic on the
+    logits generate() then divides by the same temperature and samples from. A step's token is known
+    at the next call (the last column of input_ids); the last step's from the finished sequences.
+    """
+
+    def __init__(self, temperature: float, top: int = 0):
+        self.temperature = temperature
+        self.top = top  # also keep this many most likely tokens per step
+        self.step_logp: torch.Tensor | None = None  # (N, V): the latest step's, until its token is known
+        self.chosen: list[torch.Tensor] = []  # per step (N,)
+        self.top_values: list[torch.Tensor] = []  # per step (N, top)
+        self.top_ids: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.step_logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.top:
+            values, ids = self.step_logp.topk(self.top, dim=-1)
+            self.top_values.append(values)
+            self.top_ids.append(ids)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.step_logp is not None:  # the first call comes before any token is picked
+            self.chosen.append(self.step_logp.gather(-1, tokens[:, None]).squeeze(-1))
+        self.step_logp = None
+
+    def logprobs(self, completion: torch.Tensor) -> np.ndarray:
+        """(N, T) float32 for the generated tokens completion (N, T); steps after EOS hold padding's."""
+        self._take(completion[:, -1])
+        return torch.stack(self.chosen, dim=1).cpu().numpy().astype(np.float32)
+
+    def tops(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N, T, top) int64, log-probs (N, T, top) float32), best first."""
+        return torch.stack(self.top_ids, 1).cpu().numpy(), torch.stack(self.top_values, 1).cpu().numpy()
+
+
+def sampling(temperature: float) -> dict:
+    """generate()'s arguments to sample the policy at the temperature (0: greedy), and nothing else."""
+    return (
+        {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
 
 
 class HFGenerator:
@@ -90,9 +141,9 @@ class HFGenerator:
         self, prompts: torch.Tensor, attention: torch.Tensor, common: int, n: int, sample: bool
     ) -> torch.Tensor:
         """(P*n, W + T): each padded prompt n times, followed by its completions, padded after EOS."""
-        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
+        temperature = self.temperature if sample else 0.0
         return self._generate(
-            prompts, attention, common, n, self.max_new_tokens, **(sampling if sample else {"do_sample": False})
+            prompts, attention, common, n, self.max_new_tokens, **sampling(temperature)
         ).sequences.cpu()
 
     def _padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -130,39 +181,26 @@ class HFGenerator:
     def complete(
         self, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int, top_logprobs: int = 0
     ) -> list[list[Completion]]:
-        """n completions of each prompt with the behaviour log-probs of the generation pass itself: the gateway's.
+        """n completions of each prompt with the behaviour log-probs of the generation pass itself.
 
-        temperature > 0 samples the tempered policy (top-p 1, no top-k): generate()'s processed scores are
-        then the logits over the temperature, and their log-softmax is the log-prob of each sampled token
-        at that temperature, with no second forward pass. temperature 0 is greedy decoding, where no
-        temperature divides the logits: the log-probs are then those of the untempered softmax (as vLLM
-        reports them). top_logprobs > 0 also keeps that many most likely tokens per step. No reference
-        model runs: ref_logprobs are empty.
+        temperature > 0 samples the tempered policy (top-p 1, no top-k), and each sampled token's
+        log-prob is its log-softmax of the logits over that temperature, recorded as generate() runs.
+        temperature 0 is greedy decoding, where no temperature divides the logits: the log-probs are then
+        those of the untempered softmax (as vLLM reports them). top_logprobs > 0 also keeps that many
+        most likely tokens per step. No reference model runs: ref_logprobs are empty.
         """
         input_ids, attention, width, common = self._padded(prompts)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
-        out = self._generate(input_ids, attention, common, n, max_new_tokens, output_scores=True,
-                             **(sampling if temperature > 0 else {"do_sample": False}))  # fmt: skip
+        recorder = SampledTokenLogprobs(temperature or 1.0, top_logprobs)
+        out = self._generate(input_ids, attention, common, n, max_new_tokens,
+                             logits_processor=LogitsProcessorList([recorder]), **sampling(temperature))  # fmt: skip
         completion = out.sequences[:, width:]  # (N, T)
-        chosen, top_values, top_ids = [], [], []
-        for t, scores in enumerate(out.scores):  # a step at a time: (N, T, V) at once would be gigabytes
-            logp = torch.log_softmax(scores.float(), dim=-1)  # (N, V)
-            chosen.append(logp.gather(-1, completion[:, t : t + 1]).squeeze(-1).cpu())
-            if top_logprobs:
-                values, ids = logp.topk(top_logprobs, dim=-1)
-                top_values.append(values.cpu())
-                top_ids.append(ids.cpu())
+        logprobs = recorder.logprobs(completion)  # (N, T)
         completion = completion.cpu()
         lengths, ended = self._ends(completion)
-        logprobs = torch.stack(chosen, dim=1).numpy().astype(np.float32)  # (N, T)
-        if top_logprobs:
-            tops = torch.stack(top_ids, dim=1).numpy(), torch.stack(top_values, dim=1).numpy().astype(np.float32)
-        else:
-            tops = None
-        return self._completions(completion, lengths, ended, n, logprobs, None, tops)
+        return self._completions(completion, lengths, ended, n, logprobs, recorder.tops() if top_logprobs else None)
 
-    def _completions(self, completion, lengths, ended, n: int, logprobs, ref, tops) -> list[list[Completion]]:
-        """Rows (N, T) cut at their lengths into Completions, n to a prompt; ref and tops may be None."""
+    def _completions(self, completion, lengths, ended, n: int, logprobs, tops) -> list[list[Completion]]:
+        """Rows (N, T) cut at their lengths (tokens after EOS dropped) into Completions, n to a prompt."""
         results = []
         for i in range(completion.shape[0]):
             t = int(lengths[i])
@@ -172,7 +210,7 @@ class HFGenerator:
                     text=self.tokenizer.decode(ids, skip_special_tokens=True),
                     token_ids=ids.numpy().astype(np.int32),
                     logprobs=np.asarray(logprobs[i, :t], np.float32),
-                    ref_logprobs=np.zeros(0, np.float32) if ref is None else np.asarray(ref[i, :t], np.float32),
+                    ref_logprobs=np.zeros(0, np.float32),
                     finish_reason="stop" if bool(ended[i]) else "length",
                     top_ids=tops[0][i, :t] if tops else None,
                     top_logprobs=tops[1][i, :t] if tops else None,
@@ -191,14 +229,13 @@ class HFGenerator:
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], n: int) -> list[list[Completion]]:
-        """n completions for each prompt (token ids), sampled at the temperature."""
-        out, full_mask, width, lengths, ended = self.generate(prompts, n, sample=True)  # N = len(prompts) * n rows
-        completion = out[:, width:]  # (N, T)
-        # each prompt once (rows j*n .. j*n+n-1 share it), its n completions after it
-        head, head_mask = out[::n, :width].to(self.device), full_mask[::n, :width].to(self.device)
-        tail, tail_mask = completion.to(self.device), full_mask[:, width:].to(self.device)
-        policy, ref = (
-            token_logprobs(completion_logits(m, head, head_mask, tail, tail_mask), tail, self.temperature).cpu()
-            for m in (self.model, self.reference)
+        """n completions for each prompt (token ids), sampled at the temperature: the behaviour log-probs of
+        the generation pass (complete()'s), the reference's from one pass of it over all completions."""
+        groups = self.complete(prompts, n, self.temperature, self.max_new_tokens)
+        completions = [c for group in groups for c in group]
+        refs = completions_token_logprobs(
+            self.reference, prompts, [c.token_ids for c in completions], self.pad_id, self.temperature
         )
-        return self._completions(completion, lengths, ended, n, policy.numpy(), ref.numpy(), None)
+        for c, ref in zip(completions, refs, strict=True):
+            c.ref_logprobs = ref
+        return groups

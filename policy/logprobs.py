@@ -1,9 +1,10 @@
-"""Log-probabilities of completions under a causal LM, at the sampling temperature: what searchers record
-as behaviour and reference log-probs, and what the trainer's loss differentiates. One code path for both.
+"""Log-probabilities of completions under a causal LM, at the sampling temperature: what searchers and the
+filter record as reference log-probs, and what the trainer's loss differentiates. One code path for all.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -11,17 +12,6 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: f
     """log pi(token) at the sampling temperature. logits: (N, T, V) predicting token_ids (N, T). Returns (N, T)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (N, T, V)
     return logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # (N, T)
-
-
-def sequence_logprobs(
-    logits: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """Sum of log pi(token) over completion tokens at the sampling temperature.
-
-    logits: (N, T, V) predicting completion_ids (N, T) (already shifted); completion_mask: (N, T), 1 on
-    real completion tokens, 0 on padding. Returns (N,).
-    """
-    return (token_logprobs(logits, completion_ids, temperature) * completion_mask).sum(-1)  # (N,)
 
 
 def completion_logits(
@@ -54,3 +44,26 @@ def completion_logits(
         input_ids=completions[:, :-1], attention_mask=attention, position_ids=positions, past_key_values=cache
     ).logits  # (N, T-1, V): token t predicts token t + 1
     return torch.cat([first, rest], dim=1)
+
+
+@torch.no_grad()
+def completions_token_logprobs(
+    model, prompts: list[list[int]], completions: list[np.ndarray], pad_id: int, temperature: float
+) -> list[np.ndarray]:
+    """Each completion's per-token log-probs under model at the temperature, in one pass (each prompt once).
+
+    completions holds the same number K of completions of each prompt, in the prompts' order (rows
+    i*K .. i*K+K-1 are prompt i's). Returns one (T_j,) float32 array per completion.
+    """
+    device = next(model.parameters()).device
+    width, length = max(len(p) for p in prompts), max(c.size for c in completions)
+    head = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])  # (P, W), left-padded
+    head_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    tail = torch.full((len(completions), length), pad_id, dtype=torch.long)  # (N, T), right-padded
+    tail_mask = torch.zeros_like(tail)
+    for row, ids in enumerate(completions):
+        tail[row, : ids.size] = torch.from_numpy(ids.astype(np.int64))
+        tail_mask[row, : ids.size] = 1
+    head, head_mask, tail, tail_mask = (x.to(device) for x in (head, head_mask, tail, tail_mask))
+    logp = token_logprobs(completion_logits(model, head, head_mask, tail, tail_mask), tail, temperature).cpu()
+    return [logp[row, : ids.size].numpy().astype(np.float32) for row, ids in enumerate(completions)]

@@ -15,7 +15,7 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32", 
 
     Nothing is downloaded from a model hub; field is the setting named when the folder cannot be loaded.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if dtype == "auto":  # bf16 where the device supports it
         dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
@@ -30,6 +30,12 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32", 
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype), **extra)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{field}: cannot load a model from {path!r}: {exc}") from exc
+    # the folder's sampling defaults (repetition penalty, top-k, ...) would change the distribution sampled
+    # from: only the temperature does, so the behaviour log-probs are the tempered policy's
+    g = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id, pad_token_id=g.pad_token_id
+    )
     return model.eval(), tokenizer
 
 
@@ -45,6 +51,34 @@ def apply_lora(model, t):
 
     config = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=0.0, target_modules=list(t.lora_targets))
     return get_peft_model(model, config)
+
+
+class AdaptersDisabled:
+    """A LoRA-carrying model with its adapters off, called as a model: its base weights, i.e. the frozen
+    reference, without a second copy of them. Adapters stay on for everyone else between calls."""
+
+    def __init__(self, model):
+        self.model = model  # a peft PeftModel
+        self.config = model.config
+
+    def __call__(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+    def parameters(self):
+        return self.model.parameters()
+
+
+def frozen_reference(model, path: str, gguf_file: str | None, dtype: str, policy_path: str):
+    """The reference for reference log-probs. With LoRA on the reference's own weights (path is the policy's
+    policy_path), model itself with its adapters off: one copy of the weights. Else a separate frozen copy
+    from path, on model's device (full fine-tuning changes model's own weights; or another reference)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and path == policy_path:
+        return AdaptersDisabled(model)
+    reference, _ = load_model(path, gguf_file, dtype)
+    return reference.to(next(model.parameters()).device)
 
 
 def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -1,11 +1,10 @@
-"""vLLM generation backend (GPU or CPU): vLLM samples the tokens, Hugging Face copies score them.
+"""vLLM generation backend (GPU or CPU): vLLM samples the tokens and reports their log-probs.
 
-Behaviour and reference log-probs of searchers' samples are recomputed with the Hugging Face models
-(the path shared with HFGenerator), as the paper's code does: one code path for the quantity the TB
-loss uses. The engine's own log-probs after temperature are kept per batch (`engine_logprobs`) so
-tests and bench/generation.py can hold the two against each other; the gateway's completions
-(`complete`) carry the engine's own, as HFGenerator.complete carries generate()'s. Sampling uses
-top_p = 1 and no top-k.
+Behaviour log-probs are the engine's own for the tokens it sampled, after temperature (its
+processed log-probs; sampling uses top_p = 1 and no top-k), as HFGenerator's are generate()'s: for
+searchers (`sample`) and the gateway (`complete`) alike. Searchers' reference log-probs come from the
+Hugging Face reference (with LoRA, the Hugging Face copy of the policy with its adapters off), by
+the path HFGenerator shares with the filter.
 
 A published version reaches the running engine without pickling tensors through its RPC: the
 full weights (LoRA adapters merged in) are written once to a safetensors file in shared memory,
@@ -46,7 +45,6 @@ class VLLMGenerator(HFGenerator):
         # prompts go in as token ids and completions come out as ids: our tokenizer does the text
         self.llm = LLM(model=model_path, skip_tokenizer_init=True, logprobs_mode="processed_logprobs",
                        worker_extension_cls=f"{__name__}.WorkerWeights", **engine)  # fmt: skip
-        self.engine_logprobs: list[np.ndarray] = []  # the last batch's, per completion, as the engine saw them
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         super().load_weights(state_dict)
@@ -70,8 +68,9 @@ class VLLMGenerator(HFGenerator):
     def complete(
         self, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int, top_logprobs: int = 0
     ) -> list[list[Completion]]:
-        """HFGenerator.complete on the engine: its sampled tokens' processed log-probs (after temperature;
-        untempered when greedy, where vLLM divides by no temperature) are the behaviour log-probs."""
+        """HFGenerator.complete on the engine (and so sample() too): its sampled tokens' processed log-probs
+        (after temperature; untempered when greedy, where vLLM divides by no temperature) are the
+        behaviour log-probs."""
         from vllm import SamplingParams
 
         copies = n if temperature == 0 else 1  # greedy, vLLM takes n = 1 only: each copy of a prompt gets one
@@ -113,18 +112,16 @@ class VLLMGenerator(HFGenerator):
 
         params = SamplingParams(
             temperature=self.temperature if sample else 0.0, top_p=1.0, top_k=-1, max_tokens=self.max_new_tokens,
-            stop_token_ids=[self.eos_id], logprobs=0, detokenize=False,
+            stop_token_ids=[self.eos_id], detokenize=False,
         )  # fmt: skip
         input_ids, attention = input_ids.repeat_interleave(n, dim=0), attention.repeat_interleave(n, dim=0)
         # vLLM's prefix cache shares each prompt's keys and values among its n samples
         prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention, strict=True)]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        completions, self.engine_logprobs = [], []
+        completions = []
         for out in outputs:
             sampled = out.outputs[0]
             ids = list(sampled.token_ids)
-            steps = sampled.logprobs or []
-            self.engine_logprobs.append(np.array([s[t].logprob for s, t in zip(steps, ids, strict=False)]))
             if sampled.finish_reason == "stop" and (not ids or ids[-1] != self.eos_id):
                 ids.append(self.eos_id)  # ended by EOS: keep it, as the HF path does
             completions.append(ids)

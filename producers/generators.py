@@ -1,7 +1,8 @@
 """The policy a producer generates with, as the job configures it (searcher.*): the model, carrying the
 trainer's LoRA adapters when it trains some, on the Hugging Face or the vLLM backend, with the frozen
-reference for producers that record reference log-probs; and the subscription to the versions the
-trainer publishes. Searchers and the gateway both build theirs here, so either backend serves both.
+reference for producers that record reference log-probs (with LoRA, the same weights with the adapters
+off); and the subscription to the versions the trainer publishes. Searchers and the gateway both build
+theirs here, so either backend serves both.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from producers.weight_subscriber import WeightSubscriber
 def build_generator(cfg: TbaConfig, seed: int, with_reference: bool = True) -> HFGenerator:
     """The configured backend on the model from disk; the reference too unless with_reference is False (the
     gateway records no reference log-probs: the filter computes them)."""
-    from policy.models import load_model
+    from policy.models import frozen_reference, load_model
 
     s = cfg.searcher
     if s.backend == "vllm" and s.gguf_file:
@@ -28,12 +29,12 @@ def build_generator(cfg: TbaConfig, seed: int, with_reference: bool = True) -> H
         from policy.models import apply_lora
 
         model = apply_lora(model, cfg.trainer)
-    reference = None
-    if with_reference:
-        reference, _ = load_model(s.reference_model or s.model, s.gguf_file if not s.reference_model else None, s.dtype)
     if torch.cuda.is_available():
         model = model.cuda()
-        reference = reference.cuda() if reference is not None else None
+    reference = None
+    if with_reference:  # with LoRA, the model itself with its adapters off
+        gguf_file = s.gguf_file if not s.reference_model else None
+        reference = frozen_reference(model, s.reference_model or s.model, gguf_file, s.dtype, s.model)
     if s.backend == "hf":
         return HFGenerator(model, tokenizer, reference, s.temperature, s.max_new_tokens)
     from policy.default_model import default_model_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
@@ -39,6 +40,15 @@ def make_config(bootstrap: str, **sections) -> TbaConfig:
     sections["trainer"] = {"lora_r": 0, **sections.get("trainer", {})}
     kafka = {"bootstrap": bootstrap, "namespace": f"t{uuid.uuid4().hex[:10]}", "client_timeout_s": 20}
     return load_config(environ={}, kafka=kafka, **sections)
+
+
+def first_batch(searcher, timeout_s: float = 120.0) -> list:
+    """A new searcher's first groups: its first steps take nothing while it joins the searchers' group over the
+    prompts topic, which on a loaded machine outlasts a step's wait for prompts."""
+    deadline = time.monotonic() + timeout_s
+    while not (groups := searcher.step()):
+        assert time.monotonic() < deadline, f"the searcher took no prompts in {timeout_s}s"
+    return groups
 
 
 def trainer_on_tiny_model(cfg: TbaConfig, tmp_path) -> TbaConfig:

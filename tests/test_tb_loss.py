@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from policy.logprobs import sequence_logprobs
 from trainer.tb_loss import linear_beta, tb_loss
 
 
@@ -46,19 +45,6 @@ def test_micro_batches_of_whole_prompts_accumulate_to_the_full_batch_gradient(mi
         acc += g * len(rows) / 6
     assert torch.allclose(full, acc, atol=1e-6)
     # (were logZ pooled across prompts, each micro-batch would see a different baseline and this would fail)
-
-
-def test_sequence_logprobs_sum_completion_tokens_at_temperature_and_ignore_padding():
-    torch.manual_seed(2)
-    logits = torch.randn(2, 4, 7)
-    ids = torch.randint(0, 7, (2, 4))
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float32)
-    got = sequence_logprobs(logits, ids, mask, temperature=0.7)
-    manual = [
-        sum(torch.log_softmax(logits[n, t] / 0.7, -1)[ids[n, t]].item() for t in range(4) if mask[n, t])
-        for n in range(2)
-    ]
-    assert got.tolist() == pytest.approx(manual, rel=1e-5)
 
 
 def test_beta_anneals_linearly_then_holds():

