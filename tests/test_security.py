@@ -14,7 +14,6 @@ from ops.topics import create_topics, read_topic, topic_names
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
 
-
 PASSWORD = 'correct "horse" \\ saddle'  # a quote and a backslash: the broker's JAAS line and properties escape them
 
 
