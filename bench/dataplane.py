@@ -34,13 +34,12 @@ from bench.results import write_results  # noqa: E402
 from ops.broker import LocalBroker, classpath, free_port  # noqa: E402
 from ops.config import TbaConfig, load_config, with_overrides  # noqa: E402
 from ops.schema_store import KafkaSchemaStore  # noqa: E402
-from ops.topics import create_topics, topic_names  # noqa: E402
+from ops.topics import JobTopics, create_topics, topic_names  # noqa: E402
 from ops.trajectory_producer import TrajectoryProducer  # noqa: E402
 from producers.synthetic import synthetic_group  # noqa: E402
 from schemas.codec import SchemaStore  # noqa: E402
 from schemas.records import TrajectoryCodec  # noqa: E402
-from trainer.curated_feed import CuratedFeed  # noqa: E402
-from trainer.replay_buffer import ReplayBuffer  # noqa: E402
+from trainer.curated_feed import CuratedFeed, curated_buffer  # noqa: E402
 
 SAMPLES, TOKENS = 8, 110  # ~8.4 KiB encoded: 8 completions of 55-110 tokens, 12 bytes a token
 
@@ -113,7 +112,7 @@ def measure_pipeline(cfg: TbaConfig, n: int, size: int, instances: int) -> dict:
     """All stages at once: a producer process, filter processes, the buffer fed in this process."""
     filters = start_filters(cfg, instances, idle_exit=600)
     time.sleep(3)  # let the filters join the group before the clock starts
-    buffer = ReplayBuffer(with_overrides(cfg, buffer={"cache_groups": 1000}))
+    buffer = curated_buffer(with_overrides(cfg, buffer={"cache_groups": 1000}), JobTopics(cfg).curated)
     feed = CuratedFeed(cfg, buffer)
     producer = mp.get_context("spawn").Process(target=_produce_worker, args=(cfg.model_dump_json(), n, None, 1))
     start = time.perf_counter()
@@ -130,7 +129,7 @@ def measure_pipeline(cfg: TbaConfig, n: int, size: int, instances: int) -> dict:
 def measure_latency(cfg: TbaConfig, rate: float, seconds: float, instances: int) -> dict:
     n = int(rate * seconds)
     filters = start_filters(cfg, instances, idle_exit=600)
-    buffer = ReplayBuffer(with_overrides(cfg, buffer={"cache_groups": 100}))
+    buffer = curated_buffer(with_overrides(cfg, buffer={"cache_groups": 100}), JobTopics(cfg).curated)
     feed = CuratedFeed(cfg, buffer)
     time.sleep(3)
     producer = mp.get_context("spawn").Process(target=_produce_worker, args=(cfg.model_dump_json(), n, rate, 2))
@@ -168,12 +167,12 @@ def measure_codec(groups) -> dict:
 
 
 def measure_index(n: int) -> dict:
-    cfg = load_config(environ={}, kafka={"namespace": "bench-index"}, buffer={"cache_groups": 0})
+    cfg = load_config(environ={}, kafka={"namespace": "bench-index"}, buffer={"cache_groups": 0, "spill_gb": 0})
     rng = np.random.default_rng(3)
     template = synthetic_group(rng, 0, SAMPLES, TOKENS)
-    buffer = ReplayBuffer.__new__(ReplayBuffer)  # index only: no Kafka clients needed to add
+    curated = JobTopics(cfg, SchemaStore()).curated
     tracemalloc.start()
-    ReplayBuffer.__init__(buffer, cfg, SchemaStore())
+    buffer = curated_buffer(cfg, curated)  # index only: no Kafka client is made until a group is read back
     base = tracemalloc.get_traced_memory()[0]
     for i in range(n):
         template.prompt_id = f"prompt-{i % 20_000}"

@@ -32,8 +32,7 @@ sys.path.insert(0, str(ROOT))
 from ops import kafka_clients  # noqa: E402
 from ops.config import TbaConfig, with_overrides  # noqa: E402
 from ops.schema_store import KafkaSchemaStore  # noqa: E402
-from ops.topics import read_topic, topic_names, topic_partitions  # noqa: E402
-from policy.tasks.prompts import decode_problem  # noqa: E402
+from ops.topics import JobTopics, read_topic, topic_names, topic_partitions  # noqa: E402
 from schemas.records import TrajectoryCodec  # noqa: E402
 from tba.supervisor import Supervisor  # noqa: E402
 from tests.fault_injection import tiny_job  # noqa: E402
@@ -90,6 +89,7 @@ def run_elastic(cfg: TbaConfig, phase_timeout_s: float) -> dict:
     ticker = threading.Thread(target=supervise)
     ticker.start()
     watch = RawWatch(cfg)
+    topics = JobTopics(cfg)
     phases: dict[str, dict] = {}
     prompts: set[str] = set()
 
@@ -98,7 +98,7 @@ def run_elastic(cfg: TbaConfig, phase_timeout_s: float) -> dict:
         joining searcher, if any, served too (it has loaded its model and taken partitions)."""
         start = time.time()
         while time.time() - start < phase_timeout_s:
-            prompts.update(decode_problem(r.value).prompt_id for r in read_topic(cfg, topic_names(cfg).prompts))
+            prompts.update(topics.prompts.codec.decode(r.value)["prompt_id"] for r in topics.prompts.read())
             if prompts and prompts <= watch.served_since(start) and joining in {None, *watch.searchers_since(start)}:
                 break
             time.sleep(1)

@@ -31,10 +31,10 @@ from bench.results import write_results  # noqa: E402
 from ops.broker import LocalBroker, free_port  # noqa: E402
 from ops.config import load_config, with_overrides  # noqa: E402
 from ops.schema_store import KafkaSchemaStore  # noqa: E402
-from ops.topics import create_topics, topic_names  # noqa: E402
+from ops.topics import JobTopics, create_topics, topic_names  # noqa: E402
 from ops.trajectory_producer import TrajectoryProducer  # noqa: E402
 from producers.synthetic import synthetic_group  # noqa: E402
-from trainer.curated_feed import CuratedFeed  # noqa: E402
+from trainer.curated_feed import CuratedFeed, curated_buffer  # noqa: E402
 from trainer.replay_buffer import ReplayBuffer  # noqa: E402
 
 PROMPTS = 20_000
@@ -119,7 +119,7 @@ def main() -> None:
                 create_topics(cfg)
                 store = KafkaSchemaStore(cfg)
                 written = write_history(cfg, store, n, samples, tokens)
-                buffer = ReplayBuffer(cfg, store)
+                buffer = curated_buffer(cfg, JobTopics(cfg, store).curated)
                 feed = CuratedFeed(cfg, buffer)
                 start = time.perf_counter()
                 feed.fill()
@@ -131,7 +131,7 @@ def main() -> None:
                 for b in (4, 16, 64):
                     row[f"sample_ms_b{b}"] = round(sample_ms(buffer, b, samples), 1)
                 # side by side: the same index without the spill file, every evicted group read from Kafka
-                from_kafka = ReplayBuffer(with_overrides(cfg, buffer={"spill_gb": 0}), store)
+                from_kafka = curated_buffer(with_overrides(cfg, buffer={"spill_gb": 0}), JobTopics(cfg, store).curated)
                 from_kafka.restore(buffer.state())
                 row["sample_ms_b64_from_kafka"] = round(sample_ms(from_kafka, 64, samples), 1)
                 from_kafka.close()

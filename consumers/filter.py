@@ -27,10 +27,9 @@ from ops.acls import READ, WRITE, one_line_refusals, refusal
 from ops.config import TbaConfig
 from ops.errors import BrokerError, DecodeError, TbaError
 from ops.job import model_id
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import filter_group, topic_names
+from ops.topics import JobTopics, filter_group, filter_instance_id
 from schemas.codec import SchemaStore
-from schemas.records import DeadLetter, DeadLetterCodec, TrajectoryCodec, now_ms
+from schemas.records import DeadLetter, now_ms
 
 log = logging.getLogger(__name__)
 ROUTE_BUDGET_S = 10.0  # routing work a transaction takes at most (then it commits what it routed)
@@ -57,14 +56,14 @@ class Routed:
 
 
 class GroupFilter:
-    """The pure part: raw bytes in, routed bytes out. No Kafka here, so it is testable on its own."""
+    """The pure part: raw bytes in, routed bytes out, with the codecs of the topics given (JobTopics over an
+    in-memory SchemaStore needs no broker). No Kafka here, so it is testable on its own."""
 
-    def __init__(self, cfg: TbaConfig, store: SchemaStore):
+    def __init__(self, cfg: TbaConfig, topics: JobTopics):
         self.cfg = cfg
-        self.codec = TrajectoryCodec(store)
-        self.letters = DeadLetterCodec(store)
+        self.codec, self.curated, self.letters = topics.raw.codec, topics.curated.codec, topics.dlq.codec
         self.scorers = build_scorers(cfg.filter)
-        self.source = topic_names(cfg).raw
+        self.source = topics.raw.name
         self.model_id = model_id(cfg)
         self._completer = None  # loaded with the first text-only group: most jobs never need a model here
 
@@ -73,11 +72,10 @@ class GroupFilter:
             group = self.codec.decode(value or b"")
         except DecodeError as exc:
             return self._reject("decode", exc.reason, value, key, partition, offset)
-        carries_ids = group.prompt_token_ids.size or any(s.token_ids.size for s in group.samples)
-        if carries_ids and group.model_id and group.model_id != self.model_id:  # another tokenizer's ids
-            reason = f"made with model {group.model_id!r}; this job trains {self.model_id!r}"
+        reason = group.foreign_ids(self.model_id)
+        if reason:
             return self._reject("model", reason, value, key, partition, offset)
-        reason = self._complete(group, carries_ids)
+        reason = self._complete(group, group.carries_ids())
         if reason:
             return self._reject("completion", reason, value, key, partition, offset)
         scores = {}
@@ -90,7 +88,7 @@ class GroupFilter:
                 return self._reject(name, verdict.reason, value, key, partition, offset)
             scores[name] = verdict.score
         group.scores = {**group.scores, **scores}
-        return Routed(True, self.codec.encode(group))
+        return Routed(True, self.curated.encode(group))
 
     def _complete(self, group, carries_ids: bool) -> str | None:
         """Fill in what a text-only (or gateway) group lacks, once, so curated holds what the trainer reads;
@@ -134,19 +132,17 @@ class FilterConsumer:
 
     def __init__(self, cfg: TbaConfig, instance: str = "0", store: SchemaStore | None = None):
         self.cfg = cfg
-        self.topics = topic_names(cfg)
-        self.filter = GroupFilter(cfg, store or KafkaSchemaStore(cfg))
+        self.topics = JobTopics(cfg, store)
+        self.filter = GroupFilter(cfg, self.topics)
         self.stats = FilterStats()
-        group = filter_group(cfg)
         # Static membership: a restarted instance takes its partitions straight back, no rebalance wait.
-        self.consumer = kafka_clients.consumer(
-            cfg,
-            self.topics.raw,
-            group_id=group,
-            group_instance_id=f"{group}.{instance}",
+        self.transactional_id = filter_instance_id(cfg, instance)
+        self.consumer = self.topics.raw.consumer(
+            group_id=filter_group(cfg),
+            group_instance_id=self.transactional_id,
             max_poll_records=cfg.filter.max_poll_records,
         )
-        self.transactional_id = f"{group}.{instance}"
+        self.consumer.subscribe([self.topics.raw.name])
         self.producer = self._transactional_producer()
         self._unread: list[TopicPartition] = []  # a batch whose transaction Kafka aborted: read again (_restore)
 
@@ -201,7 +197,7 @@ class FilterConsumer:
             for _, rec, out in outs:
                 topic = self.topics.curated if out.accepted else self.topics.dlq
                 # keep the generation time: curated time ranges (replays) then mean when groups were made
-                sends.append(self.producer.send(topic, key=rec.key, value=out.value, timestamp_ms=rec.timestamp))
+                sends.append(topic.send(self.producer, out.value, rec.key, timestamp_ms=rec.timestamp))
                 routed["accepted" if out.accepted else out.scorer] += 1
             # a send that fails past its delivery timeout leaves kafka-python's transaction committable
             # (the Java client aborts it): wait for every send, and abort unless all were written

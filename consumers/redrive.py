@@ -12,35 +12,31 @@ from kafka import OffsetAndMetadata, TopicPartition
 
 from consumers import scorers
 from ops import kafka_clients
-from ops.config import TbaConfig
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import read_topic, topic_names
-from schemas.records import DeadLetterCodec
+from ops.topics import JobTopics, redrive_group
 
 # what a dead letter's scorer can be: the filter's fixed checks (completing a text-only group among them), its
 # configurable scorers, the trainer's admission. Not the gateway's: a group whose rewards never came has none
 SCORERS = ("decode", "model", "completion", *scorers.SCORERS, "trainer")
 
 
-def redrive(cfg: TbaConfig, scorer: str | None = None) -> int:
+def redrive(topics: JobTopics, scorer: str | None = None) -> int:
     """Re-send the dead letters not re-driven before (only `scorer`'s, if given); returns how many."""
-    names = topic_names(cfg)
-    tp = TopicPartition(names.dlq, 0)
+    cfg = topics.cfg
+    tp = TopicPartition(topics.dlq.name, 0)
     selected = SCORERS if scorer is None else (scorer,)
-    groups = {s: f"{cfg.kafka.namespace}.redrive.{s}" for s in selected}
-    codec = DeadLetterCodec(KafkaSchemaStore(cfg))
+    groups = {s: redrive_group(cfg, s) for s in selected}
     admin = kafka_clients.admin(cfg)
     producer = kafka_clients.producer(cfg)
     try:
         committed = admin.list_group_offsets({g: [tp] for g in groups.values()})
         done = {s: committed.get(g, {}).get(tp, OffsetAndMetadata(-1, "", -1)).offset for s, g in groups.items()}
-        records = read_topic(cfg, names.dlq)
+        records = topics.dlq.read()
         end = records[-1].offset + 1 if records else 0
         pending = []
         for rec in records:
-            letter = codec.decode(rec.value)
+            letter = topics.dlq.codec.decode(rec.value)
             if letter.scorer in done and rec.offset >= done[letter.scorer]:
-                pending.append(producer.send(names.raw, key=letter.key, value=letter.value))
+                pending.append(topics.raw.send(producer, letter.value, letter.key))
         for future in pending:
             future.get(timeout=cfg.kafka.client_timeout_s)  # raises if Kafka did not take one: nothing committed
         for group in groups.values():  # only once every re-sent letter is acknowledged

@@ -12,10 +12,11 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 
-from ops.config import FilterConfig
+from ops.config import FilterConfig, ScorerName
 from ops.errors import ConfigError
 from ops.imports import import_callable
 from schemas.records import TrajectoryGroup
@@ -40,8 +41,8 @@ def structure(group: TrajectoryGroup) -> Verdict:
     """Ids present, at least one sample, known finish reasons, no negative token ids."""
     if not group.group_id or not group.prompt_id:
         return Verdict(0.0, "missing group_id or prompt_id")
-    if not group.samples:
-        return Verdict(0.0, "group has no samples")
+    if reason := group.empty():
+        return Verdict(0.0, reason)
     for i, s in enumerate(group.samples):
         if s.finish_reason not in FINISH_REASONS:
             return Verdict(0.0, f"sample {i}: finish_reason {s.finish_reason!r} is not one of {sorted(FINISH_REASONS)}")
@@ -63,9 +64,8 @@ def finite_rewards(group: TrajectoryGroup) -> Verdict:
 def lengths(group: TrajectoryGroup) -> Verdict:
     """One reference log-prob per token, and one behaviour log-prob per token or none; all finite and <= 0."""
     for i, s in enumerate(group.samples):
-        n, lp, ref = s.token_ids.size, s.logprobs.size, s.ref_logprobs.size
-        if ref != n or lp not in (0, n):
-            return Verdict(0.0, f"sample {i}: {n} tokens but {lp} logprobs and {ref} ref_logprobs")
+        if mismatch := s.logprobs_mismatch():
+            return Verdict(0.0, f"sample {i}: {mismatch}")
     # one vectorised check for the whole group; look for the culprit only when it fails
     values = np.concatenate([a for s in group.samples for a in (s.logprobs, s.ref_logprobs)])
     if values.size and not (np.isfinite(values).all() and values.max() <= 1e-4):
@@ -215,9 +215,8 @@ class Informative:
         return Verdict(spread)
 
 
-# the registry: filter.scorers names these (ops/config.py's ScorerName lists the same names for validation;
-# a test checks that the two agree)
-SCORERS: dict[str, Callable[[FilterConfig], Scorer]] = {
+# the registry: filter.scorers names these, as ops/config.py's ScorerName spells them for validation
+SCORERS: dict[ScorerName, Callable[[FilterConfig], Scorer]] = {
     "structure": lambda cfg: structure,
     "finite_rewards": lambda cfg: finite_rewards,
     "lengths": lambda cfg: lengths,
@@ -227,6 +226,10 @@ SCORERS: dict[str, Callable[[FilterConfig], Scorer]] = {
     "safety": Safety,
     "informative": Informative,
 }
+
+
+if set(SCORERS) != set(get_args(ScorerName)):  # a config could name a scorer that is not here, or miss one
+    raise TypeError(f"scorer registry {sorted(SCORERS)} != ops.config.ScorerName {sorted(get_args(ScorerName))}")
 
 
 def build_scorers(cfg: FilterConfig) -> list[tuple[str, Scorer]]:

@@ -72,7 +72,7 @@ class BrokerConfig(Section):
     heap: str = Field("1g", pattern=r"^\d+[mg]$")
 
 
-ScorerName = Literal[
+ScorerName = Literal[  # the registry's names (consumers/scorers.py checks it as it loads): ops may not import it
     "structure", "finite_rewards", "lengths", "degenerate", "length_limits", "dedupe", "safety", "informative"
 ]
 

@@ -1,20 +1,29 @@
-"""The namespaced topics, declared once, and `tba topics create|describe` via kafka-python's admin client."""
+"""The job's topics, each one object made once per process (JobTopics of Topics: name, partitions, config, codec,
+isolation level), the consumer-group and transactional-id names, and `tba topics create|describe`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
-from kafka import TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import TopicAlreadyExistsError, TopicAuthorizationFailedError
 
 from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import ConfigError
+from schemas.codec import SchemaStore
+from schemas.records import DeadLetterCodec, PolicyVersionCodec, PromptCodec, TrajectoryCodec
 
 HOUR_MS = 3_600_000
 SHOWN_CONFIG = ("cleanup.policy", "retention.ms", "retention.bytes", "compression.type", "max.message.bytes",
                 "min.insync.replicas")  # fmt: skip
+# What a topic's readers see: the filter writes curated and dlq in transactions, a searcher seeds the prompts in
+# one; the compacted topics are written without, and a reader of them wants the newest record whatever is open.
+COMMITTED, UNCOMMITTED = "read_committed", "read_uncommitted"
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,7 @@ class TopicNames:
 
 
 def topic_names(cfg: TbaConfig) -> TopicNames:
+    """The namespaced names alone (JobTopics holds the topics themselves)."""
     ns = cfg.kafka.namespace
     if ns is None:  # ops.job.for_job resolves it; reaching here without it is a bug of the caller
         raise ConfigError("kafka.namespace: no job namespace resolved (ops.job.for_job)")
@@ -41,9 +51,18 @@ def topic_names(cfg: TbaConfig) -> TopicNames:
     )
 
 
+# -- consumer groups and transactional ids: every one a job uses is named here ---------------------------------
+
+
 def filter_group(cfg: TbaConfig) -> str:
-    """The filter instances' consumer group; an instance's transactional id is this + "." + its instance id."""
+    """The filter instances' consumer group."""
     return f"{cfg.kafka.namespace}.{cfg.filter.group}"
+
+
+def filter_instance_id(cfg: TbaConfig, instance: str) -> str:
+    """A filter instance's static group membership and its transactional id alike: a restarted instance both
+    takes its partitions straight back and fences its dead predecessor."""
+    return f"{filter_group(cfg)}.{instance}"
 
 
 def searcher_group(cfg: TbaConfig) -> str:
@@ -51,9 +70,144 @@ def searcher_group(cfg: TbaConfig) -> str:
     return f"{cfg.kafka.namespace}.searchers"
 
 
+def searcher_client_id(cfg: TbaConfig, member: str) -> str:
+    return f"{searcher_group(cfg)}.{member}"
+
+
 def prompts_seed_id(cfg: TbaConfig) -> str:
     """The one transactional id every searcher seeds the prompts topic with (so it gets one copy)."""
     return f"{topic_names(cfg).prompts}.seed"
+
+
+def redrive_group(cfg: TbaConfig, scorer: str) -> str:
+    """The consumer group whose committed dlq offset says how far `scorer`'s dead letters were re-driven."""
+    return f"{cfg.kafka.namespace}.redrive.{scorer}"
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+
+
+def read_range(consumer: KafkaConsumer, start: dict[TopicPartition, int], stop: dict[TopicPartition, int],
+               max_records: int | None = None) -> Iterator[dict[TopicPartition, list]]:  # fmt: skip
+    """Seek each partition of an assigned consumer to start and yield each poll's records below stop (a poll
+    may yield none: a caller can check its own stop between polls), until every position reaches stop.
+    Position, not record count, says when: transaction markers and aborted records take offsets too."""
+    for tp, offset in start.items():
+        consumer.seek(tp, offset)
+    todo = {tp for tp in start if start[tp] < stop[tp]}
+    while todo:
+        batch = consumer.poll(timeout_ms=500, max_records=max_records)
+        yield {tp: [r for r in records if r.offset < stop[tp]] for tp, records in batch.items() if tp in todo}
+        todo = {tp for tp in todo if consumer.position(tp) < stop[tp]}
+
+
+def read_topic(cfg: TbaConfig, topic: str, isolation: str = COMMITTED, last: int | None = None) -> list:
+    """Every record of a topic (or its last `last` offsets of each partition) up to its end as of now."""
+    consumer = kafka_clients.consumer(cfg, isolation_level=isolation)
+    try:
+        parts = topic_partitions(cfg, consumer, topic)
+        consumer.assign(parts)
+        end = consumer.end_offsets(parts)
+        begin = consumer.beginning_offsets(parts)
+        start = {tp: begin[tp] if last is None else max(begin[tp], end[tp] - last) for tp in parts}
+        return [r for batch in read_range(consumer, start, end) for records in batch.values() for r in records]
+    finally:
+        consumer.close()
+
+
+def topic_partitions(cfg: TbaConfig, consumer, topic: str) -> list[TopicPartition]:
+    """The topic's partitions, [] when it does not exist. A topic this principal may not see looks absent
+    in a consumer's metadata: the admin's answer tells the two apart (TopicAuthorizationFailedError)."""
+    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    if not parts and cfg.kafka.security_protocol.startswith("SASL"):
+        admin = kafka_clients.admin(cfg)
+        try:
+            if any(t["error_code"] == TopicAuthorizationFailedError.errno for t in admin.describe_topics([topic])):
+                raise TopicAuthorizationFailedError(topic)
+        finally:
+            admin.close()
+    return parts
+
+
+def end_offsets(cfg: TbaConfig, topics: list[str], isolation: str = COMMITTED) -> dict[str, int]:
+    """Each topic's end offsets summed over its partitions (records written, transaction markers included);
+    read_committed ends at a partition's first open transaction, read_uncommitted at its last record."""
+    consumer = kafka_clients.consumer(cfg, isolation_level=isolation)
+    try:
+        parts = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        totals = dict.fromkeys(topics, 0)
+        for tp, end in consumer.end_offsets(parts).items():
+            totals[tp.topic] += end
+        return totals
+    finally:
+        consumer.close()
+
+
+# -- the topics ------------------------------------------------------------------------------------------------
+
+
+class Topic:
+    """One topic of the job: its name, partitions and config, the isolation level its readers read it at, and
+    the codec of its values (made on first use, as it registers its schema; None for the schemas topic, whose
+    values are schema texts). The operations every role needs, so none pairs a name with the rest by hand."""
+
+    def __init__(self, cfg: TbaConfig, name: str, partitions: int, config: dict[str, str], isolation: str,
+                 codec_for: Callable[[SchemaStore], Any] | None = None, store: SchemaStore | None = None):  # fmt: skip
+        self.cfg, self.name, self.partitions, self.config, self.isolation = cfg, name, partitions, config, isolation
+        self._codec_for, self._store = codec_for, store
+
+    def __repr__(self) -> str:
+        return f"Topic({self.name!r})"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @cached_property
+    def codec(self):
+        if self._codec_for is None:
+            raise TypeError(f"{self.name} holds no Avro values")
+        return self._codec_for(self._store)
+
+    def new_topic(self) -> NewTopic:
+        """What creating it asks for."""
+        replication = self.cfg.topics.replication_factor
+        return NewTopic(name=self.name, num_partitions=self.partitions, replication_factor=replication,
+                        topic_configs=self.config)  # fmt: skip
+
+    def consumer(self, **overrides: Any) -> KafkaConsumer:
+        """A consumer reading at this topic's isolation level (not yet assigned or subscribed)."""
+        return kafka_clients.consumer(self.cfg, **{"isolation_level": self.isolation, **overrides})
+
+    def partitions_in(self, consumer: KafkaConsumer) -> list[TopicPartition]:
+        """Its partitions as the consumer's metadata has them ([] when it does not exist; see topic_partitions)."""
+        return topic_partitions(self.cfg, consumer, self.name)
+
+    def produce(self, producer: KafkaProducer, record: Any, key: bytes | None = None, **send: Any):
+        """Send a record, encoded by this topic's codec; returns the send's future."""
+        return self.send(producer, self.codec.encode(record), key, **send)
+
+    def send(self, producer: KafkaProducer, value: bytes, key: bytes | None = None, **send: Any):
+        """Send bytes already encoded (a routed group, a dead letter's original record)."""
+        return producer.send(self.name, key=key, value=value, **send)
+
+    def read_range(self, consumer: KafkaConsumer, start: dict[TopicPartition, int], stop: dict[TopicPartition, int],
+                   max_records: int | None = None) -> Iterator[dict[TopicPartition, list]]:  # fmt: skip
+        """Its records in [start, stop) of each partition, poll by poll, with a consumer of its partitions."""
+        return read_range(consumer, start, stop, max_records)
+
+    def read(self, last: int | None = None) -> list:
+        """Its records (the last `last` offsets of each partition) up to its end as of now."""
+        return read_topic(self.cfg, self.name, self.isolation, last)
+
+    def end_offsets(self, consumer: KafkaConsumer | None = None) -> dict[TopicPartition, int]:
+        """Each partition's end at this topic's isolation level (with the consumer's own, when given one)."""
+        own = consumer is None
+        consumer = consumer or self.consumer()
+        try:
+            return consumer.end_offsets(self.partitions_in(consumer))
+        finally:
+            if own:
+                consumer.close()
 
 
 def _retention(hours: float, gb: float | None = None, partitions: int = 1) -> dict[str, str]:
@@ -62,28 +216,54 @@ def _retention(hours: float, gb: float | None = None, partitions: int = 1) -> di
     return {"retention.ms": str(-1 if hours < 0 else int(hours * HOUR_MS)), "retention.bytes": str(size)}
 
 
+def _base_config(cfg: TbaConfig) -> dict[str, str]:
+    return {"max.message.bytes": str(cfg.kafka.max_message_bytes),
+            "min.insync.replicas": str(cfg.topics.min_insync_replicas)}  # fmt: skip
+
+
+def _compacted(cfg: TbaConfig) -> dict[str, str]:
+    return {**_base_config(cfg), "cleanup.policy": "compact"}
+
+
+def schemas_topic(cfg: TbaConfig) -> Topic:
+    """The schema store's topic (ops/schema_store.py): key a fingerprint, value a schema's canonical text."""
+    return Topic(cfg, topic_names(cfg).schemas, 1, _compacted(cfg), UNCOMMITTED)
+
+
+class JobTopics:
+    """Every topic of the job, made once per process and handed to what reads or writes them."""
+
+    def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None):
+        if store is None:  # imported here: the store reads the schemas topic, so it imports this module
+            from ops.schema_store import KafkaSchemaStore
+
+            store = KafkaSchemaStore(cfg)
+        self.cfg, self.store = cfg, store
+        t, names = cfg.topics, topic_names(cfg)
+        stream = {**_base_config(cfg), "compression.type": "producer"}
+        raw_retention = _retention(t.raw_retention_hours, t.raw_retention_gb, t.partitions)
+        self.raw = Topic(cfg, names.raw, t.partitions, {**stream, **raw_retention}, COMMITTED, TrajectoryCodec, store)
+        curated = {**stream, **_retention(t.curated_retention_hours)}
+        self.curated = Topic(cfg, names.curated, t.partitions, curated, COMMITTED, TrajectoryCodec, store)
+        dlq = {**stream, **_retention(t.dlq_retention_hours, t.dlq_retention_gb)}
+        self.dlq = Topic(cfg, names.dlq, 1, dlq, COMMITTED, DeadLetterCodec, store)
+        self.schemas = schemas_topic(cfg)
+        versions = _compacted(cfg)
+        self.policy_versions = Topic(cfg, names.policy_versions, 1, versions, UNCOMMITTED, PolicyVersionCodec, store)
+        # the searchers' consumer group cycles through it for as long as the job runs: kept forever
+        prompts = {**stream, "retention.ms": "-1"}
+        self.prompts = Topic(cfg, names.prompts, t.partitions, prompts, COMMITTED, PromptCodec, store)
+
+    def __iter__(self) -> Iterator[Topic]:
+        return iter((self.raw, self.curated, self.dlq, self.schemas, self.policy_versions, self.prompts))
+
+
+# -- administration --------------------------------------------------------------------------------------------
+
+
 def topic_specs(cfg: TbaConfig) -> list[NewTopic]:
     """Every topic of the namespace with its partitions and config."""
-    t, names = cfg.topics, topic_names(cfg)
-    base = {
-        "max.message.bytes": str(cfg.kafka.max_message_bytes),
-        "min.insync.replicas": str(t.min_insync_replicas),
-    }
-    stream = {**base, "compression.type": "producer"}
-    compacted = {**base, "cleanup.policy": "compact"}
-    specs = [
-        (names.raw, t.partitions, {**stream, **_retention(t.raw_retention_hours, t.raw_retention_gb, t.partitions)}),
-        (names.curated, t.partitions, {**stream, **_retention(t.curated_retention_hours)}),
-        (names.dlq, 1, {**stream, **_retention(t.dlq_retention_hours, t.dlq_retention_gb)}),
-        (names.schemas, 1, compacted),
-        (names.policy_versions, 1, compacted),
-        # the searchers' consumer group cycles through it for as long as the job runs: kept forever
-        (names.prompts, t.partitions, {**stream, "retention.ms": "-1"}),
-    ]
-    return [
-        NewTopic(name=name, num_partitions=parts, replication_factor=t.replication_factor, topic_configs=conf)
-        for name, parts, conf in specs
-    ]
+    return [topic.new_topic() for topic in JobTopics(cfg, SchemaStore())]  # no values written: any store does
 
 
 def create_topics(cfg: TbaConfig) -> list[str]:
@@ -127,51 +307,3 @@ def describe_topics(cfg: TbaConfig) -> list[dict]:
     finally:
         consumer.close()
         admin.close()
-
-
-def end_offsets(cfg: TbaConfig, topics: list[str], isolation: str = "read_committed") -> dict[str, int]:
-    """Each topic's end offsets summed over its partitions (records written, transaction markers included);
-    read_committed ends at a partition's first open transaction, read_uncommitted at its last record."""
-    consumer = kafka_clients.consumer(cfg, isolation_level=isolation)
-    try:
-        parts = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
-        totals = dict.fromkeys(topics, 0)
-        for tp, end in consumer.end_offsets(parts).items():
-            totals[tp.topic] += end
-        return totals
-    finally:
-        consumer.close()
-
-
-def topic_partitions(cfg: TbaConfig, consumer, topic: str) -> list[TopicPartition]:
-    """The topic's partitions, [] when it does not exist. A topic this principal may not see looks absent
-    in a consumer's metadata: the admin's answer tells the two apart (TopicAuthorizationFailedError)."""
-    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-    if not parts and cfg.kafka.security_protocol.startswith("SASL"):
-        admin = kafka_clients.admin(cfg)
-        try:
-            if any(t["error_code"] == TopicAuthorizationFailedError.errno for t in admin.describe_topics([topic])):
-                raise TopicAuthorizationFailedError(topic)
-        finally:
-            admin.close()
-    return parts
-
-
-def read_topic(cfg: TbaConfig, topic: str, isolation: str = "read_committed", last: int | None = None) -> list:
-    """Every record of a topic (or its last `last` offsets of each partition) up to its end as of now."""
-    consumer = kafka_clients.consumer(cfg, isolation_level=isolation)
-    try:
-        parts = topic_partitions(cfg, consumer, topic)
-        consumer.assign(parts)
-        end = consumer.end_offsets(parts)
-        begin = consumer.beginning_offsets(parts)
-        for tp in parts:
-            consumer.seek(tp, begin[tp] if last is None else max(begin[tp], end[tp] - last))
-        out = []
-        # position, not record count, says when we are done: transaction markers take offsets too
-        while any(consumer.position(tp) < end[tp] for tp in parts):
-            for records in consumer.poll(timeout_ms=500).values():
-                out.extend(records)
-        return out
-    finally:
-        consumer.close()

@@ -39,14 +39,21 @@ class JsonlSample(_Line):
 
     @model_validator(mode="after")
     def _lengths_agree(self):
-        n = len(self.token_ids)
-        for name in ("logprobs", "ref_logprobs"):
-            given = len(getattr(self, name))
-            if given and given != n:
-                raise ValueError(f"{given} {name} for {n} token_ids (give one per token, or none)")
+        if mismatch := self.to_sample().logprobs_mismatch(ref_required=False):  # the filter computes missing ones
+            raise ValueError(mismatch)
         if not math.isfinite(self.reward):
             raise ValueError(f"reward must be finite, got {self.reward}")
         return self
+
+    def to_sample(self) -> Sample:
+        return Sample(
+            completion=self.completion,
+            token_ids=np.array(self.token_ids, np.int32),
+            logprobs=np.array(self.logprobs, np.float32),
+            ref_logprobs=np.array(self.ref_logprobs, np.float32),
+            reward=self.reward,
+            finish_reason=self.finish_reason,
+        )
 
 
 class JsonlMessage(_Line):
@@ -60,6 +67,7 @@ class JsonlGroup(_Line):
     prompt: str = ""
     messages: list[JsonlMessage] = []
     prompt_token_ids: list[int] = []
+    # TrajectoryGroup.empty() as the line's schema, so that the error names the field as the line spells it
     samples: list[JsonlSample] = Field(min_length=1)
     group_id: str | None = None
     policy_version: int = -1
@@ -82,17 +90,7 @@ class JsonlGroup(_Line):
             prompt=self.prompt,
             messages=[m.model_dump() for m in self.messages],
             prompt_token_ids=np.array(self.prompt_token_ids, np.int32),
-            samples=[
-                Sample(
-                    completion=s.completion,
-                    token_ids=np.array(s.token_ids, np.int32),
-                    logprobs=np.array(s.logprobs, np.float32),
-                    ref_logprobs=np.array(s.ref_logprobs, np.float32),
-                    reward=s.reward,
-                    finish_reason=s.finish_reason,
-                )
-                for s in self.samples
-            ],
+            samples=[s.to_sample() for s in self.samples],
             policy_version=self.policy_version,
             generator_id=self.generator_id,
             model_id=self.model_id,

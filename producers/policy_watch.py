@@ -6,19 +6,15 @@ from kafka import TopicPartition
 
 from ops import kafka_clients
 from ops.acls import READ, one_line_refusals
-from ops.config import TbaConfig
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import topic_names
-from schemas.codec import SchemaStore
-from schemas.records import PolicyVersionCodec
+from ops.topics import Topic
 
 
 class PolicyWatch:
-    def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None):
-        self.cfg = cfg
-        self.codec = PolicyVersionCodec(store or KafkaSchemaStore(cfg))
-        self.tp = TopicPartition(topic_names(cfg).policy_versions, 0)
-        self.consumer = kafka_clients.consumer(cfg, isolation_level="read_uncommitted")
+    def __init__(self, policy_versions: Topic):
+        self.cfg = policy_versions.cfg
+        self.topic = policy_versions
+        self.tp = TopicPartition(policy_versions.name, 0)
+        self.consumer = policy_versions.consumer()
         self.consumer.assign([self.tp])
         self._read_to = 0
         self.newest = -1
@@ -30,7 +26,7 @@ class PolicyWatch:
             if end > self._read_to:
                 self.consumer.seek(self.tp, end - 1)
                 for rec in self.consumer.poll(timeout_ms=1000).get(self.tp, []):
-                    self.newest = max(self.newest, self.codec.decode(rec.value)["version"])
+                    self.newest = max(self.newest, self.topic.codec.decode(rec.value)["version"])
                 self._read_to = end
         return self.newest
 

@@ -1,6 +1,6 @@
 """The prompts topic and the searchers' consumer group over it.
 
-`<ns>.prompts` holds one record per prompt (policy/tasks/prompts.py: encode_problem), written once
+`<ns>.prompts` holds one Prompt record per prompt (schemas/prompt.avsc, policy/tasks/prompts.py), written once
 per job from the task's training split (seed_prompts, by whichever searcher starts first) or by
 `tba prompts load FILE.jsonl` from any source. Searchers form the consumer group `<ns>.searchers`
 over it: Kafka's group coordinator gives each member some of the topic.partitions partitions, takes
@@ -23,61 +23,58 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from ops import kafka_clients
-from ops.config import TbaConfig
 from ops.errors import BrokerError
-from ops.topics import prompts_seed_id, searcher_group, topic_names, topic_partitions
+from ops.topics import Topic, prompts_seed_id, searcher_client_id, searcher_group
 from policy.tasks import Problem
-from policy.tasks.prompts import decode_problem, encode_problem
+from policy.tasks.prompts import problem_from_record, problem_record
 
 log = logging.getLogger(__name__)
 
 
-def publish_prompts(cfg: TbaConfig, problems: list[Problem]) -> int:
+def publish_prompts(prompts: Topic, problems: list[Problem]) -> int:
     """Append problems to the prompts topic (keyed by prompt id), acknowledged; returns how many."""
-    topic = topic_names(cfg).prompts
-    producer = kafka_clients.producer(cfg)
+    timeout = prompts.cfg.kafka.client_timeout_s
+    producer = kafka_clients.producer(prompts.cfg)
     try:
-        for p in problems:
-            producer.send(topic, key=p.prompt_id.encode(), value=encode_problem(p))
-        producer.flush(timeout=cfg.kafka.client_timeout_s)
+        _send(prompts, producer, problems)
+        producer.flush(timeout=timeout)
     finally:
-        producer.close(timeout=cfg.kafka.client_timeout_s)
+        producer.close(timeout=timeout)
     return len(problems)
 
 
-def has_prompts(cfg: TbaConfig) -> bool:
+def _send(prompts: Topic, producer, problems: list[Problem]) -> None:
+    for p in problems:
+        prompts.produce(producer, problem_record(p), key=p.prompt_id.encode())
+
+
+def has_prompts(prompts: Topic) -> bool:
     """Whether the prompts topic holds any committed record (aborted seeds do not count)."""
-    topic = topic_names(cfg).prompts
-    consumer = kafka_clients.consumer(cfg)
+    consumer = prompts.consumer()
     try:
-        parts = topic_partitions(cfg, consumer, topic)
+        parts = prompts.partitions_in(consumer)
         consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        end = consumer.end_offsets(parts)
-        while any(consumer.position(tp) < end[tp] for tp in parts):
-            if consumer.poll(timeout_ms=500, max_records=1):
-                return True
-        return False
+        begin, end = consumer.beginning_offsets(parts), consumer.end_offsets(parts)
+        return any(any(batch.values()) for batch in prompts.read_range(consumer, begin, end, max_records=1))
     finally:
         consumer.close()
 
 
-def seed_prompts(cfg: TbaConfig, problems: list[Problem]) -> int:
+def seed_prompts(prompts: Topic, problems: list[Problem]) -> int:
     """Write problems to the prompts topic if it holds none yet; returns how many were written (0: it had some).
 
     In one transaction of a job-wide transactional id: a second searcher seeding at the same time
     fences the first (whose open transaction is aborted) and checks again, so the topic gets one copy."""
-    topic = topic_names(cfg).prompts
+    cfg = prompts.cfg
     producer = kafka_clients.producer(cfg, transactional_id=prompts_seed_id(cfg))
     try:
         producer.init_transactions()
-        if has_prompts(cfg):
+        if has_prompts(prompts):
             return 0
         producer.begin_transaction()
-        for p in problems:
-            producer.send(topic, key=p.prompt_id.encode(), value=encode_problem(p))
+        _send(prompts, producer, problems)
         producer.commit_transaction()
-        log.info("wrote the task's %d training prompts to %s", len(problems), topic)
+        log.info("wrote the task's %d training prompts to %s", len(problems), prompts.name)
         return len(problems)
     except KafkaError as exc:  # fenced: another searcher seeds (or has seeded) them
         log.info("prompts not seeded here (%s): another searcher does it", type(exc).__name__)
@@ -89,20 +86,20 @@ def seed_prompts(cfg: TbaConfig, problems: list[Problem]) -> int:
 class PromptFeed(ConsumerRebalanceListener):
     """One searcher's membership of the searchers' group: take() prompts, commit() once their groups are acked."""
 
-    def __init__(self, cfg: TbaConfig, member: str, wait_s: float = 2.0):
-        self.topic = topic_names(cfg).prompts
+    def __init__(self, prompts: Topic, member: str, wait_s: float = 2.0):
+        cfg = prompts.cfg
+        self.topic = prompts
         self.member = member
         self.wait_s = wait_s
-        group = searcher_group(cfg)
         # dynamic membership: a searcher that stops gives its partitions back at once (LeaveGroup)
-        self.consumer = kafka_clients.consumer(cfg, group_id=group, client_id=f"{group}.{member}")
+        self.consumer = prompts.consumer(group_id=searcher_group(cfg), client_id=searcher_client_id(cfg, member))
         # the topic's partitions known before joining: a group leader without them assigns nothing, and
         # kafka-python may not look again for minutes (metadata_max_age_ms)
-        if not self.consumer.partitions_for_topic(self.topic):
+        if not self.consumer.partitions_for_topic(prompts.name):
             self.consumer.close()
-            raise BrokerError(f"no topic {self.topic} at {cfg.kafka.bootstrap}: create the job's topics "
+            raise BrokerError(f"no topic {prompts.name} at {cfg.kafka.bootstrap}: create the job's topics "
                               "(`tba topics create`, or `tba run` does it)")  # fmt: skip
-        self.consumer.subscribe([self.topic], listener=self)
+        self.consumer.subscribe([prompts.name], listener=self)
         self.pending: dict[TopicPartition, int] = {}  # next offset to commit, per partition taken from
         self.held: frozenset[TopicPartition] = frozenset()  # as of the last rebalance (for anyone watching)
         self.epochs = 0  # times this member wrapped around the partitions it holds
@@ -124,7 +121,7 @@ class PromptFeed(ConsumerRebalanceListener):
         while len(out) < n and time.monotonic() < deadline:
             batches = self.consumer.poll(timeout_ms=200, max_records=n - len(out))
             for tp, records in batches.items():
-                out += [decode_problem(r.value) for r in records]
+                out += [problem_from_record(self.topic.codec.decode(r.value)) for r in records]
                 self.pending[tp] = records[-1].offset + 1
             if len(out) < n:
                 self._wrap_at_end()

@@ -18,6 +18,7 @@ import numpy as np
 
 from ops import kafka_clients
 from ops.config import TbaConfig
+from ops.topics import JobTopics
 from ops.trajectory_producer import TrajectoryProducer
 from policy.generation import HFGenerator
 from policy.tasks import RewardError, scored_samples, task_label
@@ -184,8 +185,10 @@ def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
 
     generator = build_generator(cfg, cfg.searcher.seed + index)
     subscriber = weight_subscriber(cfg, f"searcher-{index}")
-    producer = TrajectoryProducer(cfg)
+    topics = JobTopics(cfg)
+    producer = TrajectoryProducer(cfg, topics.store)
     task = build_task(cfg.task)
-    feed = PromptFeed(cfg, f"searcher-{index}")  # first: it says so when the job has no prompts topic
-    seed_prompts(cfg, task.train)  # the first searcher of a job writes the training split; later ones find it
-    return Searcher(cfg, index, generator, task, producer, feed, subscriber, model_id(cfg), PolicyWatch(cfg))
+    feed = PromptFeed(topics.prompts, f"searcher-{index}")  # first: it says so when the job has no prompts topic
+    seed_prompts(topics.prompts, task.train)  # the job's first searcher writes the training split; later ones find it
+    watch = PolicyWatch(topics.policy_versions)
+    return Searcher(cfg, index, generator, task, producer, feed, subscriber, model_id(cfg), watch)

@@ -1,4 +1,4 @@
-"""TrajectoryGroup and DeadLetter as Python values, and their Avro codecs.
+"""TrajectoryGroup and DeadLetter as Python values, and the Avro codecs of every topic's values.
 
 Token ids and log-probs are numpy arrays in memory and little-endian bytes on the wire: packing
 is a memcpy, and decoding is zero-copy (np.frombuffer), 10-100x faster than Avro arrays.
@@ -45,6 +45,16 @@ class Sample:
         """64-bit content hash of the completion tokens, for exact-duplicate removal."""
         return int.from_bytes(hashlib.blake2b(self.token_ids.tobytes(), digest_size=8).digest(), "little")
 
+    def logprobs_mismatch(self, ref_required: bool = True) -> str | None:
+        """Why its log-probs do not line up with its tokens, or None: one behaviour log-prob per token or none,
+        and one reference log-prob per token (or, when not ref_required, none: the filter computes them)."""
+        n = self.token_ids.size
+        for name, given, required in (("logprobs", self.logprobs, False), ("ref_logprobs", self.ref_logprobs,
+                                                                                ref_required)):  # fmt: skip
+            if given.size != n and (given.size or required):
+                return f"{given.size} {name} for {n} token_ids (give one per token{'' if required else ', or none'})"
+        return None
+
 
 @dataclass
 class TrajectoryGroup:
@@ -63,6 +73,20 @@ class TrajectoryGroup:
     created_at: int = field(default_factory=now_ms)
     scores: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+
+    def empty(self) -> str | None:
+        """Why a group without samples cannot be used (nothing to train on), or None."""
+        return None if self.samples else "group has no samples"
+
+    def carries_ids(self) -> bool:
+        return bool(self.prompt_token_ids.size or any(s.token_ids.size for s in self.samples))
+
+    def foreign_ids(self, model_id: str) -> str | None:
+        """Why its token ids cannot be model_id's (another model's, so another tokenizer's), or None: a group
+        naming no model, or with no ids to misread, may be any model's."""
+        if self.carries_ids() and self.model_id and self.model_id != model_id:
+            return f"made with model {self.model_id!r}; this job trains {model_id!r} (another tokenizer)"
+        return None
 
     @property
     def rewards(self) -> np.ndarray:
@@ -217,3 +241,16 @@ class PolicyVersionCodec:
         rec = self.avro.decode(data)
         rec["published_at"] = _ms(rec["published_at"])
         return rec
+
+
+class PromptCodec:
+    """Prompt records of the prompts topic, as plain dicts (policy.tasks.prompts makes them Problems)."""
+
+    def __init__(self, store: SchemaStore):
+        self.avro = Codec(load_schema("prompt"), store)
+
+    def encode(self, record: dict) -> bytes:
+        return self.avro.encode(record)
+
+    def decode(self, data: bytes) -> dict:
+        return self.avro.decode(data)

@@ -145,12 +145,12 @@ def filter_(
     if redrive:
         from consumers.redrive import SCORERS
         from consumers.redrive import redrive as send_back
+        from ops.topics import JobTopics
 
         if scorer is not None and scorer not in SCORERS:
             raise click.BadParameter(f"{scorer!r} is none of {', '.join(SCORERS)}", param_hint="--scorer")
-
-        cfg = obj.job()
-        click.echo(f"re-drove {send_back(cfg, scorer)} dead letter(s) to {cfg.kafka.namespace}.trajectories.raw")
+        topics = JobTopics(obj.job())
+        click.echo(f"re-drove {send_back(topics, scorer)} dead letter(s) to {topics.raw}")
         return
 
     stop = stop_on_signals()

@@ -13,14 +13,10 @@ from consumers.filter import FilterConsumer
 from ops import kafka_clients
 from ops.broker import job_broker
 from ops.config import TbaConfig, with_overrides
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import create_topics, read_topic, topic_names
+from ops.topics import JobTopics, create_topics
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import BAD_KINDS, synthetic_group
-from schemas.codec import SchemaStore
-from schemas.records import DeadLetterCodec
-from trainer.curated_feed import CuratedFeed
-from trainer.replay_buffer import ReplayBuffer
+from trainer.curated_feed import CuratedFeed, curated_buffer
 
 
 def ensure_local_broker(cfg: TbaConfig, console: Console) -> None:
@@ -36,10 +32,10 @@ def run_demo(cfg: TbaConfig) -> dict:
     ensure_local_broker(cfg, console)
     # A namespace per run: the numbers below are this run's alone.
     cfg = with_overrides(cfg, kafka={"namespace": f"{cfg.kafka.namespace or 'tba'}-demo-{int(time.time())}"})
-    names = topic_names(cfg)
+    topics = JobTopics(cfg)
     create_topics(cfg)
-    console.print(f"namespace [bold]{cfg.kafka.namespace}[/]: topics {names.raw}, {names.curated}, {names.dlq}")
-    store = KafkaSchemaStore(cfg)
+    console.print(f"namespace [bold]{cfg.kafka.namespace}[/]: topics {topics.raw}, {topics.curated}, {topics.dlq}")
+    store = topics.store
     d = cfg.demo
     rng = np.random.default_rng(d.seed)
 
@@ -56,7 +52,7 @@ def run_demo(cfg: TbaConfig) -> dict:
                 expected_bad[kind] = expected_bad.get(kind, 0) + 1
             producer.send(group)
     raw = kafka_clients.producer(cfg)
-    raw.send(names.raw, key=b"garbage", value=rng.bytes(200)).get(timeout=30)  # an undecodable record
+    topics.raw.send(raw, rng.bytes(200), b"garbage").get(timeout=30)  # an undecodable record
     raw.close()
     expected_bad["decode"] = 1
     produce_s = time.monotonic() - t0
@@ -71,13 +67,13 @@ def run_demo(cfg: TbaConfig) -> dict:
     worker.close()
     filter_s = time.monotonic() - t1 - 3.0
 
-    buffer = ReplayBuffer(cfg, store)
+    buffer = curated_buffer(cfg, topics.curated)
     feed = CuratedFeed(cfg, buffer)
     feed.fill()
     feed.close()
     batch = buffer.sample(4)
 
-    reasons = _dlq_reasons(cfg, store)
+    reasons = _dlq_reasons(topics)
     stats = worker.stats
     table = Table(title="tba-stream data plane demo")
     table.add_column("stage")
@@ -107,11 +103,10 @@ def run_demo(cfg: TbaConfig) -> dict:
     }
 
 
-def _dlq_reasons(cfg: TbaConfig, store: SchemaStore) -> dict[str, str]:
+def _dlq_reasons(topics: JobTopics) -> dict[str, str]:
     """One example reason per scorer, read back from the dead-letter topic."""
-    codec = DeadLetterCodec(store)
     out: dict[str, str] = {}
-    for rec in read_topic(cfg, topic_names(cfg).dlq):
-        letter = codec.decode(rec.value)
+    for rec in topics.dlq.read():
+        letter = topics.dlq.codec.decode(rec.value)
         out.setdefault(letter.scorer, letter.reason)
     return out

@@ -144,11 +144,12 @@ def prompts_load(obj, path: str) -> None:
     """Append the prompts of a JSONL file ({"prompt"} or {"messages"}; "id", "answer" optional) to the job's topic.
 
     Loaded before the job's first searcher starts, they replace the task's training split."""
-    from ops.topics import create_topics, topic_names
+    from ops.topics import JobTopics, create_topics
     from policy.tasks.prompts import read_prompts
     from producers.prompt_feed import publish_prompts
 
     cfg = obj.job(create=True)
     create_topics(cfg)
-    count = publish_prompts(cfg, read_prompts(path, "tba prompts load"))
-    click.echo(f"appended {count} prompt(s) to {topic_names(cfg).prompts}")
+    prompts = JobTopics(cfg).prompts
+    count = publish_prompts(prompts, read_prompts(path, "tba prompts load"))
+    click.echo(f"appended {count} prompt(s) to {prompts.name}")

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter, defaultdict
 
 from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import DecodeError
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import describe_topics, filter_group, read_topic, topic_names, topic_partitions
-from schemas.records import DeadLetterCodec, PolicyVersionCodec, TrajectoryCodec
+from ops.topics import JobTopics, Topic, describe_topics, filter_group
 
 
 def filter_lag(cfg: TbaConfig) -> dict[str, int]:
     """Per raw partition: records the filter group has not committed yet."""
-    group = filter_group(cfg)
-    raw = topic_names(cfg).raw
+    group, raw = filter_group(cfg), JobTopics(cfg).raw
     admin = kafka_clients.admin(cfg)
-    consumer = kafka_clients.consumer(cfg)
+    consumer = raw.consumer()
     try:
-        parts = topic_partitions(cfg, consumer, raw)
-        ends = consumer.end_offsets(parts)
+        parts = raw.partitions_in(consumer)
+        ends = raw.end_offsets(consumer)
         committed = admin.list_group_offsets({group: parts}).get(group, {})
         return {
             str(tp.partition): ends[tp] - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
@@ -32,35 +28,34 @@ def filter_lag(cfg: TbaConfig) -> dict[str, int]:
         admin.close()
 
 
+def decoded(topic: Topic, last: int | None = None):
+    """(record, value) of the topic's records (its last `last` of each partition); value a DecodeError for bytes
+    its codec cannot read (anyone may write a topic: counted, not fatal)."""
+    for rec in topic.read(last):
+        try:
+            yield rec, topic.codec.decode(rec.value)
+        except DecodeError as exc:
+            yield rec, exc
+
+
 def inspect_job(cfg: TbaConfig, scan: int = 10_000) -> dict:
     """Topics and end offsets, filter lag, curated groups and mean reward per policy version (the last
     `scan` records of each partition), dead letters by scorer with an example reason, announced versions."""
-    names = topic_names(cfg)
-    store = KafkaSchemaStore(cfg)
+    topics = JobTopics(cfg)
     groups, rewards = Counter(), defaultdict(list)
-    codec = TrajectoryCodec(store)
-    for rec in read_topic(cfg, names.curated, last=scan):
-        try:
-            group = codec.decode(rec.value)
-        except DecodeError:
-            continue
-        groups[group.policy_version] += 1
-        rewards[group.policy_version].extend(s.reward for s in group.samples)
+    for _, group in decoded(topics.curated, scan):
+        if not isinstance(group, DecodeError):
+            groups[group.policy_version] += 1
+            rewards[group.policy_version].extend(s.reward for s in group.samples)
     letters, examples = Counter(), {}
-    dlq = DeadLetterCodec(store)
-    for rec in read_topic(cfg, names.dlq, last=scan):
-        try:
-            letter = dlq.decode(rec.value)
+    for rec, letter in decoded(topics.dlq, scan):
+        if isinstance(letter, DecodeError):  # someone else's bytes in the dlq
+            scorer, reason = "undecodable letter", f"{rec.partition}:{rec.offset}: {letter}"
+        else:
             scorer, reason = letter.scorer, letter.reason
-        except DecodeError as exc:  # someone else's bytes in the dlq: counted, not fatal
-            scorer, reason = "undecodable letter", f"{rec.partition}:{rec.offset}: {exc}"
         letters[scorer] += 1
         examples.setdefault(scorer, reason)
-    versions = PolicyVersionCodec(store)
-    announced = []
-    for rec in read_topic(cfg, names.policy_versions, "read_uncommitted"):
-        with contextlib.suppress(DecodeError):
-            announced.append(versions.decode(rec.value))
+    announced = [v for _, v in decoded(topics.policy_versions) if not isinstance(v, DecodeError)]
     return {
         "topics": describe_topics(cfg),
         "filter_lag": filter_lag(cfg),

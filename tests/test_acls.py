@@ -17,13 +17,12 @@ from ops.broker import LocalBroker, free_port
 from ops.config import load_config
 from ops.errors import AccessDenied
 from ops.schema_store import KafkaSchemaStore
-from ops.topics import read_topic, topic_names
+from ops.topics import JobTopics, read_topic, topic_names
 from ops.trajectory_producer import TrajectoryProducer
 from producers.policy_watch import PolicyWatch
 from producers.synthetic import bad_nan_reward, synthetic_group
 from schemas.records import PolicyVersionCodec
-from trainer.curated_feed import CuratedFeed
-from trainer.replay_buffer import ReplayBuffer
+from trainer.curated_feed import CuratedFeed, curated_buffer
 
 pytestmark = pytest.mark.slow  # a broker with SASL of its own
 
@@ -88,7 +87,7 @@ def test_a_role_where_it_does_not_belong_is_refused_with_one_line(as_user, tmp_p
                                   "principal may (ACLs from `tba topics create`, kafka.principals)")  # fmt: skip
 
     with pytest.raises(AccessDenied, match=f"User:searcher may not read {curated}: only the trainer's principal"):
-        CuratedFeed(searcher, ReplayBuffer(searcher))
+        CuratedFeed(searcher, curated_buffer(searcher, JobTopics(searcher).curated))
 
     with pytest.raises(AccessDenied, match=f"User:generator may not write {curated}: only the filter's principal"):
         write(generator, [synthetic_group(rng, 1)], topic=curated)
@@ -124,7 +123,7 @@ def test_each_role_does_its_job_and_the_refusals_change_nothing(as_user):
         worker.close()
     assert (stats.consumed, stats.accepted, dict(stats.rejected)) == (10, 9, {"finite_rewards": 1})
 
-    buffer = ReplayBuffer(trainer)
+    buffer = curated_buffer(trainer, JobTopics(trainer).curated)
     feed = CuratedFeed(trainer, buffer)
     assert sum(feed.poll(timeout_ms=2000) for _ in range(5)) == 9
     feed.consumer.close()
@@ -137,7 +136,8 @@ def test_each_role_does_its_job_and_the_refusals_change_nothing(as_user):
     producer = kafka_clients.producer(trainer)
     producer.send(names.policy_versions, key=b"policy", value=codec.encode_version(version)).get(timeout=10)
     producer.close()
-    watch = PolicyWatch(searcher)
+    searcher_topics = JobTopics(searcher)
+    watch = PolicyWatch(searcher_topics.policy_versions)
     assert watch.poll() == 3
     watch.close()
 
@@ -145,8 +145,8 @@ def test_each_role_does_its_job_and_the_refusals_change_nothing(as_user):
     from policy.tasks import Problem
     from producers.prompt_feed import PromptFeed, seed_prompts
 
-    assert seed_prompts(searcher, [Problem(f"q{i}", f"{i} + 1 = ?", str(i + 1)) for i in range(4)]) == 4
-    feed = PromptFeed(searcher, "searcher-0", wait_s=20)
+    assert seed_prompts(searcher_topics.prompts, [Problem(f"q{i}", f"{i} + 1 = ?", str(i + 1)) for i in range(4)]) == 4
+    feed = PromptFeed(searcher_topics.prompts, "searcher-0", wait_s=20)
     try:
         assert sorted(p.prompt_id for p in feed.take(4)) == ["q0", "q1", "q2", "q3"]
         feed.commit()

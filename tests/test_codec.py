@@ -101,3 +101,17 @@ def test_a_namespace_without_topics_is_a_clear_error_not_a_timeout_trace(cfg):
     absent = with_overrides(cfg, kafka={"namespace": cfg.kafka.namespace + "-absent", "client_timeout_s": 2})
     with pytest.raises(TbaError, match=r"-absent\.schemas within 2s: were the namespace's topics created"):
         TrajectoryCodec(KafkaSchemaStore(absent))
+
+
+def test_a_prompt_is_avro_on_the_prompts_topic_and_comes_back_as_the_same_problem():
+    from ops.topics import JobTopics
+    from policy.tasks import Problem
+    from policy.tasks.prompts import problem_from_record, problem_record
+    from tests.conftest import make_config
+
+    prompts = JobTopics(make_config("127.0.0.1:1"), SchemaStore()).prompts
+    chat = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"})
+    problem = Problem("q-17", "What is 2 + 3?", "5", chat)
+    value = prompts.codec.encode(problem_record(problem))
+    assert value[:2] == MAGIC and value[2:10] == schema_fingerprint(load_schema("prompt"))
+    assert problem_from_record(prompts.codec.decode(value)) == problem

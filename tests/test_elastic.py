@@ -10,9 +10,9 @@ import threading
 import time
 
 from ops.config import with_overrides
-from ops.topics import create_topics, read_topic, topic_names
+from ops.topics import JobTopics, create_topics, topic_names
 from policy.tasks import Problem
-from policy.tasks.prompts import decode_problem
+from policy.tasks.prompts import problem_from_record
 from producers.prompt_feed import PromptFeed, seed_prompts
 from tests.conftest import make_config
 from tests.test_run import wait_until
@@ -30,7 +30,7 @@ class Member:
     """A searcher without a model: takes prompts, 'acks' them at once, commits; records what it served."""
 
     def __init__(self, cfg, name: str):
-        self.feed = PromptFeed(cfg, name, wait_s=0.5)
+        self.feed = PromptFeed(JobTopics(cfg).prompts, name, wait_s=0.5)
         self.served: list[str] = []
         self.stop = threading.Event()
         self.paused = threading.Event()  # as a searcher too far behind the trainer's policy versions
@@ -55,8 +55,9 @@ class Member:
 
 
 def test_two_searchers_share_the_prompts_and_one_takes_over_all_when_the_other_leaves(cfg):
-    assert seed_prompts(cfg, problems(12)) == 12
-    assert seed_prompts(cfg, problems(12)) == 0  # a job's later searchers find the split written: one copy
+    prompts = JobTopics(cfg).prompts
+    assert seed_prompts(prompts, problems(12)) == 12
+    assert seed_prompts(prompts, problems(12)) == 0  # a job's later searchers find the split written: one copy
     a, b = Member(cfg, "a"), Member(cfg, "b")
     try:
         # Kafka's group coordinator splits the 3 partitions between them, and both serve
@@ -73,7 +74,7 @@ def test_two_searchers_share_the_prompts_and_one_takes_over_all_when_the_other_l
 
 
 def test_a_searcher_paused_for_policy_lag_does_not_hold_up_a_new_one_joining(cfg):
-    seed_prompts(cfg, problems(12))
+    seed_prompts(JobTopics(cfg).prompts, problems(12))
     a = Member(cfg, "a")
     try:
         wait_until(lambda: len(a.feed.held) == 3 and a.served, 120, "a to hold every partition")
@@ -98,15 +99,15 @@ def test_a_searcher_paused_for_policy_lag_does_not_hold_up_a_new_one_joining(cfg
 def test_prompts_taken_but_not_committed_are_served_again_by_the_next_member(broker):
     cfg = make_config(broker.bootstrap, topics={"partitions": 1})  # one partition: one order to follow
     create_topics(cfg)
-    seed_prompts(cfg, problems(6))
-    first = PromptFeed(cfg, "first")
+    seed_prompts(JobTopics(cfg).prompts, problems(6))
+    first = PromptFeed(JobTopics(cfg).prompts, "first")
     assert [p.prompt_id for p in first.take(2)] == ["p0", "p1"]
     first.commit()  # their groups were acked
     for _ in range(3):
         first.idle()  # paused for policy lag: it stays in the group and takes nothing
     assert [p.prompt_id for p in first.take(2)] == ["p2", "p3"]
     first.close()  # as if it died before its groups were acked: no commit
-    second = PromptFeed(cfg, "second")
+    second = PromptFeed(JobTopics(cfg).prompts, "second")
     assert [p.prompt_id for p in second.take(4)] == ["p2", "p3", "p4", "p5"]
     assert [p.prompt_id for p in second.take(2)] == ["p0", "p1"]  # the end: the next epoch
     assert second.epochs == 1
@@ -122,10 +123,11 @@ def test_tba_prompts_load_appends_a_jsonl_file_that_searchers_serve_instead_of_t
     done = subprocess.run([*TBA, "prompts", "load", str(path)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"appended 2 prompt(s) to {cfg.kafka.namespace}.prompts" in done.stdout
-    loaded = {p.prompt_id: p for p in (decode_problem(r.value) for r in read_topic(cfg, topic_names(cfg).prompts))}
+    prompts = JobTopics(cfg).prompts
+    loaded = {p.prompt_id: p for p in (problem_from_record(prompts.codec.decode(r.value)) for r in prompts.read())}
     assert loaded["sum"].answer == "5" and loaded["sum"].question == "What is 2 + 3?"
     assert loaded["1"].messages[0] == {"role": "system", "content": "Be brief."}
-    assert seed_prompts(cfg, problems(5)) == 0  # the job's first searcher keeps what was loaded
+    assert seed_prompts(JobTopics(cfg).prompts, problems(5)) == 0  # the job's first searcher keeps what was loaded
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "x"}\n')

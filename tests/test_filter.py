@@ -10,14 +10,14 @@ from collections import Counter
 
 from consumers.filter import FilterConsumer
 from ops import kafka_clients
-from ops.topics import read_topic, topic_names
+from ops.topics import JobTopics, read_topic, topic_names
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import BAD_KINDS, synthetic_group
-from schemas.codec import Codec
+from schemas.codec import Codec, SchemaStore
 from schemas.records import DeadLetterCodec, TrajectoryCodec
+from tests.conftest import make_config
 from tests.test_run import wait_until
-from trainer.curated_feed import CuratedFeed
-from trainer.replay_buffer import ReplayBuffer
+from trainer.curated_feed import CuratedFeed, curated_buffer
 
 
 def run_filters(cfg, store, instances=1, idle_exit_s=3.0, then=None):
@@ -83,7 +83,7 @@ def test_round_trip_with_malformed_records_interleaved(cfg, store, rng):
             assert bad[original.group_id] == letter.scorer and letter.reason
         assert letter.source_topic == names.raw and letter.source_offset >= 0
 
-    buffer = ReplayBuffer(cfg, store)
+    buffer = curated_buffer(cfg, JobTopics(cfg, store).curated)
     feed = CuratedFeed(cfg, buffer)
     assert feed.fill() == len(valid)
     assert feed.fill() == 0  # offsets already ingested are not admitted twice
@@ -155,17 +155,38 @@ def test_dead_letters_are_redriven_once_and_rescored(cfg, store, rng, monkeypatc
     assert sorted(codec.decode(r.value).group_id for r in read_topic(cfg, topic_names(cfg).curated)) == sorted(long_ids)
 
 
-def test_a_group_made_with_another_model_goes_to_the_dlq_as_model(cfg, store, rng):
+def in_memory_filter(**sections):
+    """A GroupFilter over topics whose codecs share an in-memory store: routing needs no broker."""
     from consumers.filter import GroupFilter
-    from ops.config import with_overrides
 
-    cfg = with_overrides(cfg, searcher={"model": "/models/my-policy"})
-    route = GroupFilter(cfg, store).route
-    codec = TrajectoryCodec(store)
+    cfg = make_config("127.0.0.1:1", **sections)
+    topics = JobTopics(cfg, SchemaStore())
+    return GroupFilter(cfg, topics), topics
+
+
+def test_a_group_made_with_another_model_goes_to_the_dlq_as_model(rng):
+    groups_filter, topics = in_memory_filter(searcher={"model": "/models/my-policy"})
+    route, codec = groups_filter.route, topics.raw.codec
     ours, unnamed, theirs = (synthetic_group(rng, i) for i in range(3))
     ours.model_id, theirs.model_id = "my-policy", "other-policy"
     assert route(codec.encode(ours)).accepted and route(codec.encode(unnamed)).accepted
     rejected = route(codec.encode(theirs))
-    letter = DeadLetterCodec(store).decode(rejected.value)
+    letter = topics.dlq.codec.decode(rejected.value)
     assert not rejected.accepted and rejected.scorer == "model"
-    assert letter.reason == "made with model 'other-policy'; this job trains 'my-policy'"
+    assert letter.reason == "made with model 'other-policy'; this job trains 'my-policy' (another tokenizer)"
+
+
+def test_routing_sends_what_a_scorer_or_the_codec_rejects_to_the_dlq_with_the_original_bytes(rng):
+    groups_filter, topics = in_memory_filter()
+    codec, letters = topics.raw.codec, topics.dlq.codec
+    good = synthetic_group(rng, 0)
+    routed = groups_filter.route(codec.encode(good), b"arith-0", 2, 17)
+    assert routed.accepted and set(codec.decode(routed.value).scores) >= {"structure", "finite_rewards"}
+    for kind, bad in BAD_KINDS.items():
+        value = codec.encode(bad(synthetic_group(rng, 1)))
+        routed = groups_filter.route(value, b"arith-1", 2, 18)
+        letter = letters.decode(routed.value)
+        assert not routed.accepted and routed.scorer == kind == letter.scorer and letter.value == value
+        assert (letter.source_topic, letter.source_partition, letter.source_offset) == (topics.raw.name, 2, 18)
+    junk = groups_filter.route(b"junk", None, 0, 3)
+    assert not junk.accepted and junk.scorer == "decode" and letters.decode(junk.value).value == b"junk"

@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumers.filter import GroupFilter
+from ops.topics import JobTopics
 from producers.synthetic import synthetic_group
 from schemas.records import TrajectoryCodec
 from tests.malformed import KINDS, Malformed, fuzz
@@ -13,7 +14,7 @@ from tests.malformed import KINDS, Malformed, fuzz
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=4096), cut=st.integers(0, 10_000), flips=st.lists(st.integers(0, 10_000), max_size=8))
 def test_the_filter_routes_any_bytes_without_raising(cfg, store, data, cut, flips):
-    route = GroupFilter(cfg, store).route
+    route = GroupFilter(cfg, JobTopics(cfg, store)).route
     out = route(data)  # arbitrary bytes
     assert not out.accepted and out.scorer == "decode"
     valid = bytearray(TrajectoryCodec(store).encode(synthetic_group(np.random.default_rng(cut), cut, samples=2)))
@@ -24,7 +25,7 @@ def test_the_filter_routes_any_bytes_without_raising(cfg, store, data, cut, flip
 
 
 def test_every_kind_of_malformed_message_is_rejected_by_the_filter(cfg, store, rng):
-    route, makers = GroupFilter(cfg, store).route, Malformed(store, cfg.filter.max_completion_tokens)
+    route, makers = GroupFilter(cfg, JobTopics(cfg, store)).route, Malformed(store, cfg.filter.max_completion_tokens)
     for kind in KINDS:
         out = route(makers.make(kind, rng, 7))
         assert not out.accepted, kind

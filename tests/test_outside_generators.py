@@ -18,7 +18,7 @@ from consumers.filter import GroupFilter
 from ops import kafka_clients
 from ops.broker import free_port
 from ops.config import with_overrides
-from ops.topics import read_topic, topic_names
+from ops.topics import JobTopics, read_topic, topic_names
 from policy.completion import GroupCompleter
 from policy.generation import HFGenerator
 from policy.models import chat_prompt_ids
@@ -207,7 +207,7 @@ def test_text_only_groups_from_tba_produce_are_completed_once_and_train(cfg, sto
 def test_a_loss_that_weighs_by_behaviour_logprobs_refuses_groups_without_them(cfg, store, tmp_path):
     saved_tiny_llama(tmp_path / "model")
     cfg = with_overrides(cfg, searcher={"model": str(tmp_path / "model")}, trainer={"loss": "rloo"})
-    groups_filter = GroupFilter(cfg, SchemaStore())
+    groups_filter = GroupFilter(cfg, JobTopics(cfg, SchemaStore()))
     codec = TrajectoryCodec(SchemaStore())
     line = minimal_lines()[1]
     group = TrajectoryGroup(line["prompt_id"], "", line["prompt"], np.zeros(0, np.int32), [
@@ -223,7 +223,7 @@ def test_a_loss_that_weighs_by_behaviour_logprobs_refuses_groups_without_them(cf
 
 def test_a_group_that_cannot_be_completed_goes_to_the_dlq_and_the_filter_goes_on(cfg, tmp_path):
     cfg = with_overrides(cfg, searcher={"model": saved_tiny_llama(tmp_path / "model")})
-    groups_filter, codec = GroupFilter(cfg, SchemaStore()), TrajectoryCodec(SchemaStore())
+    groups_filter, codec = GroupFilter(cfg, JobTopics(cfg, SchemaStore())), TrajectoryCodec(SchemaStore())
     letters = DeadLetterCodec(SchemaStore())
     empty_i, empty_f = np.zeros(0, np.int32), np.zeros(0, np.float32)
     long = TrajectoryGroup("p", "", "x" * 600, empty_i, [Sample("1", empty_i, empty_f, empty_f, 1.0)])

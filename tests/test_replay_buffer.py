@@ -1,17 +1,50 @@
 """ReplayBuffer: offset index, TBA sampling, read-back of evicted groups, replays by offset and time."""
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from ops.config import with_overrides
-from ops.topics import read_topic, topic_names
+from ops.config import BufferConfig, with_overrides
+from ops.topics import JobTopics, read_topic, topic_names
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
+from schemas.codec import SchemaStore
 from schemas.records import TrajectoryCodec
-from trainer.curated_feed import CuratedFeed
+from trainer.curated_feed import CuratedFeed, curated_buffer
 from trainer.replay_buffer import ReplayBuffer
+
+
+class MemoryReader:
+    """The reader a ReplayBuffer reads evicted groups back with, over a dict: the sampler's tests need no broker."""
+
+    topic = "memory"
+    spill = None
+
+    def __init__(self):
+        self.values: dict[tuple[int, int], bytes] = {}
+        self.reads: list[list[tuple[int, int]]] = []
+
+    def keep(self, records) -> None:
+        self.values.update(((p, o), v) for p, o, v in records)
+
+    def read(self, wanted):
+        self.reads.append(list(wanted))
+        found = {key: self.values[key] for key in wanted if key in self.values}
+        return found, [key for key in wanted if key not in found]
+
+    def close(self) -> None:
+        pass
+
+
+def in_memory(seed: int = 0, **settings) -> ReplayBuffer:
+    codec = TrajectoryCodec(SchemaStore())
+    return ReplayBuffer(BufferConfig(**settings), codec, MemoryReader(), seed=seed)
+
+
+def on_curated(cfg, store, **kwargs) -> ReplayBuffer:
+    return curated_buffer(cfg, JobTopics(cfg, store).curated, **kwargs)
 
 
 def publish_curated(cfg, store, groups):
@@ -21,7 +54,7 @@ def publish_curated(cfg, store, groups):
 
 
 def filled(cfg, store, **fill):
-    buffer = ReplayBuffer(cfg, store)
+    buffer = on_curated(cfg, store)
     feed = CuratedFeed(cfg, buffer)
     feed.fill(**fill)
     feed.close()
@@ -54,7 +87,7 @@ def test_a_live_feed_after_a_replayed_range_reads_what_arrives_next_and_nothing_
     publish_curated(cfg, store, [synthetic_group(rng, i % 7) for i in range(40)])
     codec = TrajectoryCodec(store)
     in_range = sorted(codec.decode(r.value).group_id for r in read_topic(cfg, topic_names(cfg).curated) if r.offset < 3)
-    buffer = ReplayBuffer(cfg, store)
+    buffer = on_curated(cfg, store)
     feed = CuratedFeed(cfg, buffer)
     feed.fill(to_offset=3)  # `tba replay --to 3 --live`
     fresh = [synthetic_group(rng, i % 7) for i in range(6)]
@@ -67,9 +100,8 @@ def test_a_live_feed_after_a_replayed_range_reads_what_arrives_next_and_nothing_
     assert group_ids(buffer) == sorted(in_range + [g.group_id for g in fresh])
 
 
-def test_on_policy_fraction_is_m(cfg, store, rng):
-    cfg = with_overrides(cfg, buffer={"on_policy_prob": 0.7, "samples_per_prompt": 4})
-    buffer = ReplayBuffer(cfg, store, seed=7)
+def test_on_policy_fraction_is_m(rng):
+    buffer = in_memory(seed=7, on_policy_prob=0.7, samples_per_prompt=4)
     for i in range(300):
         version = 5 if i >= 280 else i % 5  # only 20 groups come from the newest policy
         buffer.add(0, i, synthetic_group(rng, i, samples=4, policy_version=version))
@@ -82,9 +114,8 @@ def test_on_policy_fraction_is_m(cfg, store, rng):
     assert newest_in_uniform < 0.15
 
 
-def test_per_prompt_cap_keeps_the_newest_samples_and_duplicates_are_removed(cfg, store, rng):
-    cfg = with_overrides(cfg, buffer={"per_prompt_cap": 20, "on_policy_prob": 0.0, "samples_per_prompt": 20})
-    buffer = ReplayBuffer(cfg, store)
+def test_per_prompt_cap_keeps_the_newest_samples_and_duplicates_are_removed(rng):
+    buffer = in_memory(per_prompt_cap=20, on_policy_prob=0.0, samples_per_prompt=20)
     for v in range(10):  # ten groups of 8 for one prompt: the newest 20 samples span versions 7-9
         buffer.add(0, v, synthetic_group(rng, 1, samples=8, policy_version=v))
     (sp,) = buffer.sample(1)
@@ -99,9 +130,8 @@ def test_per_prompt_cap_keeps_the_newest_samples_and_duplicates_are_removed(cfg,
         assert len({s.digest() for s in picked.samples}) == 4
 
 
-def test_reward_temperature_prioritises_high_reward(cfg, store, rng):
-    cfg = with_overrides(cfg, buffer={"reward_inv_temp": 50.0, "on_policy_prob": 0.0, "samples_per_prompt": 4})
-    buffer = ReplayBuffer(cfg, store)
+def test_reward_temperature_prioritises_high_reward(rng):
+    buffer = in_memory(reward_inv_temp=50.0, on_policy_prob=0.0, samples_per_prompt=4)
     g = synthetic_group(rng, 3, samples=12)
     for j, s in enumerate(g.samples):
         s.reward = 1.0 if j < 4 else 0.0
@@ -132,7 +162,7 @@ def test_replay_of_a_missing_topic_is_a_clear_error(cfg, store):
 
     other = with_overrides(cfg, kafka={"namespace": cfg.kafka.namespace + "-absent"})
     with pytest.raises(TbaError, match="does not exist; run `tba topics create`"):
-        CuratedFeed(other, ReplayBuffer(other, store))
+        CuratedFeed(other, on_curated(other, store))
 
 
 def same_batches(a, b) -> bool:
@@ -222,7 +252,7 @@ def test_the_spill_file_serves_what_retention_removed_and_what_kafka_served_once
     groups = [synthetic_group(rng, i % 12, samples=4) for i in range(72)]
     publish_curated(cfg, store, groups)
     kept = filled(with_overrides(cfg, buffer={"cache_groups": 0}), store)  # kept in the spill as read
-    indexed = ReplayBuffer(with_overrides(cfg, buffer={"cache_groups": 0}), store)  # indexed, nothing kept
+    indexed = on_curated(with_overrides(cfg, buffer={"cache_groups": 0}), store)  # indexed, nothing kept
     for i in range(len(kept)):
         indexed.add(int(kept.partition.values[i]), int(kept.offset.values[i]), kept.group(i))
     indexed.fetch(range(len(indexed)))  # read back from Kafka once, kept from then on
@@ -251,7 +281,7 @@ def test_a_long_fill_says_how_far_it_got_and_stops_when_told(cfg, store, rng, ca
 
     monkeypatch.setattr(trainer.curated_feed, "PROGRESS_S", 0.0)  # a line every poll
     publish_curated(cfg, store, [synthetic_group(rng, i % 10, samples=2, tokens=8) for i in range(2000)])
-    buffer = ReplayBuffer(cfg, store)
+    buffer = on_curated(cfg, store)
     feed = CuratedFeed(cfg, buffer)
     stop, ingest = threading.Event(), buffer.ingest
     buffer.ingest = lambda records: (stop.set(), ingest(records))[1]  # Ctrl-C during the first poll's records
@@ -263,11 +293,10 @@ def test_a_long_fill_says_how_far_it_got_and_stops_when_told(cfg, store, rng, ca
     buffer.close()
 
 
-def test_the_index_drops_the_groups_no_draw_reaches_and_draws_as_before(cfg, store, rng):
+def test_the_index_drops_the_groups_no_draw_reaches_and_draws_as_before(rng):
     """A long job's index stays bounded: a prompt's groups beyond 2 x per_prompt_cap samples are dropped once
     they are most of it, and the draws (same random state) pick the same records before and after."""
-    cfg = with_overrides(cfg, buffer={"per_prompt_cap": 16, "samples_per_prompt": 4, "on_policy_prob": 0.5})
-    buffer, ids = ReplayBuffer(cfg, store), {}
+    buffer, ids = in_memory(per_prompt_cap=16, samples_per_prompt=4, on_policy_prob=0.5), {}
     for offset in range(300):  # 3 prompts, 100 groups of 4 samples each, a new policy version every 30 groups
         group = synthetic_group(rng, offset % 3, samples=4, policy_version=offset // 30)
         buffer.add(0, offset, group)
@@ -293,3 +322,38 @@ def test_the_index_drops_the_groups_no_draw_reaches_and_draws_as_before(cfg, sto
         buffer.add(0, offset, synthetic_group(rng, offset % 3, samples=4, policy_version=10))
     buffer.sample(3)
     assert len(buffer) == 24 and buffer.compact_at == 100_000
+
+
+def records(codec, groups, partition: int = 0):
+    """Curated ConsumerRecords of the groups, at offsets 0, 1, ..."""
+    return [SimpleNamespace(partition=partition, offset=i, key=g.prompt_id.encode(), value=codec.encode(g))
+            for i, g in enumerate(groups)]  # fmt: skip
+
+
+def test_evicted_groups_come_back_from_the_reader_and_those_gone_leave_the_index(rng):
+    buffer = in_memory(cache_groups=2, on_policy_prob=0.0, samples_per_prompt=4)
+    groups = [synthetic_group(rng, i % 5, samples=4) for i in range(20)]  # 5 prompts, 4 groups each
+    assert buffer.ingest(records(buffer.codec, groups)) == 20
+    reader = buffer._reader
+    assert len(reader.values) == 20  # every record ingested is kept to be read back
+    gone = {(0, o) for o in range(0, 20, 5)}  # each of prompt 0's groups: none of its samples can be read
+    for key in gone:
+        del reader.values[key]
+    for _ in range(5):
+        batch = buffer.sample(5, 4)
+        assert len(batch) == 4 and all(len(x.samples) == 4 for x in batch)
+        assert "arith-0" not in {x.prompt_id for x in batch}
+    assert {(0, int(buffer.offset.values[i])) for i in buffer.unreadable} == gone
+    assert len(reader.reads[0]) > 2  # a step's groups are read back at once
+
+
+def test_records_that_do_not_decode_or_are_not_admitted_are_rejected_and_passed_over(rng):
+    rejected = []
+    buffer = ReplayBuffer(BufferConfig(), TrajectoryCodec(SchemaStore()), MemoryReader(),
+                          admit=lambda g: "too long" if g.prompt_id == "arith-1" else None,
+                          reject=lambda record, reason: rejected.append((record.offset, reason)))  # fmt: skip
+    batch = records(buffer.codec, [synthetic_group(rng, i) for i in range(3)])
+    batch[2].value = b"not avro"
+    assert buffer.ingest(batch) == 1 and len(buffer) == 1
+    assert rejected[0] == (1, "too long") and rejected[1][0] == 2 and rejected[1][1].startswith("undecodable")
+    assert buffer.next_offsets == {0: 3} and buffer.rejected == 2

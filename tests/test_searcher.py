@@ -4,11 +4,11 @@ import numpy as np
 import torch
 
 from ops.config import with_overrides
-from ops.topics import read_topic, topic_names
+from ops.topics import JobTopics, read_topic, topic_names
 from policy.logprobs import token_logprobs
-from policy.tasks.prompts import decode_problem
 from producers.searcher import build_searcher
 from schemas.records import TrajectoryCodec
+from tests.test_run import wait_until
 from tests.tiny_models import saved_tiny_llama, tiny_llama
 from trainer.weight_sync import WeightSyncServer
 
@@ -25,7 +25,10 @@ def test_searcher_publishes_groups_and_swaps_weights_between_batches(cfg, store,
     port = server.start()
     cfg = with_overrides(cfg, weights={"port": port})
     searcher = build_searcher(cfg, index=1)  # the job's first searcher: it writes the training split to prompts
-    seeded = {decode_problem(r.value).prompt_id for r in read_topic(cfg, topic_names(cfg).prompts)}
+    prompts = JobTopics(cfg).prompts
+    # committed, yet read_committed readers see them once the commit markers are written, a moment later
+    wait_until(lambda: len(prompts.read()) == 20, 30, "the seeded prompts to be readable")
+    seeded = {prompts.codec.decode(r.value)["prompt_id"] for r in prompts.read()}
     assert seeded == {f"basic_arithmetic-0-{i}" for i in range(20)}
 
     first = searcher.step()

@@ -6,13 +6,13 @@ import torch
 from safetensors.torch import load_file
 
 from ops.config import with_overrides
-from ops.topics import topic_names
+from ops.topics import JobTopics, topic_names
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
 from producers.weight_subscriber import WeightSubscriber
 from tests.tiny_models import saved_tiny_llama, tiny_llama
 from trainer.checkpoint import latest_checkpoint
-from trainer.curated_feed import CuratedFeed
+from trainer.curated_feed import CuratedFeed, curated_buffer
 from trainer.replay_buffer import ReplayBuffer
 from trainer.train import Trainer
 from trainer.weight_sync import WeightSyncServer
@@ -38,8 +38,12 @@ def tcfg(cfg, store, tmp_path):
     )
 
 
+def seeded_buffer(cfg, store) -> ReplayBuffer:
+    return curated_buffer(cfg, JobTopics(cfg, store).curated, seed=3)
+
+
 def trainer_for(cfg, store, seed, server=None):
-    buffer = ReplayBuffer(cfg, store, seed=3)
+    buffer = seeded_buffer(cfg, store)
     feed = CuratedFeed(cfg, buffer)
     return Trainer(cfg, tiny_llama(seed), buffer, pad_id=0, server=server, feed=feed)
 
@@ -106,7 +110,7 @@ def test_lora_trains_and_publishes_adapters_only_and_resumes(tcfg, store):
     from policy.models import apply_lora, load_into
 
     cfg = with_overrides(tcfg, trainer={"lora_r": 4, "lora_targets": ["q_proj", "v_proj"]})
-    t = Trainer(cfg, apply_lora(tiny_llama(0), cfg.trainer), ReplayBuffer(cfg, store, seed=3), pad_id=0)
+    t = Trainer(cfg, apply_lora(tiny_llama(0), cfg.trainer), seeded_buffer(cfg, store), pad_id=0)
     t.feed = CuratedFeed(cfg, t.buffer)
     t.feed.fill()
     t.train_step()
@@ -122,7 +126,7 @@ def test_lora_trains_and_publishes_adapters_only_and_resumes(tcfg, store):
 
     t.save()
     expected = t.train_step()
-    resumed = Trainer(cfg, apply_lora(tiny_llama(0), cfg.trainer), ReplayBuffer(cfg, store, seed=3), pad_id=0)
+    resumed = Trainer(cfg, apply_lora(tiny_llama(0), cfg.trainer), seeded_buffer(cfg, store), pad_id=0)
     resumed.feed = CuratedFeed(cfg, resumed.buffer)
     assert resumed.resume()
     assert resumed.train_step().loss == pytest.approx(expected.loss, rel=1e-6, abs=1e-9)

@@ -15,9 +15,8 @@ import logging
 import numpy as np
 
 from ops import kafka_clients
-from ops.config import TbaConfig
-from ops.topics import topic_names
-from schemas.records import DeadLetter, DeadLetterCodec, TrajectoryGroup
+from ops.topics import JobTopics
+from schemas.records import DeadLetter, TrajectoryGroup
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +34,10 @@ class Admission:
         self._prompt_ids = lambda text: chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
 
     def __call__(self, group: TrajectoryGroup) -> str | None:
-        if not group.samples:
-            return "group has no samples"
-        if group.model_id and group.model_id != self.model_id:
-            return f"made with model {group.model_id!r}; this job trains {self.model_id!r} (another tokenizer)"
+        # the filter's checks again: curated may hold groups a filter of an older release let through
+        reason = group.empty() or group.foreign_ids(self.model_id)
+        if reason:
+            return reason
         if group.prompt_token_ids.size == 0:
             if not group.prompt:
                 return "no prompt_token_ids and no prompt text to tokenize"
@@ -51,8 +50,8 @@ class Admission:
         for i, s in enumerate(group.samples):
             if s.token_ids.size == 0:
                 return f"sample {i}: no completion tokens"
-            if s.ref_logprobs.size != s.token_ids.size:
-                return f"sample {i}: {s.ref_logprobs.size} ref_logprobs for {s.token_ids.size} tokens"
+            if mismatch := s.logprobs_mismatch():
+                return f"sample {i}: {mismatch}"
         longest = group.prompt_token_ids.size + max((s.token_ids.size for s in group.samples), default=0)
         if self.context and longest > self.context:
             return f"prompt + completion is {longest} tokens, past the model's context of {self.context}"
@@ -62,18 +61,16 @@ class Admission:
 class DeadLetters:
     """The trainer's rejects, to the dead-letter topic (scorer 'trainer') with the original bytes."""
 
-    def __init__(self, cfg: TbaConfig, store):
-        self.names = topic_names(cfg)
-        self.codec = DeadLetterCodec(store)
-        self.producer = kafka_clients.producer(cfg)
+    def __init__(self, topics: JobTopics):
+        self.dlq, self.curated = topics.dlq, topics.curated
+        self.producer = kafka_clients.producer(topics.cfg)
         self.sent = 0
 
     def __call__(self, record, reason: str) -> None:
-        log.warning("curated %d:%d not trainable, sent to %s: %s", record.partition, record.offset, self.names.dlq,
-                    reason)  # fmt: skip
-        letter = DeadLetter(reason, "trainer", self.names.curated, record.partition, record.offset, record.key,
+        log.warning("curated %d:%d not trainable, sent to %s: %s", record.partition, record.offset, self.dlq, reason)
+        letter = DeadLetter(reason, "trainer", self.curated.name, record.partition, record.offset, record.key,
                             bytes(record.value or b""))  # fmt: skip
-        self.producer.send(self.names.dlq, key=record.key, value=self.codec.encode(letter))
+        self.dlq.produce(self.producer, letter, key=record.key)
         self.sent += 1
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""CuratedFeed: fills a ReplayBuffer from the curated topic, live (poll) or from a past range (fill)."""
+"""The replay buffer on Kafka: curated_buffer makes it over the curated topic, and CuratedFeed fills it, live (poll)
+or from a past range (fill)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,18 @@ from ops import kafka_clients
 from ops.acls import READ, one_line_refusals
 from ops.config import TbaConfig
 from ops.errors import TbaError
-from ops.topics import topic_partitions
+from ops.topics import Topic
+from trainer.read_back import GroupReader
 from trainer.replay_buffer import ReplayBuffer
 
 log = logging.getLogger(__name__)
 PROGRESS_S = 5.0  # a long fill says how far it got this often
+
+
+def curated_buffer(cfg: TbaConfig, curated: Topic, seed: int = 0, admit=None, reject=None) -> ReplayBuffer:
+    """The trainer's ReplayBuffer of the curated topic: decoded by its codec, evicted groups read back from the spill
+    file or Kafka (trainer/read_back.py); a CuratedFeed fills it."""
+    return ReplayBuffer(cfg.buffer, curated.codec, GroupReader(cfg, curated), seed, admit, reject)
 
 
 class CuratedFeed:
@@ -24,10 +32,10 @@ class CuratedFeed:
 
     def __init__(self, cfg: TbaConfig, buffer: ReplayBuffer):
         self.buffer = buffer
-        self.consumer = kafka_clients.consumer(cfg)
-        topic = buffer.topic
+        topic = buffer.topic  # the curated Topic (ReplayBuffer.on_topic)
+        self.consumer = topic.consumer()
         with one_line_refusals(cfg, READ):
-            self.partitions = topic_partitions(cfg, self.consumer, topic)
+            self.partitions = topic.partitions_in(self.consumer)
         if not self.partitions:
             raise TbaError(f"topic {topic} does not exist; run `tba topics create`")
         self.consumer.assign(self.partitions)
@@ -78,30 +86,22 @@ class CuratedFeed:
         stop = self.resolve(to_offset, to_time_ms, "end")
         ends = self.consumer.end_offsets(self.partitions)
         stop = {tp: min(stop[tp], ends[tp]) for tp in self.partitions}
-        todo = {tp for tp in self.partitions if start[tp] < stop[tp]}
-        for tp in self.partitions:
-            self.consumer.seek(tp, start[tp])
+        ranges = {tp: (start[tp], stop[tp]) for tp in self.partitions if start[tp] < stop[tp]}
+        total = sum(end - begin for begin, end in ranges.values())
         added = 0
-        total = sum(stop[tp] - start[tp] for tp in todo)
         began = reported = time.monotonic()
-        while todo and not (stop_event and stop_event.is_set()):
+        for batch in self.buffer.topic.read_range(self.consumer, start, stop):
             if time.monotonic() - reported >= PROGRESS_S:
                 reported = time.monotonic()
-                read = total - sum(stop[tp] - self.consumer.position(tp) for tp in todo)
+                read = sum(min(self.consumer.position(tp), end) - begin for tp, (begin, end) in ranges.items())
                 rate = read / max(reported - began, 1e-6)
                 left = (total - read) / rate if rate else float("inf")
                 log.info("filling from %s: %d of %d records read, %.0f a second, about %.0f s left (Ctrl-C stops)",
                          self.buffer.topic, read, total, rate, left)  # fmt: skip
-            for tp, records in self.consumer.poll(timeout_ms=500).items():
-                if tp not in todo:
-                    continue
-                added += self.buffer.ingest([r for r in records if r.offset < stop[tp]])
-                if self.consumer.position(tp) >= stop[tp]:
-                    todo.discard(tp)
-            # aborted transactions and markers leave gaps: position, not record count, says when we are done
-            todo = {tp for tp in todo if self.consumer.position(tp) < stop[tp]}
-        if todo:  # cut short: the range was not read to its end
-            return added
+            for records in batch.values():
+                added += self.buffer.ingest(records)
+            if stop_event and stop_event.is_set():  # cut short: the range was not read to its end
+                return added
         for tp in self.partitions:
             after = max(self.buffer.next_offsets.get(tp.partition, 0), ends[tp])
             self.buffer.next_offsets[tp.partition] = after  # a checkpoint resumes the feed there too

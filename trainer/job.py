@@ -16,7 +16,7 @@ from ops.config import TbaConfig, with_overrides
 from ops.errors import TbaError
 from trainer.checkpoint import check_resume
 from trainer.evaluation import Evaluator
-from trainer.replay_buffer import ReplayBuffer, SampledPrompt
+from trainer.replay_buffer import SampledPrompt
 from trainer.sync_baseline import SyncBatches
 from trainer.train import Trainer
 
@@ -43,11 +43,11 @@ def run_trainer(
     synchronous job writes no groups to raw (it then needs no Kafka at all).
     """
     from ops.job import model_id
-    from ops.schema_store import KafkaSchemaStore
+    from ops.topics import JobTopics
     from policy.models import apply_lora, load_model
     from policy.tasks import build_task
     from trainer.admission import Admission, DeadLetters
-    from trainer.curated_feed import CuratedFeed
+    from trainer.curated_feed import CuratedFeed, curated_buffer
     from trainer.weight_sync import WeightSyncServer
 
     stop = stop or threading.Event()
@@ -81,10 +81,10 @@ def run_trainer(
         trainer = Trainer(cfg, model, None, pad)
         trainer.resume()
         return _loop(cfg, trainer, None, Evaluator(cfg, task, tokenizer), stop, metrics_port)
-    store = KafkaSchemaStore(cfg)
-    rejects = DeadLetters(cfg, store)
+    topics = JobTopics(cfg)
+    rejects = DeadLetters(topics)
     admit = Admission(model, tokenizer, model_id(cfg))
-    buffer = ReplayBuffer(cfg, store, seed=t.seed, admit=admit, reject=rejects)
+    buffer = curated_buffer(cfg, topics.curated, seed=t.seed, admit=admit, reject=rejects)
     server = WeightSyncServer(cfg)
     server.start()
     trainer = Trainer(cfg, model, buffer, pad, server=server, feed=CuratedFeed(cfg, buffer))

@@ -15,16 +15,18 @@ import time
 
 from kafka import TopicPartition
 
-from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import TbaError
+from ops.topics import Topic
 from trainer.spill_file import SpillFile
 
 READ_BACK_BYTES = 64 * 1024  # per partition and request: a few record batches (measured faster than 16 or 256 KiB)
 
 
 class GroupReader:
-    def __init__(self, cfg: TbaConfig, topic: str):
+    """Reads one topic's records back by (partition, offset); ReplayBuffer's reader of the curated topic."""
+
+    def __init__(self, cfg: TbaConfig, topic: Topic):
         self.cfg = cfg
         self.topic = topic
         self._consumer = None
@@ -50,7 +52,7 @@ class GroupReader:
             return found, []
         with self._lock:
             if self._consumer is None:  # made on first use: most buffers never read anything back
-                self._consumer = kafka_clients.consumer(self.cfg, max_partition_fetch_bytes=READ_BACK_BYTES)
+                self._consumer = self.topic.consumer(max_partition_fetch_bytes=READ_BACK_BYTES)
             read, gone = self._read(owed)
         self.keep((p, o, value) for (p, o), value in read.items())
         return found | read, gone
@@ -63,7 +65,7 @@ class GroupReader:
         consumer = self._consumer
         found: dict[tuple[int, int], bytes] = {}
         gone: list[tuple[int, int]] = []
-        partitions = {p: TopicPartition(self.topic, p) for p in owed}
+        partitions = {p: TopicPartition(self.topic.name, p) for p in owed}
         self._seek(owed, partitions)
         deadline = time.monotonic() + self.cfg.kafka.client_timeout_s
         while owed:

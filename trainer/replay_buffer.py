@@ -28,15 +28,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ops.config import TbaConfig
+from ops.config import BufferConfig
 from ops.errors import DecodeError, TbaError
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import topic_names
-from schemas.codec import SchemaStore
 from schemas.records import Sample, TrajectoryCodec, TrajectoryGroup
 from trainer.columns import Column
 from trainer.index_compaction import compacted, reachable, sample_rows
-from trainer.read_back import GroupReader
 
 log = logging.getLogger(__name__)
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -66,17 +62,18 @@ class Draw(NamedTuple):
 
 
 class ReplayBuffer:
-    """admit(group) -> None or the reason the trainer cannot train on it (trainer.admission.Admission);
+    """codec decodes the records ingested; reader (trainer.read_back.GroupReader, in the trainer's buffer that
+    trainer.curated_feed.curated_buffer makes) reads their values back by (partition, offset) and keeps those
+    ingested. admit(group) -> None or the reason the trainer cannot train on it (trainer.admission.Admission);
     reject(record, reason) takes what was not admitted, undecodable records included (e.g. to the dlq)."""
 
-    def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None, seed: int = 0, admit=None, reject=None):
-        self.cfg = cfg.buffer
+    def __init__(self, cfg: BufferConfig, codec: TrajectoryCodec, reader, seed: int = 0, admit=None, reject=None):
+        self.cfg = cfg
         self.admit = admit or (lambda group: None)
         self.reject = reject or _raise
         self.rejected = 0
-        self._kafka_cfg = cfg
-        self.topic = topic_names(cfg).curated
-        self.codec = TrajectoryCodec(store or KafkaSchemaStore(cfg))
+        self.topic = reader.topic  # where its records come from
+        self.codec = codec
         self.rng = np.random.default_rng(seed)
         # group columns
         self.partition = Column(np.int32)
@@ -97,7 +94,7 @@ class ReplayBuffer:
         self._cache: OrderedDict[int, TrajectoryGroup] = OrderedDict()
         self._cache_lock = threading.Lock()  # a prefetch fills the cache from its own thread
         self._index_lock = threading.RLock()  # and draws from the index while the trainer's feed adds to it
-        self._reader = GroupReader(cfg, self.topic)
+        self._reader = reader
         self._prefetcher: ThreadPoolExecutor | None = None
         self.unreadable: set[int] = set()  # index rows whose records are gone from Kafka: never drawn again
         self.compact_at = COMPACT_MIN_ROWS  # index rows at which the next compact() is due

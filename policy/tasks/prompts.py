@@ -1,4 +1,5 @@
-"""Prompts from a JSON Lines file, split into train and held-out by a seeded shuffle."""
+"""Prompts from a JSON Lines file, split into train and held-out by a seeded shuffle, and as records of the
+prompts topic."""
 
 from __future__ import annotations
 
@@ -27,15 +28,15 @@ def read_prompts(path, field: str) -> list[Problem]:
     return problems
 
 
-def encode_problem(problem: Problem) -> bytes:
-    """A problem as a record of the prompts topic: JSON, everything a task needs to score its completions."""
-    fields = {"id": problem.prompt_id, "question": problem.question, "answer": problem.answer}
-    return json.dumps({**fields, "messages": list(problem.messages)}).encode()
+def problem_record(problem: Problem) -> dict:
+    """A problem as a record of the prompts topic (schemas/prompt.avsc): everything a task needs to score
+    its completions."""
+    return {"prompt_id": problem.prompt_id, "question": problem.question, "answer": problem.answer,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in problem.messages]}  # fmt: skip
 
 
-def decode_problem(value: bytes) -> Problem:
-    record = json.loads(value)
-    return Problem(record["id"], record["question"], record.get("answer", ""), tuple(record["messages"]))
+def problem_from_record(record: dict) -> Problem:
+    return Problem(record["prompt_id"], record["question"], record["answer"], tuple(record["messages"]))
 
 
 def load_prompts(cfg) -> tuple[list[Problem], list[Problem]]:
