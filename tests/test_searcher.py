@@ -8,6 +8,7 @@ from ops.topics import JobTopics, read_topic, topic_names
 from policy.logprobs import token_logprobs
 from producers.searcher import build_searcher
 from schemas.records import TrajectoryCodec
+from tests.conftest import first_batch
 from tests.test_run import wait_until
 from tests.tiny_models import saved_tiny_llama, tiny_llama
 from trainer.weight_sync import WeightSyncServer
@@ -31,7 +32,7 @@ def test_searcher_publishes_groups_and_swaps_weights_between_batches(cfg, store,
     seeded = {prompts.codec.decode(r.value)["prompt_id"] for r in prompts.read()}
     assert seeded == {f"basic_arithmetic-0-{i}" for i in range(20)}
 
-    first = searcher.step()
+    first = first_batch(searcher)
     assert {g.prompt_id for g in first} <= seeded
     assert [g.policy_version for g in first] == [0, 0]
     trained = tiny_llama(5)
@@ -101,7 +102,7 @@ def test_a_searcher_too_far_behind_pauses_instead_of_generating(cfg, store, tmp_
     announcer = WeightSyncServer(cfg)  # announces versions on Kafka; the searcher cannot reach it for weights
     announcer.start()
     searcher = build_searcher(with_overrides(cfg, searcher={"weights_target": f"127.0.0.1:{free_port()}"}), 0)
-    assert len(searcher.step()) == 2  # nothing announced yet: generate
+    assert len(first_batch(searcher)) == 2  # nothing announced yet: generate
     for v in range(1, 4):
         announcer.wait_published(announcer.publish(tiny_llama(v).state_dict(), step=v, version=v))
     announcer.stop()  # flushes the announcements
@@ -120,7 +121,7 @@ def test_a_reward_function_that_fails_on_one_group_skips_that_group_and_the_sear
                   "prompts_per_batch": 4},
     )  # fmt: skip
     searcher = build_searcher(cfg, 0)
-    sent = searcher.step()
+    sent = first_batch(searcher)
     searcher.close()
     assert sorted(g.prompt_id for g in sent) == ["toy-0-1", "toy-0-2", "toy-0-3"]
     assert searcher.stats.unscored == 1 and searcher.stats.groups == 3
