@@ -14,6 +14,7 @@ from ops.topics import create_topics, read_topic, topic_names
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
 
+pytestmark = pytest.mark.slow  # a broker with SASL of its own, and the command line in processes of its own
 PASSWORD = 'correct "horse" \\ saddle'  # a quote and a backslash: the broker's JAAS line and properties escape them
 
 
@@ -69,7 +70,6 @@ def test_the_command_line_says_what_to_fix_and_never_prints_the_password(sasl_br
     assert "kafka.sasl_password_env: set the environment variable TBA_KAFKA_PASSWORD" in run.stderr
 
 
-@pytest.mark.slow  # the command line in a process of its own, waiting on Kafka
 def test_an_unreachable_broker_is_one_clear_error(tmp_path):
     config = tmp_path / "tba.yaml"
     config.write_text(f"kafka:\n  bootstrap: 127.0.0.1:{free_port()}\n  client_timeout_s: 3\n")
