@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT))
 from bench.results import write_results  # noqa: E402
 from ops.broker import LocalBroker, classpath, free_port  # noqa: E402
 from ops.config import TbaConfig, load_config, with_overrides  # noqa: E402
-from ops.schema_store import KafkaSchemaStore  # noqa: E402
 from ops.topics import JobTopics, create_topics, topic_names  # noqa: E402
 from ops.trajectory_producer import TrajectoryProducer  # noqa: E402
 from producers.synthetic import synthetic_group  # noqa: E402
@@ -62,9 +61,8 @@ def kafka_perf(cfg: TbaConfig, topic: str, records: int, size: int, compression:
     return float(re.search(r"\(([\d.]+) MB/sec\)", last).group(1)) * 1024 * 1024 / 1e6  # its MB is MiB
 
 
-def measure_produce(cfg: TbaConfig, groups, topic: str | None = None) -> tuple[float, int]:
-    store = KafkaSchemaStore(cfg)
-    with TrajectoryProducer(cfg, store, topic=topic) as producer:
+def measure_produce(cfg: TbaConfig, groups) -> tuple[float, int]:
+    with TrajectoryProducer(cfg) as producer:
         size = sum(len(producer.codec.encode(g)) for g in groups[:200]) / 200
         warmup = len(groups) // 10  # as for ProducerPerformance: connections and metadata first
         for g in groups[:warmup]:

@@ -29,11 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from ops import kafka_clients  # noqa: E402
 from ops.config import TbaConfig, with_overrides  # noqa: E402
-from ops.schema_store import KafkaSchemaStore  # noqa: E402
-from ops.topics import JobTopics, read_topic, topic_names, topic_partitions  # noqa: E402
-from schemas.records import TrajectoryCodec  # noqa: E402
+from ops.topics import JobTopics, Topic  # noqa: E402
 from tba.supervisor import Supervisor  # noqa: E402
 from tests.fault_injection import tiny_job  # noqa: E402
 
@@ -43,18 +40,17 @@ ACKED_LINE = re.compile(r"searcher \d+: (\d+) groups at policy version")
 class RawWatch:
     """Tails raw from the beginning in a thread: when each prompt reached it, from which searcher."""
 
-    def __init__(self, cfg: TbaConfig):
-        self.cfg = cfg
+    def __init__(self, raw: Topic):
+        self.raw = raw
         self.served: list[tuple[float, str, str]] = []  # (record time, prompt id, generator id)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        codec = TrajectoryCodec(KafkaSchemaStore(self.cfg))
-        raw = topic_names(self.cfg).raw
-        consumer = kafka_clients.consumer(self.cfg)
-        consumer.assign(topic_partitions(self.cfg, consumer, raw))
+        codec = self.raw.codec
+        consumer = self.raw.consumer()
+        consumer.assign(self.raw.partitions_in(consumer))
         while not self.stop.is_set():
             for records in consumer.poll(timeout_ms=500).values():
                 groups = [(r.timestamp / 1000, codec.decode(r.value)) for r in records]
@@ -88,8 +84,8 @@ def run_elastic(cfg: TbaConfig, phase_timeout_s: float) -> dict:
 
     ticker = threading.Thread(target=supervise)
     ticker.start()
-    watch = RawWatch(cfg)
     topics = JobTopics(cfg)
+    watch = RawWatch(topics.raw)
     phases: dict[str, dict] = {}
     prompts: set[str] = set()
 
@@ -122,9 +118,8 @@ def run_elastic(cfg: TbaConfig, phase_timeout_s: float) -> dict:
         ticker.join()
         supervisor.stop()
         watch.stop.set()
-    codec = TrajectoryCodec(KafkaSchemaStore(cfg))
-    records = read_topic(cfg, topic_names(cfg).raw)
-    in_raw = Counter(codec.decode(r.value).generator_id for r in records)
+    records = topics.raw.read()
+    in_raw = Counter(topics.raw.codec.decode(r.value).generator_id for r in records)
     times = sorted(t for t in (r.timestamp / 1000 for r in records) if t <= stopped_at)  # not the stop itself
     logs = Path(cfg.trainer.run_dir) / "logs"
     acked = {

@@ -29,9 +29,7 @@ from bench.results import write_results  # noqa: E402
 from ops.broker import free_port, job_broker  # noqa: E402
 from ops.config import ENV_PREFIX, TbaConfig, load_config, with_overrides  # noqa: E402
 from ops.metrics import metric_rows  # noqa: E402
-from ops.schema_store import KafkaSchemaStore  # noqa: E402
-from ops.topics import read_topic, topic_names  # noqa: E402
-from schemas.records import TrajectoryCodec  # noqa: E402
+from ops.topics import JobTopics  # noqa: E402
 from tba.signals import Stop  # noqa: E402
 from tba.supervisor import run_job  # noqa: E402
 
@@ -88,7 +86,8 @@ def run_tba(cfg: TbaConfig) -> dict:
     wall = time.monotonic() - started
     end_eval = final_evaluation(cfg)
     rows = metric_rows(Path(cfg.trainer.run_dir))
-    groups = [TrajectoryCodec(KafkaSchemaStore(cfg)).decode(r.value) for r in read_topic(cfg, topic_names(cfg).raw)]
+    raw = JobTopics(cfg).raw
+    groups = [raw.codec.decode(r.value) for r in raw.read()]
     job_broker(cfg).stop()
     return {"wall_s": wall, "rows": rows, "end_eval": end_eval, "groups": groups}
 

@@ -30,8 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bench.results import write_results  # noqa: E402
 from ops.broker import LocalBroker, free_port  # noqa: E402
 from ops.config import load_config, with_overrides  # noqa: E402
-from ops.schema_store import KafkaSchemaStore  # noqa: E402
-from ops.topics import JobTopics, create_topics, topic_names  # noqa: E402
+from ops.topics import JobTopics, Topic, create_topics  # noqa: E402
 from ops.trajectory_producer import TrajectoryProducer  # noqa: E402
 from producers.synthetic import synthetic_group  # noqa: E402
 from trainer.curated_feed import CuratedFeed, curated_buffer  # noqa: E402
@@ -41,12 +40,12 @@ PROMPTS = 20_000
 STEPS = 50
 
 
-def write_history(cfg, store, n: int, samples: int, tokens: int) -> float:
+def write_history(cfg, curated: Topic, n: int, samples: int, tokens: int) -> float:
     """n groups to curated (a few hundred distinct ones, renamed: generating is not what is measured)."""
     rng = np.random.default_rng(0)
     templates = [synthetic_group(rng, i, samples, tokens, vocab=128) for i in range(256)]
     start = time.perf_counter()
-    with TrajectoryProducer(cfg, store, topic=topic_names(cfg).curated) as producer:
+    with TrajectoryProducer(cfg, topic=curated) as producer:
         for i in range(n):
             group = templates[i % len(templates)]
             group.group_id = f"g{i}"
@@ -117,9 +116,9 @@ def main() -> None:
                 samples, tokens = (8, 64) if n < 1_000_000 else (2, 16)
                 cfg = with_overrides(base, kafka={"namespace": f"scale{n}"}, buffer={"samples_per_prompt": samples})
                 create_topics(cfg)
-                store = KafkaSchemaStore(cfg)
-                written = write_history(cfg, store, n, samples, tokens)
-                buffer = curated_buffer(cfg, JobTopics(cfg, store).curated)
+                curated = JobTopics(cfg).curated
+                written = write_history(cfg, curated, n, samples, tokens)
+                buffer = curated_buffer(cfg, curated)
                 feed = CuratedFeed(cfg, buffer)
                 start = time.perf_counter()
                 feed.fill()
@@ -131,7 +130,7 @@ def main() -> None:
                 for b in (4, 16, 64):
                     row[f"sample_ms_b{b}"] = round(sample_ms(buffer, b, samples), 1)
                 # side by side: the same index without the spill file, every evicted group read from Kafka
-                from_kafka = curated_buffer(with_overrides(cfg, buffer={"spill_gb": 0}), JobTopics(cfg, store).curated)
+                from_kafka = curated_buffer(with_overrides(cfg, buffer={"spill_gb": 0}), curated)
                 from_kafka.restore(buffer.state())
                 row["sample_ms_b64_from_kafka"] = round(sample_ms(from_kafka, 64, samples), 1)
                 from_kafka.close()

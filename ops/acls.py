@@ -44,7 +44,7 @@ from ops import kafka_clients
 from ops.broker import AUTHORIZER
 from ops.config import TbaConfig
 from ops.errors import AccessDenied, BrokerError, ConfigError, TbaError
-from ops.topics import filter_group, prompts_seed_id, searcher_group, topic_names
+from ops.topics import filter_group, filter_instance_prefix, prompts_seed_id, searcher_group, topic_names
 
 READ, WRITE = ACLOperation.READ, ACLOperation.WRITE  # each implies DESCRIBE
 
@@ -63,7 +63,7 @@ class Right:
 
 def role_rights(cfg: TbaConfig) -> dict[str, list[Right]]:
     """What each role may do in cfg's namespace."""
-    names = topic_names(cfg)
+    names = topic_names(cfg)  # a right names its topic, nothing more
     group = filter_group(cfg)
 
     def topics(operation: ACLOperation, *topic: str) -> list[Right]:
@@ -72,7 +72,7 @@ def role_rights(cfg: TbaConfig) -> dict[str, list[Right]]:
     schemas = topics(READ, names.schemas) + topics(WRITE, names.schemas)
     transactions = [
         Right(READ, ResourceType.GROUP, group),  # joins the group, commits offsets in its transactions
-        Right(WRITE, ResourceType.TRANSACTIONAL_ID, f"{group}.", prefixed=True),
+        Right(WRITE, ResourceType.TRANSACTIONAL_ID, filter_instance_prefix(cfg), prefixed=True),
     ]
     sync_history = [names.raw] if cfg.trainer.mode == "sync" else []  # the on-policy baseline's groups
     return {
@@ -159,7 +159,7 @@ def refusal(
     if isinstance(exc, GroupAuthorizationFailedError):
         resource, names = ResourceType.GROUP, [str(a) for a in exc.args] or [filter_group(cfg)]
     elif isinstance(exc, TransactionalIdAuthorizationFailedError):
-        resource, names = ResourceType.TRANSACTIONAL_ID, [transactional_id or f"{filter_group(cfg)}.*"]
+        resource, names = ResourceType.TRANSACTIONAL_ID, [transactional_id or f"{filter_instance_prefix(cfg)}*"]
     else:  # kafka-python gives the topic, or a set of them
         resource = ResourceType.TOPIC
         given = exc.args[0] if exc.args else "?"

@@ -62,7 +62,12 @@ def filter_group(cfg: TbaConfig) -> str:
 def filter_instance_id(cfg: TbaConfig, instance: str) -> str:
     """A filter instance's static group membership and its transactional id alike: a restarted instance both
     takes its partitions straight back and fences its dead predecessor."""
-    return f"{filter_group(cfg)}.{instance}"
+    return f"{filter_instance_prefix(cfg)}{instance}"
+
+
+def filter_instance_prefix(cfg: TbaConfig) -> str:
+    """What every filter instance's transactional id starts with (its ACL is granted on this prefix)."""
+    return f"{filter_group(cfg)}."
 
 
 def searcher_group(cfg: TbaConfig) -> str:

@@ -13,17 +13,18 @@ from ops import kafka_clients
 from ops.acls import WRITE, refusal
 from ops.config import TbaConfig
 from ops.errors import DeliveryError
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import topic_names
+from ops.topics import JobTopics, Topic
 from schemas.codec import SchemaStore
-from schemas.records import TrajectoryCodec, TrajectoryGroup
+from schemas.records import TrajectoryGroup
 
 
 class TrajectoryProducer:
-    def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None, topic: str | None = None):
+    def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None, topic: Topic | None = None):
+        """Writes to topic (a Topic of TrajectoryGroups, with its own store), by default the job's raw topic
+        with store (default the job's schema store)."""
         self.cfg = cfg
-        self.topic = topic or topic_names(cfg).raw
-        self.codec = TrajectoryCodec(store or KafkaSchemaStore(cfg))
+        self.topic = topic or JobTopics(cfg, store).raw
+        self.codec = self.topic.codec  # made now: a store that cannot register the schema fails here, not mid-send
         self._producer = kafka_clients.producer(cfg)
         self._timeout_s = cfg.kafka.client_timeout_s
         self.max_bytes = cfg.kafka.max_message_bytes
@@ -35,7 +36,7 @@ class TrajectoryProducer:
     def send(self, group: TrajectoryGroup):
         """Encode and queue one group; returns the future of its record metadata."""
         self._raise_failures()
-        future = self._producer.send(self.topic, key=group.prompt_id.encode(), value=self.codec.encode(group))
+        future = self.topic.produce(self._producer, group, key=group.prompt_id.encode())
         future.add_callback(self._on_ack)
         future.add_errback(self._on_failure)
         self.sent += 1

@@ -31,7 +31,7 @@ from kafka.errors import TransactionalIdNotFoundError
 
 from ops import kafka_clients
 from ops.config import TbaConfig
-from ops.topics import filter_group, read_topic, topic_names
+from ops.topics import UNCOMMITTED, filter_group, read_topic, topic_names
 
 log = logging.getLogger(__name__)
 OFFSETS_TOPIC = "__consumer_offsets"
@@ -66,7 +66,7 @@ def offsets_partition(group: str, partitions: int) -> int:
 
 def job_partitions(cfg: TbaConfig, admin: KafkaAdminClient) -> list[TopicPartition]:
     """Where the filter's transactions write: curated, the dlq, and its group's __consumer_offsets partition."""
-    names = topic_names(cfg)
+    names = topic_names(cfg)  # the admin describes them by name
     parts = []
     for meta in admin.describe_topics([names.curated, names.dlq, OFFSETS_TOPIC]):
         indexes = [p["partition_index"] for p in meta["partitions"]]
@@ -131,7 +131,7 @@ def transaction_log_entry(key: bytes, value: bytes | None) -> tuple[str, int, in
 
 def first_write_ms(cfg: TbaConfig, txn: OpenTransaction) -> int:
     """The timestamp of the transaction's first record on its partition (it is open: read uncommitted)."""
-    consumer = kafka_clients.consumer(cfg, isolation_level="read_uncommitted")
+    consumer = kafka_clients.consumer(cfg, isolation_level=UNCOMMITTED)
     try:
         consumer.assign([txn.partition])
         consumer.seek(txn.partition, txn.start_offset)
@@ -146,7 +146,7 @@ def first_write_ms(cfg: TbaConfig, txn: OpenTransaction) -> int:
 
 def transaction_log(cfg: TbaConfig) -> list[tuple[str, int, int, int, int]]:
     """The decoded records of __transaction_state, oldest first per partition (tombstones left out)."""
-    records = read_topic(cfg, TRANSACTION_LOG, isolation="read_uncommitted")
+    records = read_topic(cfg, TRANSACTION_LOG, isolation=UNCOMMITTED)
     return [entry for r in records if (entry := transaction_log_entry(r.key, r.value)) is not None]
 
 

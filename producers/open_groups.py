@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 from ops import kafka_clients
 from ops.config import TbaConfig
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import topic_names
+from ops.topics import JobTopics
 from ops.trajectory_producer import TrajectoryProducer
-from schemas.records import DeadLetter, DeadLetterCodec, TrajectoryGroup
+from schemas.records import DeadLetter, TrajectoryGroup
 
 log = logging.getLogger(__name__)
 CLOSED_REMEMBERED = 10_000  # ids of groups already sent, so a reward posted again is answered, not "unknown"
@@ -49,12 +48,11 @@ class GroupsStats:
 class OpenGroups:
     def __init__(self, cfg: TbaConfig):
         self.timeout_s = cfg.gateway.reward_timeout_s
-        store = KafkaSchemaStore(cfg)
-        self.producer = TrajectoryProducer(cfg, store)
-        self.raw = self.producer.topic
-        self.dlq = topic_names(cfg).dlq
+        topics = JobTopics(cfg)
+        self.producer = TrajectoryProducer(cfg, topic=topics.raw)
+        self.dlq = topics.dlq
+        self.dlq.codec  # noqa: B018 (made now, as the raw topic's is: a schema store refusing it fails the start)
         self.letters = kafka_clients.producer(cfg)
-        self.letter_codec = DeadLetterCodec(store)
         self.stats = GroupsStats()
         self._open: dict[str, tuple[TrajectoryGroup, float]] = {}  # id -> (group, deadline on the monotonic clock)
         self._closed: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (what happened, policy version)
@@ -138,9 +136,9 @@ class OpenGroups:
                 if not rewarded
                 else f"rewards for {rewarded} of {len(group.samples)} completions within {self.timeout_s:g} s"
             )
-            letter = DeadLetter(why, "gateway", self.raw, -1, -1, group.prompt_id.encode(),
+            letter = DeadLetter(why, "gateway", self.producer.topic.name, -1, -1, group.prompt_id.encode(),
                                 self.producer.codec.encode(group))  # fmt: skip
-            sent.append(self.letters.send(self.dlq, key=letter.key, value=self.letter_codec.encode(letter)))
+            sent.append(self.dlq.produce(self.letters, letter, key=letter.key))
             log.info("gateway: group %s to %s: %s", group.group_id, self.dlq, why)
         if not groups:
             return 0

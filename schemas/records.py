@@ -223,7 +223,7 @@ class PolicyVersionCodec:
     def __init__(self, store: SchemaStore):
         self.avro = Codec(load_schema("policy_version"), store)
 
-    def encode_version(self, version) -> bytes:
+    def encode(self, version) -> bytes:
         """From a schemas.weights.WeightVersion."""
         return self.avro.encode(
             {

@@ -85,8 +85,9 @@ class JobView:
         from tba.inspection import filter_lag
 
         try:
-            names = topic_names(self.cfg)
+            names = topic_names(self.cfg)  # the ends alone: no codec needed
             ends = end_offsets(self.cfg, [names.raw, names.curated, names.dlq])
+            ends = {"raw": ends[names.raw], "curated": ends[names.curated], "dlq": ends[names.dlq]}
             try:
                 lag = str(sum(filter_lag(self.cfg).values()))
             except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
@@ -125,23 +126,18 @@ class JobView:
             kafka.add_row(self.kafka["error"])
         elif self.kafka:
             ends = self.kafka["ends"]
-            curated_end = ends[self._topic("curated")]
+            curated_end = ends["curated"]
             for column in ("raw end", "filter lag", "curated end", "trainer lag", "dlq end"):
                 kafka.add_column(column)
             kafka.add_row(
-                str(ends[self._topic("raw")]),
+                str(ends["raw"]),
                 self.kafka["filter_lag"],
                 str(curated_end),
                 # the trainer keeps its offsets in its checkpoint, not in a group (a transaction marker counts 1)
                 str(max(0, curated_end - int(trainer.get("tba_trainer_curated_offset", 0)))) if trainer else "",
-                str(ends[self._topic("dlq")]),
+                str(ends["dlq"]),
             )
         return Group(header, procs, learning, kafka, self._staleness(trainer))
-
-    def _topic(self, kind: str) -> str:
-        from ops.topics import topic_names
-
-        return getattr(topic_names(self.cfg), kind)
 
     def _throughput(self, p: dict) -> str:
         rate = self.rates.get(p["name"], {})

@@ -88,7 +88,7 @@ class StallWatch:
 def filter_member_lag(cfg) -> dict[str, int]:
     """Filter instance ("0", "1", ...) -> records not committed yet on the raw partitions it holds now."""
     from ops import kafka_clients
-    from ops.topics import filter_group
+    from ops.topics import filter_group, filter_instance_prefix
     from tba.inspection import filter_lag
 
     group = filter_group(cfg)
@@ -100,7 +100,7 @@ def filter_member_lag(cfg) -> dict[str, int]:
         admin.close()
     out = {}
     for member in members:
-        instance = (member.get("group_instance_id") or "").removeprefix(f"{group}.")
+        instance = (member.get("group_instance_id") or "").removeprefix(filter_instance_prefix(cfg))
         assignment = member.get("member_assignment") or {}
         held = [p for tp in assignment.get("assigned_partitions", []) for p in tp["partitions"]]
         out[instance] = sum(lag.get(str(p), 0) for p in held)

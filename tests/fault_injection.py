@@ -21,11 +21,9 @@ from ops import kafka_clients
 from ops.broker import free_port, job_broker
 from ops.config import TbaConfig, load_config
 from ops.metrics import metric_rows
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import end_offsets, read_topic, topic_names
+from ops.topics import JobTopics, end_offsets, topic_names
 from ops.transactions import HangingTransactions
 from producers.synthetic import synthetic_group
-from schemas.records import DeadLetterCodec, TrajectoryCodec
 from tba.inspection import filter_lag
 from tba.supervisor import HEAL_EVERY_S, Supervisor
 from trainer.checkpoint import latest_checkpoint
@@ -80,15 +78,15 @@ class Load:
 
     def _run(self) -> None:
         rng = np.random.default_rng(7)
-        codec = TrajectoryCodec(KafkaSchemaStore(self.cfg))
-        raw = topic_names(self.cfg).raw
+        raw = JobTopics(self.cfg).raw
+        raw.codec  # noqa: B018 (made before the load starts: its schema registered once, outside the failures counted)
         producer = None
         while not self.stop.is_set():
             group = synthetic_group(rng, self.sent, samples=4, tokens=8, generator_id="load", vocab=self.vocab)
             self.sent += 1
             try:
                 producer = producer or kafka_clients.producer(self.cfg, linger_ms=5)
-                future = producer.send(raw, key=group.prompt_id.encode(), value=codec.encode(group))
+                future = raw.produce(producer, group, key=group.prompt_id.encode())
                 future.add_callback(lambda _, gid=group.group_id: self.acked.add(gid))
                 future.add_errback(lambda _: self._fail())
                 if self.sent % 20 == 0:
@@ -263,13 +261,13 @@ def hanging_transactions(cfg: TbaConfig) -> list[str]:
 
 def check(cfg: TbaConfig, acked: set[str], expected_resumes: list, searcher_kills: list[float]) -> dict:
     """Read every topic from the start and the trainer's record, and count what went wrong."""
-    names, store = topic_names(cfg), KafkaSchemaStore(cfg)
-    codec, letters = TrajectoryCodec(store), DeadLetterCodec(store)
-    raw_records = read_topic(cfg, names.raw)
+    topics = JobTopics(cfg)
+    codec, letters = topics.raw.codec, topics.dlq.codec
+    raw_records = topics.raw.read()
     groups = [codec.decode(r.value) for r in raw_records]
     raw = Counter(g.group_id for g in groups)
-    curated = Counter(codec.decode(r.value).group_id for r in read_topic(cfg, names.curated))
-    dlq = Counter(codec.decode(letters.decode(r.value).value).group_id for r in read_topic(cfg, names.dlq))
+    curated = Counter(topics.curated.codec.decode(r.value).group_id for r in topics.curated.read())
+    dlq = Counter(codec.decode(letters.decode(r.value).value).group_id for r in topics.dlq.read())
     routed = curated + dlq
     unrouted = [
         f"{r.partition}:{r.offset}" for r, g in zip(raw_records, groups, strict=True) if g.group_id not in routed

@@ -16,12 +16,10 @@ from ops import kafka_clients
 from ops.broker import LocalBroker, free_port
 from ops.config import load_config
 from ops.errors import AccessDenied
-from ops.schema_store import KafkaSchemaStore
 from ops.topics import JobTopics, read_topic, topic_names
 from ops.trajectory_producer import TrajectoryProducer
 from producers.policy_watch import PolicyWatch
 from producers.synthetic import bad_nan_reward, synthetic_group
-from schemas.records import PolicyVersionCodec
 from trainer.curated_feed import CuratedFeed, curated_buffer
 
 pytestmark = pytest.mark.slow  # a broker with SASL of its own
@@ -70,8 +68,10 @@ def tba(config_path, *args):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
-def write(cfg, groups, topic=None):
-    with TrajectoryProducer(cfg, topic=topic) as producer:
+def write(cfg, groups, curated=False):
+    """As cfg's principal, to raw or (curated) to curated, each with that principal's schema store."""
+    topics = JobTopics(cfg)
+    with TrajectoryProducer(cfg, topic=topics.curated if curated else topics.raw) as producer:
         for group in groups:
             producer.send(group)
 
@@ -82,7 +82,7 @@ def test_a_role_where_it_does_not_belong_is_refused_with_one_line(as_user, tmp_p
     curated = topic_names(searcher).curated
 
     with pytest.raises(AccessDenied) as refused:
-        write(searcher, [synthetic_group(rng, 0)], topic=curated)
+        write(searcher, [synthetic_group(rng, 0)], curated=True)
     assert str(refused.value) == (f"kafka principal User:searcher may not write {curated}: only the filter's "
                                   "principal may (ACLs from `tba topics create`, kafka.principals)")  # fmt: skip
 
@@ -90,7 +90,7 @@ def test_a_role_where_it_does_not_belong_is_refused_with_one_line(as_user, tmp_p
         CuratedFeed(searcher, curated_buffer(searcher, JobTopics(searcher).curated))
 
     with pytest.raises(AccessDenied, match=f"User:generator may not write {curated}: only the filter's principal"):
-        write(generator, [synthetic_group(rng, 1)], topic=curated)
+        write(generator, [synthetic_group(rng, 1)], curated=True)
 
     # a searcher's principal running a filter, from the command line: one line, no traceback
     path = tmp_path / "searcher.yaml"
@@ -111,7 +111,7 @@ def test_each_role_does_its_job_and_the_refusals_change_nothing(as_user):
     names = topic_names(searcher)
     rng = np.random.default_rng(1)
     with pytest.raises(AccessDenied):  # refused first: the job below must not mind
-        write(generator, [synthetic_group(rng, 0)], topic=names.curated)
+        write(generator, [synthetic_group(rng, 0)], curated=True)
 
     write(searcher, [synthetic_group(rng, i) for i in range(6)] + [bad_nan_reward(synthetic_group(rng, 6))])
     write(generator, [synthetic_group(rng, i, generator_id="external") for i in range(7, 10)])
@@ -130,11 +130,10 @@ def test_each_role_does_its_job_and_the_refusals_change_nothing(as_user):
     assert len(read_topic(as_user("admin"), names.dlq)) == 1  # dead letters are for operators to read
 
     # the trainer announces a policy version (as its weight service does); a searcher reads it
-    codec = PolicyVersionCodec(KafkaSchemaStore(trainer))
     version = SimpleNamespace(version=3, step=6, sha256=bytes(32), wall_time=0.0, model_id="m", dtype="float32",
                               nbytes=0)  # fmt: skip
     producer = kafka_clients.producer(trainer)
-    producer.send(names.policy_versions, key=b"policy", value=codec.encode_version(version)).get(timeout=10)
+    JobTopics(trainer).policy_versions.produce(producer, version, key=b"policy").get(timeout=10)
     producer.close()
     searcher_topics = JobTopics(searcher)
     watch = PolicyWatch(searcher_topics.policy_versions)

@@ -7,7 +7,7 @@ import numpy as np
 
 from ops import kafka_clients
 from ops.broker import free_port
-from ops.topics import read_topic, topic_names
+from ops.topics import JobTopics, read_topic, topic_names
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
 from schemas.records import DeadLetterCodec
@@ -40,7 +40,7 @@ def test_a_running_job_keeps_training_past_groups_it_cannot_train_on(cfg, store,
     cfg = trainer_on_tiny_model(cfg, tmp_path)
     names = topic_names(cfg)
     rng = np.random.default_rng(0)
-    with TrajectoryProducer(cfg, store, topic=names.curated) as curated:
+    with TrajectoryProducer(cfg, topic=JobTopics(cfg, store).curated) as curated:
         for i in range(4):
             curated.send(synthetic_group(rng, i, samples=4, tokens=10, vocab=128))
     stop = threading.Event()
@@ -52,7 +52,7 @@ def test_a_running_job_keeps_training_past_groups_it_cannot_train_on(cfg, store,
         bad = untrainable(rng)
         ids_missing = synthetic_group(rng, 104, samples=4, tokens=10, vocab=128)
         ids_missing.prompt, ids_missing.prompt_token_ids = "What is 2 + 2?", ids_missing.prompt_token_ids[:0]
-        with TrajectoryProducer(cfg, store, topic=names.curated) as curated:
+        with TrajectoryProducer(cfg, topic=JobTopics(cfg, store).curated) as curated:
             for group, _ in bad.values():
                 curated.send(group)
             curated.send(ids_missing)  # trainable: the prompt text is tokenized as searchers do

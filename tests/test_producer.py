@@ -9,7 +9,7 @@ from kafka.admin import NewTopic
 
 from ops import kafka_clients
 from ops.errors import DeliveryError
-from ops.topics import read_topic, topic_names
+from ops.topics import COMMITTED, Topic, read_topic, topic_names
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
 from schemas.records import TrajectoryCodec
@@ -33,9 +33,12 @@ def test_groups_arrive_keyed_by_prompt_id(cfg, store, rng):
 
 def test_delivery_failure_reaches_the_caller(cfg, store, rng):
     admin = kafka_clients.admin(cfg)
-    admin.create_topics([NewTopic("tiny-" + cfg.kafka.namespace, 1, 1, topic_configs={"max.message.bytes": "2048"})])
+    tiny = Topic(
+        cfg, "tiny-" + cfg.kafka.namespace, 1, {"max.message.bytes": "2048"}, COMMITTED, TrajectoryCodec, store
+    )
+    admin.create_topics([NewTopic(tiny.name, tiny.partitions, 1, topic_configs=tiny.config)])
     admin.close()
-    producer = TrajectoryProducer(cfg, store, topic="tiny-" + cfg.kafka.namespace)
+    producer = TrajectoryProducer(cfg, topic=tiny)
     producer.send(synthetic_group(rng, 1, samples=8, tokens=200))  # ~10 KiB: the broker refuses it
     with pytest.raises(DeliveryError, match="not acknowledged"):
         producer.flush()

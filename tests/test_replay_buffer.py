@@ -48,7 +48,7 @@ def on_curated(cfg, store, **kwargs) -> ReplayBuffer:
 
 
 def publish_curated(cfg, store, groups):
-    with TrajectoryProducer(cfg, store, topic=topic_names(cfg).curated) as producer:
+    with TrajectoryProducer(cfg, topic=JobTopics(cfg, store).curated) as producer:
         for g in groups:
             producer.send(g)
 

@@ -21,7 +21,7 @@ from trainer.weight_sync import WeightSyncServer
 @pytest.fixture
 def tcfg(cfg, store, tmp_path):
     rng = np.random.default_rng(0)
-    with TrajectoryProducer(cfg, store, topic=topic_names(cfg).curated) as producer:
+    with TrajectoryProducer(cfg, topic=JobTopics(cfg, store).curated) as producer:
         for i in range(24):
             producer.send(synthetic_group(rng, i % 8, samples=4, tokens=10, policy_version=i // 8, vocab=128))
     return with_overrides(

@@ -203,16 +203,15 @@ class _Announcer:
 
     def _run(self) -> None:
         from ops import kafka_clients
-        from ops.topics import topic_names
-        from schemas.records import PolicyVersionCodec
+        from ops.topics import JobTopics
 
-        producer = codec = None
+        producer = versions = None
         while (version := self._pending.get()) is not None:
             try:
                 if producer is None:
-                    codec = PolicyVersionCodec(_store(self.cfg))
+                    versions = JobTopics(self.cfg).policy_versions
                     producer = kafka_clients.producer(self.cfg, linger_ms=0)
-                producer.send(topic_names(self.cfg).policy_versions, key=b"policy", value=codec.encode_version(version))
+                versions.produce(producer, version, key=b"policy")
             except Exception as exc:  # the service keeps serving weights when Kafka is away
                 log.warning("could not announce policy version %d on Kafka: %s", version.version, exc)
         if producer is not None:
@@ -230,9 +229,3 @@ class _Announcer:
                 self.cfg.kafka.bootstrap,
                 self.close_timeout_s,
             )
-
-
-def _store(cfg: TbaConfig):
-    from ops.schema_store import KafkaSchemaStore
-
-    return KafkaSchemaStore(cfg)
