@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -302,58 +301,12 @@ def run_(obj: Context, config: str | None, keep_broker: bool) -> None:
     Ctrl-C / SIGTERM (or run.budget_s) stops it in order, the trainer checkpointing first; run it again
     with the same trainer.run_dir to resume. CONFIG defaults to --config, else the embedded defaults.
     """
-    import logging
-
-    from tba.live_view import JobView
-    from tba.supervisor import run_job
+    from tba.live_view import run_job_in_view
 
     cfg = load_config(config) if config else obj.cfg
     cfg = with_overrides(cfg, run={"keep_broker": True}) if keep_broker else cfg
-    stop = stop_on_signals()
-    view = JobView(cfg)
-    if cfg.run.live_view and sys.stdout.isatty():
-        from rich.live import Live
-        from rich.logging import RichHandler
-
-        handler = RichHandler(show_path=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        configure_logging(obj.verbose, handler, replace=True)
-        with Live(view.renderable, refresh_per_second=2) as live:
-
-            def refresh(supervisor) -> None:
-                view(supervisor)
-                live.update(view.renderable)
-
-            def progress(message: str):  # a spinner in the live area while a long wait lasts
-                from rich.spinner import Spinner
-
-                live.update(Spinner("dots", message))
-                return contextlib.nullcontext()
-
-            state = run_job(cfg, stop, refresh, progress)
-    else:  # logs, CI, tests: the same view as text every 30 s
-        state = run_job(cfg, stop, _every(30.0, lambda supervisor: _print_view(view, supervisor)))
+    state = run_job_in_view(cfg, stop_on_signals(), obj.verbose)
     click.echo(f"job stopped after {state['elapsed_s']:.0f}s; logs and metrics in {cfg.trainer.run_dir}")
-
-
-def _every(seconds: float, action):
-    last = [0.0]
-
-    def maybe(*args) -> None:
-        import time
-
-        if time.monotonic() - last[0] >= seconds:
-            last[0] = time.monotonic()
-            action(*args)
-
-    return maybe
-
-
-def _print_view(view, supervisor) -> None:
-    from rich.console import Console
-
-    view(supervisor)
-    Console(width=120).print(view.renderable)
 
 
 @cli.command()

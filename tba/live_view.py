@@ -8,6 +8,7 @@ offsets and the filter group's committed offsets, and the trainer's run_dir/metr
 from __future__ import annotations
 
 import http.client
+import sys
 import threading
 import time
 import urllib.request
@@ -170,3 +171,44 @@ class JobView:
         for bound, count in zip(["0", "1", "2", "3-4", "5-8", "9-16", ">16"], counts, strict=True):
             lines.append(f"  {bound:>5} {'█' * int(40 * count / total):<40} {count:.0f}")
         return Text("\n".join(lines))
+
+
+def run_job_in_view(cfg, stop: threading.Event, verbose: bool) -> dict:
+    """`tba run` with this view: live in a terminal (log lines above it, a spinner while a long wait lasts),
+    else (logs, CI, tests) the same view printed as text every 30 s. Returns the job's final state."""
+    import contextlib
+    import logging
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.logging import RichHandler
+    from rich.spinner import Spinner
+
+    from tba.logs import configure_logging
+    from tba.supervisor import run_job
+
+    view = JobView(cfg)
+    if not (cfg.run.live_view and sys.stdout.isatty()):
+        last = [0.0]
+
+        def every_30_s(supervisor) -> None:
+            if time.monotonic() - last[0] >= 30.0:
+                last[0] = time.monotonic()
+                view(supervisor)
+                Console(width=120).print(view.renderable)
+
+        return run_job(cfg, stop, every_30_s)
+    handler = RichHandler(show_path=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    configure_logging(verbose, handler, replace=True)
+    with Live(view.renderable, refresh_per_second=2) as live:
+
+        def refresh(supervisor) -> None:
+            view(supervisor)
+            live.update(view.renderable)
+
+        def progress(message: str):
+            live.update(Spinner("dots", message))
+            return contextlib.nullcontext()
+
+        return run_job(cfg, stop, refresh, progress)

@@ -111,6 +111,7 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
             wait_until(lambda: not any(alive(p["pid"]) for p in job_state(run_dir)["processes"] if p["pid"]),
                        60, "the processes of a killed supervisor to stop")  # fmt: skip
     assert job.returncode == 0, output
+    assert "processes" in output and "job stopped after" in output  # the view as text (no terminal), then the end
     assert not any(alive(pid) for pid in pids)
     rows = metric_rows(run_dir)
     last_step = max(r["step"] for r in rows)
