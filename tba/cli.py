@@ -301,11 +301,14 @@ def run_(obj: Context, config: str | None, keep_broker: bool) -> None:
     Ctrl-C / SIGTERM (or run.budget_s) stops it in order, the trainer checkpointing first; run it again
     with the same trainer.run_dir to resume. CONFIG defaults to --config, else the embedded defaults.
     """
-    from tba.live_view import run_job_in_view
+    from tba.live_view import shown
+    from tba.supervisor import run_job
 
     cfg = load_config(config) if config else obj.cfg
     cfg = with_overrides(cfg, run={"keep_broker": True}) if keep_broker else cfg
-    state = run_job_in_view(cfg, stop_on_signals(), obj.verbose)
+    stop = stop_on_signals()
+    with shown(cfg, obj.verbose) as (refresh, progress):
+        state = run_job(cfg, stop, refresh, progress)
     click.echo(f"job stopped after {state['elapsed_s']:.0f}s; logs and metrics in {cfg.trainer.run_dir}")
 
 

@@ -7,6 +7,7 @@ offsets and the filter group's committed offsets, and the trainer's run_dir/metr
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import sys
 import threading
@@ -173,10 +174,10 @@ class JobView:
         return Text("\n".join(lines))
 
 
-def run_job_in_view(cfg, stop: threading.Event, verbose: bool) -> dict:
-    """`tba run` with this view: live in a terminal (log lines above it, a spinner while a long wait lasts),
-    else (logs, CI, tests) the same view printed as text every 30 s. Returns the job's final state."""
-    import contextlib
+@contextlib.contextmanager
+def shown(cfg, verbose: bool):
+    """How `tba run` shows the job: yields (refresh, progress) for the supervisor; live in a terminal (log lines
+    above it, a spinner while a long wait lasts), else (logs, CI, tests) the view printed as text every 30 s."""
     import logging
 
     from rich.console import Console
@@ -185,7 +186,6 @@ def run_job_in_view(cfg, stop: threading.Event, verbose: bool) -> dict:
     from rich.spinner import Spinner
 
     from tba.logs import configure_logging
-    from tba.supervisor import run_job
 
     view = JobView(cfg)
     if not (cfg.run.live_view and sys.stdout.isatty()):
@@ -197,7 +197,8 @@ def run_job_in_view(cfg, stop: threading.Event, verbose: bool) -> dict:
                 view(supervisor)
                 Console(width=120).print(view.renderable)
 
-        return run_job(cfg, stop, every_30_s)
+        yield every_30_s, None
+        return
     handler = RichHandler(show_path=False)
     handler.setFormatter(logging.Formatter("%(message)s"))
     configure_logging(verbose, handler, replace=True)
@@ -211,4 +212,4 @@ def run_job_in_view(cfg, stop: threading.Event, verbose: bool) -> dict:
             live.update(Spinner("dots", message))
             return contextlib.nullcontext()
 
-        return run_job(cfg, stop, refresh, progress)
+        yield refresh, progress
