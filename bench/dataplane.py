@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 from bench.results import write_results  # noqa: E402
 from ops.broker import LocalBroker, classpath, free_port  # noqa: E402
 from ops.config import TbaConfig, load_config, with_overrides  # noqa: E402
-from ops.topics import JobTopics, create_topics, topic_names  # noqa: E402
+from ops.names import topic_names  # noqa: E402
+from ops.topics import JobTopics, create_topics  # noqa: E402
 from ops.trajectory_producer import TrajectoryProducer  # noqa: E402
 from producers.synthetic import synthetic_group  # noqa: E402
 from schemas.codec import SchemaStore  # noqa: E402

@@ -40,7 +40,8 @@ from bench.results import measured_commit, write_results  # noqa: E402
 from ops import kafka_clients  # noqa: E402
 from ops.broker import job_broker  # noqa: E402
 from ops.config import load_config  # noqa: E402
-from ops.topics import topic_names, topic_partitions  # noqa: E402
+from ops.names import topic_names  # noqa: E402
+from ops.topics import topic_partitions  # noqa: E402
 from tba.inspection import filter_lag  # noqa: E402
 from tba.live_view import scrape  # noqa: E402
 from tests.gateway_job import gateway_job  # noqa: E402

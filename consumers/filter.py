@@ -27,7 +27,8 @@ from ops.acls import READ, WRITE, one_line_refusals, refusal
 from ops.config import TbaConfig
 from ops.errors import BrokerError, DecodeError, TbaError
 from ops.job import model_id
-from ops.topics import JobTopics, filter_group, filter_instance_id
+from ops.names import filter_group, filter_instance_id
+from ops.topics import JobTopics
 from schemas.codec import SchemaStore
 from schemas.records import DeadLetter, now_ms
 

@@ -12,7 +12,8 @@ from kafka import OffsetAndMetadata, TopicPartition
 
 from consumers import scorers
 from ops import kafka_clients
-from ops.topics import JobTopics, redrive_group
+from ops.names import redrive_group
+from ops.topics import JobTopics
 
 # what a dead letter's scorer can be: the filter's fixed checks (completing a text-only group among them), its
 # configurable scorers, the trainer's admission. Not the gateway's: a group whose rewards never came has none

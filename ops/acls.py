@@ -44,7 +44,7 @@ from ops import kafka_clients
 from ops.broker import AUTHORIZER
 from ops.config import TbaConfig
 from ops.errors import AccessDenied, BrokerError, ConfigError, TbaError
-from ops.topics import filter_group, filter_instance_prefix, prompts_seed_id, searcher_group, topic_names
+from ops.names import filter_group, filter_instance_prefix, prompts_seed_id, searcher_group, topic_names
 
 READ, WRITE = ACLOperation.READ, ACLOperation.WRITE  # each implies DESCRIBE
 

@@ -1,20 +1,21 @@
 """The job's topics, each one object made once per process (JobTopics of Topics: name, partitions, config, codec,
-isolation level), the consumer-group and transactional-id names, and `tba topics create|describe`."""
+isolation level), the schema store on the schemas topic, and `tba topics create|describe` (names: ops/names.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
-from kafka.errors import TopicAlreadyExistsError, TopicAuthorizationFailedError
+from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError, TopicAuthorizationFailedError
 
 from ops import kafka_clients
+from ops.acls import READ, WRITE, one_line_refusals
 from ops.config import TbaConfig
-from ops.errors import ConfigError
+from ops.errors import TbaError
+from ops.names import topic_names
 from schemas.codec import SchemaStore
 from schemas.records import DeadLetterCodec, PolicyVersionCodec, PromptCodec, TrajectoryCodec
 
@@ -24,69 +25,6 @@ SHOWN_CONFIG = ("cleanup.policy", "retention.ms", "retention.bytes", "compressio
 # What a topic's readers see: the filter writes curated and dlq in transactions, a searcher seeds the prompts in
 # one; the compacted topics are written without, and a reader of them wants the newest record whatever is open.
 COMMITTED, UNCOMMITTED = "read_committed", "read_uncommitted"
-
-
-@dataclass(frozen=True)
-class TopicNames:
-    raw: str
-    curated: str
-    dlq: str
-    schemas: str
-    policy_versions: str
-    prompts: str
-
-
-def topic_names(cfg: TbaConfig) -> TopicNames:
-    """The namespaced names alone (JobTopics holds the topics themselves)."""
-    ns = cfg.kafka.namespace
-    if ns is None:  # ops.job.for_job resolves it; reaching here without it is a bug of the caller
-        raise ConfigError("kafka.namespace: no job namespace resolved (ops.job.for_job)")
-    return TopicNames(
-        raw=f"{ns}.trajectories.raw",
-        curated=f"{ns}.trajectories.curated",
-        dlq=f"{ns}.trajectories.dlq",
-        schemas=f"{ns}.schemas",
-        policy_versions=f"{ns}.policy.versions",
-        prompts=f"{ns}.prompts",
-    )
-
-
-# -- consumer groups and transactional ids: every one a job uses is named here ---------------------------------
-
-
-def filter_group(cfg: TbaConfig) -> str:
-    """The filter instances' consumer group."""
-    return f"{cfg.kafka.namespace}.{cfg.filter.group}"
-
-
-def filter_instance_id(cfg: TbaConfig, instance: str) -> str:
-    """A filter instance's static group membership and its transactional id alike: a restarted instance both
-    takes its partitions straight back and fences its dead predecessor."""
-    return f"{filter_instance_prefix(cfg)}{instance}"
-
-
-def filter_instance_prefix(cfg: TbaConfig) -> str:
-    """What every filter instance's transactional id starts with (its ACL is granted on this prefix)."""
-    return f"{filter_group(cfg)}."
-
-
-def searcher_group(cfg: TbaConfig) -> str:
-    """The searchers' consumer group over the prompts topic."""
-    return f"{cfg.kafka.namespace}.searchers"
-
-
-def searcher_client_id(cfg: TbaConfig, member: str) -> str:
-    return f"{searcher_group(cfg)}.{member}"
-
-
-def prompts_seed_id(cfg: TbaConfig) -> str:
-    """The one transactional id every searcher seeds the prompts topic with (so it gets one copy)."""
-    return f"{topic_names(cfg).prompts}.seed"
-
-
-def redrive_group(cfg: TbaConfig, scorer: str) -> str:
-    """The consumer group whose committed dlq offset says how far `scorer`'s dead letters were re-driven."""
-    return f"{cfg.kafka.namespace}.redrive.{scorer}"
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -231,18 +169,50 @@ def _compacted(cfg: TbaConfig) -> dict[str, str]:
 
 
 def schemas_topic(cfg: TbaConfig) -> Topic:
-    """The schema store's topic (ops/schema_store.py): key a fingerprint, value a schema's canonical text."""
+    """The schema store's topic (KafkaSchemaStore): key a fingerprint, value a schema's canonical text."""
     return Topic(cfg, topic_names(cfg).schemas, 1, _compacted(cfg), UNCOMMITTED)
+
+
+class KafkaSchemaStore(SchemaStore):
+    """Writer schemas shared through the namespace's compacted schemas topic (key: fingerprint as 16 hex digits,
+    value: canonical form)."""
+
+    def __init__(self, cfg: TbaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.topic = schemas_topic(cfg)
+
+    def publish(self, fp: bytes, canonical: str) -> None:
+        producer = kafka_clients.producer(self.cfg, compression_type=None, linger_ms=0)
+        timeout = self.cfg.kafka.client_timeout_s
+        try:
+            with one_line_refusals(self.cfg, WRITE):
+                self.topic.send(producer, canonical.encode(), key=fp.hex().encode()).get(timeout=timeout)
+        except KafkaTimeoutError as exc:  # the broker answers, but not for this topic: it was never created
+            raise TbaError(
+                f"could not publish a schema to {self.topic.name} within {timeout:.0f}s: "
+                f"were the namespace's topics created (`tba topics create`)?"
+            ) from exc
+        finally:
+            producer.close()
+
+    def fetch(self) -> list[tuple[bytes, str]]:
+        with one_line_refusals(self.cfg, READ):
+            records = self.topic.read()
+        shared = []
+        for r in records:  # anyone may write this topic: a key that is no fingerprint is not a registration
+            try:
+                shared.append((bytes.fromhex((r.key or b"").decode("ascii")), (r.value or b"").decode("utf-8")))
+            except (UnicodeDecodeError, ValueError):
+                continue
+        return shared
 
 
 class JobTopics:
     """Every topic of the job, made once per process and handed to what reads or writes them."""
 
     def __init__(self, cfg: TbaConfig, store: SchemaStore | None = None):
-        if store is None:  # imported here: the store reads the schemas topic, so it imports this module
-            from ops.schema_store import KafkaSchemaStore
-
-            store = KafkaSchemaStore(cfg)
+        store = KafkaSchemaStore(cfg) if store is None else store
         self.cfg, self.store = cfg, store
         t, names = cfg.topics, topic_names(cfg)
         stream = {**_base_config(cfg), "compression.type": "producer"}

@@ -31,7 +31,8 @@ from kafka.errors import TransactionalIdNotFoundError
 
 from ops import kafka_clients
 from ops.config import TbaConfig
-from ops.topics import UNCOMMITTED, filter_group, read_topic, topic_names
+from ops.names import filter_group, topic_names
+from ops.topics import UNCOMMITTED, read_topic
 
 log = logging.getLogger(__name__)
 OFFSETS_TOPIC = "__consumer_offsets"

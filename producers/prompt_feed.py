@@ -24,7 +24,8 @@ from kafka.structs import OffsetAndMetadata
 
 from ops import kafka_clients
 from ops.errors import BrokerError
-from ops.topics import Topic, prompts_seed_id, searcher_client_id, searcher_group
+from ops.names import prompts_seed_id, searcher_client_id, searcher_group
+from ops.topics import Topic
 from policy.tasks import Problem
 from policy.tasks.prompts import problem_from_record, problem_record
 

@@ -2,7 +2,7 @@
 
 A message is 0xC3 0x01, the 8-byte CRC-64-AVRO fingerprint of the writer schema's canonical form
 (little-endian), then the Avro binary body. A reader looks the fingerprint up in the SchemaStore
-(local cache, then the shared store: on Kafka the `<ns>.schemas` topic, ops/schema_store.py) and
+(local cache, then the shared store: on Kafka the `<ns>.schemas` topic, ops/topics.py: KafkaSchemaStore) and
 always reads with its own reader schema, so writers and readers evolve independently under Avro's
 resolution rules. Nothing here does I/O.
 """
@@ -38,7 +38,7 @@ def schema_fingerprint(schema: dict) -> bytes:
 
 
 class SchemaStore:
-    """Writer schemas by fingerprint, in memory. ops.schema_store.KafkaSchemaStore shares them through the
+    """Writer schemas by fingerprint, in memory. ops.topics.KafkaSchemaStore shares them through the
     namespace's schemas topic (publish and fetch below); this one is for a process on its own."""
 
     def __init__(self):

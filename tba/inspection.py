@@ -7,7 +7,8 @@ from collections import Counter, defaultdict
 from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import DecodeError
-from ops.topics import JobTopics, Topic, describe_topics, filter_group
+from ops.names import filter_group
+from ops.topics import JobTopics, Topic, describe_topics
 
 
 def filter_lag(cfg: TbaConfig) -> dict[str, int]:

@@ -83,7 +83,8 @@ class JobView:
     def _read_kafka(self) -> dict:
         from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError
 
-        from ops.topics import end_offsets, topic_names
+        from ops.names import topic_names
+        from ops.topics import end_offsets
         from tba.inspection import filter_lag
 
         try:

@@ -88,7 +88,7 @@ class StallWatch:
 def filter_member_lag(cfg) -> dict[str, int]:
     """Filter instance ("0", "1", ...) -> records not committed yet on the raw partitions it holds now."""
     from ops import kafka_clients
-    from ops.topics import filter_group, filter_instance_prefix
+    from ops.names import filter_group, filter_instance_prefix
     from tba.inspection import filter_lag
 
     group = filter_group(cfg)

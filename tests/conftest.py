@@ -10,8 +10,7 @@ import pytest
 
 from ops.broker import LocalBroker, free_port
 from ops.config import TbaConfig, load_config, with_overrides
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import create_topics
+from ops.topics import KafkaSchemaStore, create_topics
 
 
 def pytest_configure(config):

@@ -21,7 +21,8 @@ from ops import kafka_clients
 from ops.broker import free_port, job_broker
 from ops.config import TbaConfig, load_config
 from ops.metrics import metric_rows
-from ops.topics import JobTopics, end_offsets, topic_names
+from ops.names import topic_names
+from ops.topics import JobTopics, end_offsets
 from ops.transactions import HangingTransactions
 from producers.synthetic import synthetic_group
 from tba.inspection import filter_lag

@@ -14,8 +14,8 @@ import yaml
 
 from ops import kafka_clients
 from ops.config import TbaConfig
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import KafkaSchemaStore, read_topic
 from producers.synthetic import BAD_KINDS, synthetic_group
 from schemas.codec import HEADER_LEN, MAGIC, Codec, SchemaStore
 from schemas.records import DeadLetterCodec, TrajectoryCodec

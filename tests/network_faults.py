@@ -243,7 +243,7 @@ def observe(cfg_path: str) -> None:
 
     from ops import kafka_clients
     from ops.config import load_config
-    from ops.topics import topic_names
+    from ops.names import topic_names
 
     cfg = load_config(cfg_path)
     names = topic_names(cfg)

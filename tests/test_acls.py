@@ -16,7 +16,8 @@ from ops import kafka_clients
 from ops.broker import LocalBroker, free_port
 from ops.config import load_config
 from ops.errors import AccessDenied
-from ops.topics import JobTopics, read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import JobTopics, read_topic
 from ops.trajectory_producer import TrajectoryProducer
 from producers.policy_watch import PolicyWatch
 from producers.synthetic import bad_nan_reward, synthetic_group

@@ -7,7 +7,8 @@ import numpy as np
 
 from ops import kafka_clients
 from ops.broker import free_port
-from ops.topics import JobTopics, read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import JobTopics, read_topic
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
 from schemas.records import DeadLetterCodec

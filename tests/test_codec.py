@@ -8,7 +8,7 @@ from fastavro import parse_schema
 from fastavro.schema import to_parsing_canonical_form
 
 from ops.errors import DecodeError
-from ops.schema_store import KafkaSchemaStore
+from ops.topics import KafkaSchemaStore
 from producers.synthetic import synthetic_group
 from schemas.codec import MAGIC, Codec, SchemaStore, load_schema, schema_fingerprint
 from schemas.records import TrajectoryCodec

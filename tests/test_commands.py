@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from ops.broker import free_port
-from ops.topics import topic_names
+from ops.names import topic_names
 from tba.cli import cli
 
 pytestmark = pytest.mark.slow  # the command line in processes of its own, and a broker

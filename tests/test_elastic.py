@@ -10,7 +10,8 @@ import threading
 import time
 
 from ops.config import with_overrides
-from ops.topics import JobTopics, create_topics, topic_names
+from ops.names import topic_names
+from ops.topics import JobTopics, create_topics
 from policy.tasks import Problem
 from policy.tasks.prompts import problem_from_record
 from producers.prompt_feed import PromptFeed, seed_prompts

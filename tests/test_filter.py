@@ -10,7 +10,8 @@ from collections import Counter
 
 from consumers.filter import FilterConsumer
 from ops import kafka_clients
-from ops.topics import JobTopics, read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import JobTopics, read_topic
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import BAD_KINDS, synthetic_group
 from schemas.codec import Codec, SchemaStore

@@ -23,8 +23,8 @@ from ops.broker import free_port
 from ops.config import TbaConfig, load_config, with_overrides
 from ops.errors import ConfigError
 from ops.metrics import gateway_metrics
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import create_topics, read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import KafkaSchemaStore, create_topics, read_topic
 from policy.generation import Completion, HFGenerator
 from policy.logprobs import token_logprobs
 from policy.models import chat_prompt_ids

@@ -5,8 +5,8 @@ versions reach the gateway."""
 import pytest
 
 from bench.gateway import server_timing
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import KafkaSchemaStore, read_topic
 from schemas.records import TrajectoryCodec
 from tba.live_view import scrape
 from tests.gateway_job import gateway_job, run_agents

@@ -11,7 +11,8 @@ from kafka.admin import ConfigResource, ConfigResourceType
 
 from ops import kafka_clients
 from ops.config import with_overrides
-from ops.topics import end_offsets, read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import end_offsets, read_topic
 from ops.transactions import OFFSETS_TOPIC, HangingTransactions, job_partitions, open_transactions
 from tba.supervisor import Supervisor
 

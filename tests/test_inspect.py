@@ -9,7 +9,7 @@ from rich.console import Console
 
 from ops import kafka_clients
 from ops.config import with_overrides
-from ops.topics import topic_names
+from ops.names import topic_names
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import bad_nan_reward, synthetic_group
 from tba.cli import cli

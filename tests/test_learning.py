@@ -12,7 +12,8 @@ import yaml
 from ops.broker import free_port
 from ops.config import with_overrides
 from ops.metrics import metric_rows
-from ops.topics import read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import read_topic
 from schemas.records import TrajectoryCodec
 from tests.tiny_models import saved_tiny_llama
 from trainer.job import run_trainer

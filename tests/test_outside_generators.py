@@ -18,7 +18,8 @@ from consumers.filter import GroupFilter
 from ops import kafka_clients
 from ops.broker import free_port
 from ops.config import with_overrides
-from ops.topics import JobTopics, read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import JobTopics, read_topic
 from policy.completion import GroupCompleter
 from policy.generation import HFGenerator
 from policy.models import chat_prompt_ids

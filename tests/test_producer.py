@@ -9,7 +9,8 @@ from kafka.admin import NewTopic
 
 from ops import kafka_clients
 from ops.errors import DeliveryError
-from ops.topics import COMMITTED, Topic, read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import COMMITTED, Topic, read_topic
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
 from schemas.records import TrajectoryCodec

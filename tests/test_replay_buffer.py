@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from ops.config import BufferConfig, with_overrides
-from ops.topics import JobTopics, read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import JobTopics, read_topic
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
 from schemas.codec import SchemaStore

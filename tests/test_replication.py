@@ -7,8 +7,8 @@ import time
 import pytest
 
 from ops.config import with_overrides
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import create_topics, read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import KafkaSchemaStore, create_topics, read_topic
 from schemas.records import TrajectoryCodec
 from tests.conftest import make_config
 from tests.fault_injection import Load

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from ops.config import with_overrides
-from ops.topics import JobTopics, read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import JobTopics, read_topic
 from policy.logprobs import token_logprobs
 from producers.searcher import build_searcher
 from schemas.records import TrajectoryCodec

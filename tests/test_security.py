@@ -10,7 +10,8 @@ import pytest
 from ops.broker import LocalBroker, free_port
 from ops.config import load_config
 from ops.errors import BrokerError
-from ops.topics import create_topics, read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import create_topics, read_topic
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
 

@@ -19,8 +19,8 @@ import yaml
 from ops.config import load_config, with_overrides
 from ops.job import recorded_namespace
 from ops.metrics import metric_rows
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import KafkaSchemaStore, read_topic
 from schemas.records import TrajectoryCodec
 from tests.tiny_models import saved_tiny_llama, tiny_classifier
 from trainer.checkpoint import latest_checkpoint

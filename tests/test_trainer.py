@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from ops.config import with_overrides
-from ops.topics import JobTopics, topic_names
+from ops.names import topic_names
+from ops.topics import JobTopics
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import synthetic_group
 from producers.weight_subscriber import WeightSubscriber

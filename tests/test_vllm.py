@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from ops.config import with_overrides
-from ops.schema_store import KafkaSchemaStore
+from ops.names import topic_names
 from ops.shared_memory import directory
-from ops.topics import read_topic, topic_names
+from ops.topics import KafkaSchemaStore, read_topic
 from policy.logprobs import token_logprobs
 from policy.models import AdaptersDisabled, apply_lora, load_model, merged_weights
 from policy.vllm_backend import VLLMGenerator

@@ -10,8 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ops.config import with_overrides
 from ops.errors import TbaError
-from ops.schema_store import KafkaSchemaStore
-from ops.topics import read_topic, topic_names
+from ops.names import topic_names
+from ops.topics import KafkaSchemaStore, read_topic
 from policy.models import load_into
 from producers.weight_subscriber import WeightSubscriber
 from schemas.chunk_wire import DataChunk
