@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from bench.results import write_results  # noqa: E402
 from ops.broker import free_port, job_broker  # noqa: E402
 from ops.config import ENV_PREFIX, TbaConfig, load_config, with_overrides  # noqa: E402
-from ops.metrics import metric_rows  # noqa: E402
+from ops.metrics import metric_rows, paired_gain  # noqa: E402
 from ops.topics import JobTopics  # noqa: E402
 from tba.signals import Stop  # noqa: E402
 from tba.supervisor import run_job  # noqa: E402
@@ -92,47 +92,57 @@ def run_tba(cfg: TbaConfig) -> dict:
     return {"wall_s": wall, "rows": rows, "end_eval": end_eval, "groups": groups}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget-s", type=float, default=1200)
-    parser.add_argument("--eval-problems", type=int, default=192)
-    parser.add_argument("--out", default=str(ROOT / "bench/results/learning_smoke.json"))
-    args = parser.parse_args()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        # evaluations at the start and of the final checkpoint only, on more problems: less noise, more steps
-        cfg = job_config(Path(tmp), args.budget_s, task={"eval_size": args.eval_problems},
-                         trainer={"eval_prompts": args.eval_problems, "eval_every": 1_000_000})  # fmt: skip
-        run = run_tba(cfg)
+def smoke(tmp: Path, budget_s: float, eval_problems: int, **sections) -> dict:
+    """The default job (sections changed, e.g. buffer={"max_replay_ratio": 2}) for budget_s in tmp; what it did
+    and learned. Evaluations at the start and of the final checkpoint only, on more problems: less noise."""
+    trainer = {"eval_prompts": eval_problems, "eval_every": 1_000_000, **sections.pop("trainer", {})}
+    cfg = job_config(tmp, budget_s, task={"eval_size": eval_problems}, trainer=trainer, **sections)
+    run = run_tba(cfg)
     rows, end_eval = run["rows"], run["end_eval"]
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
     tokens = sum(s.token_ids.size for g in run["groups"] for s in g.samples)
-    result = {
+    gain, gain_se = paired_gain(evals[0], end_eval)
+    return {
         "model": "SmolLM2-135M-Instruct",
         "task": f"{cfg.task.dataset} {cfg.task.dataset_args}",
         "config": "embedded defaults",
         "overrides": overrides(),
-        "budget_s": args.budget_s,
+        "changed": sections,
+        "max_replay_ratio": cfg.buffer.max_replay_ratio,
+        "budget_s": budget_s,
         "wall_s": run["wall_s"],
         "steps": train[-1]["step"] if train else 0,
         "policy_versions": train[-1]["policy_version"] if train else 0,
         "accuracy_start": evals[0]["greedy_accuracy"],
         "accuracy_end": end_eval["greedy_accuracy"],
-        "accuracy_gain": end_eval["greedy_accuracy"] - evals[0]["greedy_accuracy"],
+        "accuracy_gain": gain,
+        "accuracy_gain_se": gain_se,  # paired over the same problems (ops/metrics.py: paired_gain)
+        "accuracy_end_se": end_eval["greedy_accuracy_se"],
         "sampled_reward_start": evals[0]["sampled_reward"],
         "sampled_reward_end": end_eval["sampled_reward"],
-        "evaluations": [{k: r[k] for k in ("step", "wall_s", "greedy_accuracy", "sampled_reward")} for r in evals],
+        "sampled_reward_end_se": end_eval["sampled_reward_se"],
         "eval_problems": cfg.trainer.eval_prompts,
         "groups_generated": len(run["groups"]),
         "tokens_per_s": tokens / run["wall_s"],
+        "replay_ratio": train[-1]["replay_ratio"] if train else None,
+        "mean_staleness": float(np.mean([r["staleness"] for r in train])) if train else None,
         "train_step_s": float(np.mean([r["seconds"] for r in train])) if train else None,
         "train_mean_reward_first_10": float(np.mean([r["mean_reward"] for r in train[:10]])) if train else None,
         "train_mean_reward_last_10": float(np.mean([r["mean_reward"] for r in train[-10:]])) if train else None,
         "trainer_wait_fraction": train[-1]["trainer_wait_fraction"] if train else None,
         "machine": f"{os.cpu_count()} cores, CPU only",
     }
-    write_results(args.out, result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget-s", type=float, default=1200)
+    parser.add_argument("--eval-problems", type=int, default=192)
+    parser.add_argument("--out", default=str(ROOT / "bench/results/learning_smoke.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_results(args.out, smoke(Path(tmp), args.budget_s, args.eval_problems))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,32 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 PREFIX = "tba"
 STALENESS_BOUND = 16  # the staleness histogram's largest finite bucket (trainer/train.py counts by it)
+
+
+# -- the held-out evaluation's statistics (trainer/evaluation.py writes the rows, tba/report.py reads them) --
+
+
+def mean(xs) -> float:
+    return float(np.mean(xs)) if len(xs) else float("nan")
+
+
+def standard_error(xs) -> float:
+    """Of the mean of xs (sample standard deviation over sqrt n)."""
+    return float(np.std(xs, ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else float("nan")
+
+
+def paired_gain(first: dict, last: dict) -> tuple[float, float]:
+    """Greedy accuracy gain from evaluation first to last and its standard error, problem by problem: the same
+    held-out problems both times, so what both solve (or both miss) adds no noise."""
+    pairs = [(a, b) for a, b in zip(first["greedy_solved"], last["greedy_solved"], strict=True) if "-" not in (a, b)]
+    gains = np.array([int(b) - int(a) for a, b in pairs], dtype=float)
+    return mean(gains), standard_error(gains)
 
 
 class MetricsLog:
@@ -184,6 +205,10 @@ def trainer_metrics(trainer) -> Iterable[Metric]:
     if trainer.buffer is not None:
         yield _gauge("trainer_buffer_groups", "Groups in the replay buffer", len(trainer.buffer), labels)
         yield _gauge("trainer_buffer_prompts", "Prompts in the replay buffer", trainer.buffer.num_prompts, labels)
+        yield _gauge("trainer_replay_ratio", "Prompts trained per group received", trainer.replay_ratio, labels)
+        yield _gauge(
+            "trainer_ready", "1: a step has what it needs (buffer, replay bound)", float(trainer.ready), labels
+        )
         ingested = sum(trainer.buffer.next_offsets.values())
         yield _gauge("trainer_curated_offset", "Next curated offsets to ingest (sum)", ingested, labels)
         yield _counter("trainer_rejected_groups", "Curated groups it cannot train on (to the dlq)",

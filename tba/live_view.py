@@ -164,12 +164,15 @@ class JobView:
 
     @staticmethod
     def _staleness(trainer: dict[str, float]) -> Text:
-        """Trained samples by policy versions behind (bucket counts from the trainer's histogram)."""
+        """Trained samples by policy versions behind (bucket counts from the trainer's histogram), their mean, and
+        how often the history was reused (prompts trained per group received)."""
         bounds = ["0", "1", "2", "4", "8", "16", "+Inf"]
         cumulative = [trainer.get(f"tba_trainer_sample_staleness_bucket{{{b}}}", 0.0) for b in bounds]
         counts = [c - p for c, p in zip(cumulative, [0.0, *cumulative[:-1]], strict=True)]
         total = max(1.0, cumulative[-1])
-        lines = ["staleness of trained samples (policy versions behind)"]
+        mean = trainer.get("tba_trainer_sample_staleness_sum", 0.0) / total
+        ratio = trainer.get("tba_trainer_replay_ratio", 0.0)
+        lines = [f"staleness of trained samples (policy versions behind): mean {mean:.1f}; replay ratio {ratio:.2f}"]
         for bound, count in zip(["0", "1", "2", "3-4", "5-8", "9-16", ">16"], counts, strict=True):
             lines.append(f"  {bound:>5} {'█' * int(40 * count / total):<40} {count:.0f}")
         return Text("\n".join(lines))

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ops.errors import TbaError  # noqa: E402
-from ops.metrics import metric_rows  # noqa: E402
+from ops.metrics import metric_rows, paired_gain  # noqa: E402
 
 
 def load_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -99,6 +99,24 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _headline(first: dict, last: dict) -> list[str]:
+    """First and last held-out evaluation with their standard errors, and whether the gain stands out of the
+    noise (two standard errors, problem by problem) or not."""
+    pm = lambda row, key: f"{row[key]:.3f} ± {row.get(key + '_se', float('nan')):.3f}"  # noqa: E731
+    steps = f"(step {first['step']} -> {last['step']}, {last.get('eval_problems', '?')} problems)"
+    if "greedy_solved" in first and "greedy_solved" in last:
+        gain, se = paired_gain(first, last)
+        verdict = "beyond" if abs(gain) > 2 * se else "within"
+        change = f"gain {gain:+.3f} ± {se:.3f}: {verdict} the noise (two standard errors)"
+    else:  # rows of an older run: no per-problem results to pair
+        change = f"gain {last['greedy_accuracy'] - first['greedy_accuracy']:+.3f}"
+    return [
+        f"- held-out greedy accuracy {steps}: {pm(first, 'greedy_accuracy')} -> {pm(last, 'greedy_accuracy')}, "
+        f"{change}",
+        f"- held-out sampled reward: {pm(first, 'sampled_reward')} -> {pm(last, 'sampled_reward')}",
+    ]
+
+
 def _summary(run_dir: Path, train: list[dict], evals: list[dict], inspected: dict | None, figures) -> str:
     lines = [f"# Run report: {run_dir}", ""]
     if train:
@@ -110,15 +128,13 @@ def _summary(run_dir: Path, train: list[dict], evals: list[dict], inspected: dic
             f"trainer wait fraction at the end: {last.get('trainer_wait_fraction', 0.0):.3f}",
             f"- training reward: first 10 steps {np.mean([r['mean_reward'] for r in train[:10]]):.3f}, "
             f"last 10 steps {np.mean([r['mean_reward'] for r in train[-10:]]):.3f}",
-            f"- mean staleness: {np.mean([r['staleness'] for r in train]):.2f} policy versions",
+            f"- mean staleness: {np.mean([r['staleness'] for r in train]):.2f} policy versions; replay ratio at the "
+            f"end: {last.get('replay_ratio', float('nan')):.2f} prompts trained per group received",
         ]
     if evals:
         first, last = evals[0], evals[-1]
+        lines += [*_headline(first, last), ""]
         lines += [
-            f"- held-out greedy accuracy: {first['greedy_accuracy']:.3f} (step {first['step']}) -> "
-            f"{last['greedy_accuracy']:.3f} (step {last['step']}), "
-            f"gain {last['greedy_accuracy'] - first['greedy_accuracy']:+.3f}",
-            "",
             "| step | policy version | greedy accuracy | sampled reward |",
             "|---|---|---|---|",
             *(

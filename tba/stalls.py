@@ -5,7 +5,7 @@ forever or a trainer whose loop stopped taking steps look alive to a supervisor 
 codes, and a job then stalls in silence. Every `run.stall_s`, with the roles' metrics endpoints:
 
 - a role whose /metrics has not answered for `stall_s` is stuck whole (stopped, deadlocked);
-- a trainer that took no step while its buffer held enough prompts to train on;
+- a trainer that took no step while it was ready to (enough prompts, within its replay bound);
 - a searcher that neither produced a group, paused for lag, nor looked for prompts and found none;
 - a filter that routed nothing while the raw partitions it holds had records it had not committed.
 
@@ -25,13 +25,12 @@ class Seen:
     since: float = 0.0  # when it last changed, or the role last answered / started
 
 
-def progress_and_work(role: str, metrics: dict[str, float], min_buffer_prompts: int,
-                      lag: int | None) -> tuple[float, bool] | None:  # fmt: skip
+def progress_and_work(role: str, metrics: dict[str, float], lag: int | None) -> tuple[float, bool] | None:
     """(a count that grows while the role does its job, whether it had work to do), None for a role not watched
     this way. lag: a filter's records not committed yet on the raw partitions it holds."""
     if role == "trainer":
         steps = metrics.get("tba_trainer_steps_total", 0.0)
-        return steps, metrics.get("tba_trainer_buffer_prompts", 0.0) >= min_buffer_prompts
+        return steps, metrics.get("tba_trainer_ready", 0.0) >= 1
     if role == "searcher":
         names = ("groups", "paused_batches", "idle_steps")
         return sum(metrics.get(f"tba_searcher_{n}_total", 0.0) for n in names), True
@@ -46,9 +45,8 @@ class StallWatch:
 
     STARTUP = 3  # stall_s times this for a process to answer a first time: loading models comes before /metrics
 
-    def __init__(self, stall_s: float, min_buffer_prompts: int):
+    def __init__(self, stall_s: float):
         self.stall_s = stall_s
-        self.min_buffer_prompts = min_buffer_prompts
         self.seen: dict[str, Seen] = {}
         self.answered: dict[str, float] = {}
         self.starting: set[str] = set()  # not answered since it (re)started
@@ -71,7 +69,7 @@ class StallWatch:
             return f"its metrics endpoint has not answered for {quiet:.0f}s"
         self.answered[name] = now
         self.starting.discard(name)
-        found = progress_and_work(role, metrics, self.min_buffer_prompts, lag)
+        found = progress_and_work(role, metrics, lag)
         if found is None:
             return None
         progress, had_work = found

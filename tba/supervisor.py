@@ -155,7 +155,7 @@ class Supervisor:
         self.next_heal = 0.0
         self.next_broker_start = 0.0  # monotonic time of the next try at restarting the broker
         self.scaler = Scaler(self, searcher_process)  # `tba scale searchers N` while it runs
-        self.stalls = StallWatch(cfg.run.stall_s, cfg.trainer.min_buffer_prompts)
+        self.stalls = StallWatch(cfg.run.stall_s)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

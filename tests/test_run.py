@@ -130,7 +130,10 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
     report = subprocess.run([*tba, "report", str(run_dir)], capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
     summary = (run_dir / "report" / "report.md").read_text()
-    assert f"steps: {last_step + 2}" in summary and "held-out greedy accuracy" in summary
+    assert f"steps: {last_step + 2}" in summary and "held-out greedy accuracy (step 0 -> " in summary
+    assert "the noise (two standard errors)" in summary and "held-out sampled reward: " in summary
+    assert "prompts trained per group received" in summary  # the replay ratio, bounded by buffer.max_replay_ratio:
+    assert all(r["replay_ratio"] <= cfg.buffer.max_replay_ratio for r in rows if r["kind"] == "train")
     for figure in ("learning", "throughput", "staleness"):
         assert (run_dir / "report" / f"{figure}.png").stat().st_size > 10_000
 
@@ -195,13 +198,13 @@ def test_a_run_dir_resumes_only_the_job_whose_checkpoint_it_holds(cfg, tmp_path)
 
 
 def test_a_role_is_stalled_only_without_progress_while_it_had_work():
-    watch = StallWatch(stall_s=60, min_buffer_prompts=4)
+    watch = StallWatch(stall_s=60)
     watch.started("trainer", now=0)
-    full = {"tba_trainer_steps_total": 7, "tba_trainer_buffer_prompts": 9}
+    full = {"tba_trainer_steps_total": 7, "tba_trainer_ready": 1}
     assert watch.look("trainer", "trainer", full, now=10) is None
     assert watch.look("trainer", "trainer", full, now=69) is None  # not yet stall_s without a step
     assert watch.look("trainer", "trainer", full, now=71) == "no step with a buffer to train on for 61s"
-    waiting = {"tba_trainer_steps_total": 7, "tba_trainer_buffer_prompts": 1}  # too few prompts: rightly idle
+    waiting = {"tba_trainer_steps_total": 7, "tba_trainer_ready": 0}  # too few prompts or new groups: rightly idle
     assert watch.look("trainer", "trainer", waiting, now=200) is None
     assert watch.look("trainer", "trainer", full, now=250) is None  # the clock started again when idle
 

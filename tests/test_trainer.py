@@ -203,3 +203,42 @@ def test_staleness_is_counted_against_the_version_the_batch_was_trained_with(tcf
     assert t.staleness_sum == 1 * 2 * 3 * 4 + 2 * 3 * 4 + 1002 * 3 * 4
     t.close()
     server.stop()
+
+
+def test_a_step_waits_for_new_groups_once_the_history_was_trained_max_replay_ratio_times(tcfg, store):
+    import threading
+    import time
+
+    from ops.metrics import trainer_metrics
+
+    cfg = with_overrides(tcfg, buffer={"max_replay_ratio": 0.25})  # 24 groups: 6 prompts, two steps of 3
+    t = trainer_for(cfg, store, seed=0)
+    deadline = time.monotonic() + 30
+    while t.buffer.received < 24 and time.monotonic() < deadline:
+        t.feed.poll(200)
+    assert t.buffer.received == 24 and t.ready
+    for _ in range(2):
+        t.wait_for_data()
+        t.train_step()
+    assert t.replay_ratio == 6 / 24 and t.held_by_replay_bound() and not t.ready
+    ready = {m.name: m.samples[0].value for m in trainer_metrics(t)}["tba_trainer_ready"]
+    assert ready == 0.0  # what the supervisor's stall check reads: waiting for groups is not a stall
+
+    stop, waited = threading.Event(), threading.Event()
+    waiter = threading.Thread(target=lambda: (t.wait_for_data(stop), waited.set()))
+    waiter.start()
+    assert not waited.wait(2)  # the history alone does not allow a third step
+    rng = np.random.default_rng(1)
+    with TrajectoryProducer(cfg, topic=JobTopics(cfg, store).curated) as producer:
+        for i in range(12):  # 36 groups: 9 prompts may be trained
+            producer.send(synthetic_group(rng, 8 + i, samples=4, tokens=10, policy_version=3, vocab=128))
+    assert waited.wait(30), "the step did not go on once new groups came"
+    waiter.join()
+    assert t.ready and t.buffer.received == 36
+    t.train_step()
+    assert t.replay_ratio == 9 / 36 and not t.ready
+
+    t.feed.close()
+    t.feed = None  # a replay without --live: its range is all there will be, trained as often as it is told
+    assert not t.held_by_replay_bound() and t.ready
+    t.close()

@@ -8,9 +8,11 @@ import numpy as np
 import torch
 
 from ops.config import TbaConfig
+from ops.metrics import mean, standard_error
 from policy.tasks import RewardError, checked_rewards
 
 log = logging.getLogger(__name__)
+CHUNK = 64  # problems per generation call: 256 at once took 178 s on 2 cores, 4 calls of 64 121 s
 
 
 class Evaluator:
@@ -26,23 +28,39 @@ class Evaluator:
             model, tokenizer, None, cfg.trainer.temperature, cfg.trainer.eval_max_new_tokens
         )
 
-    def _score(self, texts: list[str], finished: list[bool]) -> list[float]:
+    def _score(self, texts: list[str], finished: list[bool]) -> list[float | None]:
+        """Each problem's reward, None where it could not be scored (as a searcher would: the others count)."""
         rewards = []
         for problem, text, done in zip(self.problems, texts, finished, strict=True):
             try:
                 (reward,) = checked_rewards(self.task.score(problem, [text], [done]), 1, f"task {self.task.cfg.name!r}")
-            except RewardError as exc:  # as a searcher would: this one goes unscored, the others count
+            except RewardError as exc:
                 log.warning("evaluation of %s: %s", problem.prompt_id, exc)
-                continue
+                reward = None
             rewards.append(reward)
         return rewards
 
+    @staticmethod
+    def _texts(gen, prompts: list[list[int]], sample: bool) -> tuple[list[str], list[bool]]:
+        texts, finished = [], []
+        for i in range(0, len(prompts), CHUNK):
+            chunk_texts, chunk_finished = gen.texts(prompts[i : i + CHUNK], sample=sample)
+            texts += chunk_texts
+            finished += chunk_finished
+        return texts, finished
+
     @torch.no_grad()
-    def __call__(self, model) -> dict[str, float]:
+    def __call__(self, model) -> dict:
+        """Means with their standard errors over the problems scored, and which problems greedy decoding solved
+        (one character each, in order: 1, 0, or - unscored), so two evaluations compare problem by problem."""
         model.eval()
         gen = self._gen(model)
         prompts = [gen.prompt_ids(p.messages) for p in self.problems]
-        greedy, sampled = (self._score(*gen.texts(prompts, sample=mode)) for mode in (False, True))
-        mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
-        return {"greedy_accuracy": mean([r >= 1.0 for r in greedy]), "greedy_reward": mean(greedy),
-                "sampled_reward": mean(sampled)}  # fmt: skip
+        greedy, sampled = (self._score(*self._texts(gen, prompts, mode)) for mode in (False, True))
+        solved = np.array([r >= 1.0 for r in greedy if r is not None], dtype=float)
+        rewards = np.array([r for r in sampled if r is not None], dtype=float)
+        return {"greedy_accuracy": mean(solved), "greedy_accuracy_se": standard_error(solved),
+                "greedy_reward": mean([r for r in greedy if r is not None]),
+                "sampled_reward": mean(rewards), "sampled_reward_se": standard_error(rewards),
+                "eval_problems": len(self.problems),
+                "greedy_solved": "".join("-" if r is None else "01"[r >= 1.0] for r in greedy)}  # fmt: skip

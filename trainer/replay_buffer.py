@@ -72,6 +72,7 @@ class ReplayBuffer:
         self.admit = admit or (lambda group: None)
         self.reject = reject or _raise
         self.rejected = 0
+        self.received = 0  # groups indexed since this process started (a restore counts none)
         self.topic = reader.topic  # where its records come from
         self.codec = codec
         self.rng = np.random.default_rng(seed)
@@ -169,6 +170,7 @@ class ReplayBuffer:
             if group.policy_version == self.newest_version:
                 self._newest_prompts.add(pid)
             self._remember(idx, group)
+            self.received += 1
             return True
 
     def _remember(self, idx: int, group: TrajectoryGroup) -> None:

@@ -42,6 +42,7 @@ class StepResult:
     mean_reward: float
     on_policy_fraction: float
     staleness: float  # mean policy versions between the samples and the model trained
+    replay_ratio: float  # prompts trained per group received, since the trainer started
     seconds: float
 
 
@@ -82,6 +83,7 @@ class Trainer:
         warmup = max(1, self.t.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.waited_s = 0.0
+        self.trained_prompts = 0  # since this process started, as buffer.received counts groups
         # trained samples by policy versions behind, those over STALENESS_BOUND counted as one more: a key per
         # distinct value would grow with the job (samples from the whole history), and /metrics reads them all
         self.staleness_counts: Counter[int] = Counter()
@@ -93,10 +95,28 @@ class Trainer:
         self.forward_model = DistributedDataParallel(model) if self.world > 1 else model
         self.device = next(model.parameters()).device
 
+    @property
+    def replay_ratio(self) -> float:
+        return self.trained_prompts / max(1, self.buffer.received) if self.buffer is not None else 0.0
+
+    def held_by_replay_bound(self) -> bool:
+        """Would the next step train the groups received so far more often than buffer.max_replay_ratio allows?
+        Only while groups still arrive (a replay without --live trains its range as often as it is told)."""
+        bound = self.cfg.buffer.max_replay_ratio
+        next_total = self.trained_prompts + self.t.prompts_per_step
+        return self.feed is not None and bound > 0 and next_total > bound * self.buffer.received
+
+    @property
+    def ready(self) -> bool:
+        """Has what a step needs: enough prompts, within the replay bound (a stall check reads it)."""
+        enough = self.buffer is not None and self.buffer.num_prompts >= self.t.min_buffer_prompts
+        return enough and not self.held_by_replay_bound()
+
     def wait_for_data(self, stop: threading.Event | None = None) -> None:
-        """Ingest from the feed until the buffer holds min_buffer_prompts prompts."""
+        """Ingest from the feed until the buffer holds min_buffer_prompts prompts and the replay bound allows a
+        step."""
         start = time.monotonic()
-        while self.buffer.num_prompts < self.t.min_buffer_prompts and not (stop and stop.is_set()):
+        while not self.ready and not (stop and stop.is_set()):
             if self.feed is None:
                 raise TbaError(
                     f"the replay buffer holds {self.buffer.num_prompts} prompts, fewer than "
@@ -150,6 +170,7 @@ class Trainer:
         staleness = [self.policy_version - v for p in batch for v in p.policy_versions]
         self.staleness_counts.update(min(s, STALENESS_BOUND + 1) for s in staleness)
         self.staleness_sum += sum(staleness)
+        self.trained_prompts += len(batch)
         self.step += 1
         if self.server is not None and self.step % self.t.sync_every == 0:
             self.publish()
@@ -160,6 +181,7 @@ class Trainer:
             mean_reward=float(np.mean([s.reward for p in batch for s in p.samples])),
             on_policy_fraction=float(np.mean([p.on_policy for p in batch])),
             staleness=float(np.mean(staleness)),
+            replay_ratio=self.replay_ratio,
             seconds=time.monotonic() - start,
         )
 
