@@ -40,7 +40,7 @@ def timed(generator, model, prompts, n, temperature) -> dict:
     from policy.logprobs import completions_token_logprobs
 
     start = time.perf_counter()
-    _, _, _, lengths, _ = generator.generate(prompts, n, sample=True)
+    _, _, lengths, _ = generator.generate(prompts, n, sample=True)
     rates = {"generate": int(lengths.sum()) / (time.perf_counter() - start)}
     start = time.perf_counter()
     groups = generator.sample(prompts, n)

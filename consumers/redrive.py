@@ -8,13 +8,17 @@ re-driving got is kept per scorer, as the committed offset of a consumer group o
 
 from __future__ import annotations
 
+import logging
+
 from kafka import OffsetAndMetadata, TopicPartition
 
 from consumers import scorers
 from ops import kafka_clients
+from ops.errors import DecodeError
 from ops.names import redrive_group
 from ops.topics import JobTopics
 
+log = logging.getLogger(__name__)
 # what a dead letter's scorer can be: the filter's fixed checks (completing a text-only group among them), its
 # configurable scorers, the trainer's admission. Not the gateway's: a group whose rewards never came has none
 SCORERS = ("decode", "model", "completion", *scorers.SCORERS, "trainer")
@@ -34,8 +38,10 @@ def redrive(topics: JobTopics, scorer: str | None = None) -> int:
         records = topics.dlq.read()
         end = records[-1].offset + 1 if records else 0
         pending = []
-        for rec in records:
-            letter = topics.dlq.codec.decode(rec.value)
+        for rec, letter in topics.dlq.decoded(records):
+            if isinstance(letter, DecodeError):  # anyone may write the dlq: not a letter of ours, nothing to re-send
+                log.warning("dlq %d:%d is no dead letter (%s): passed over", rec.partition, rec.offset, letter)
+                continue
             if letter.scorer in done and rec.offset >= done[letter.scorer]:
                 pending.append(topics.raw.send(producer, letter.value, letter.key))
         for future in pending:

@@ -14,7 +14,7 @@ from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError, TopicAuthor
 from ops import kafka_clients
 from ops.acls import READ, WRITE, one_line_refusals
 from ops.config import TbaConfig
-from ops.errors import TbaError
+from ops.errors import DecodeError, TbaError
 from ops.names import topic_names
 from schemas.codec import SchemaStore
 from schemas.records import DeadLetterCodec, PolicyVersionCodec, PromptCodec, TrajectoryCodec
@@ -138,19 +138,18 @@ class Topic:
         """Its records in [start, stop) of each partition, poll by poll, with a consumer of its partitions."""
         return read_range(consumer, start, stop, max_records)
 
+    def decoded(self, records) -> Iterator[tuple[Any, Any]]:
+        """(record, its value decoded, or the DecodeError for bytes its codec cannot read): anyone may write a
+        topic, so a stranger's record is shown or counted, never fatal."""
+        for rec in records:
+            try:
+                yield rec, self.codec.decode(rec.value)
+            except DecodeError as exc:
+                yield rec, exc
+
     def read(self, last: int | None = None) -> list:
         """Its records (the last `last` offsets of each partition) up to its end as of now."""
         return read_topic(self.cfg, self.name, self.isolation, last)
-
-    def end_offsets(self, consumer: KafkaConsumer | None = None) -> dict[TopicPartition, int]:
-        """Each partition's end at this topic's isolation level (with the consumer's own, when given one)."""
-        own = consumer is None
-        consumer = consumer or self.consumer()
-        try:
-            return consumer.end_offsets(self.partitions_in(consumer))
-        finally:
-            if own:
-                consumer.close()
 
 
 def _retention(hours: float, gb: float | None = None, partitions: int = 1) -> dict[str, str]:

@@ -168,14 +168,11 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sample: bool):
-        """n completions of each prompt: (sequences (P*n, W + T), attention incl. completion, W, lengths, ended);
-        rows i*n .. i*n+n-1 belong to prompt i. Attention masks and positions skip the padding."""
+        """n completions of each prompt, no log-probs: (sequences (P*n, W + T), W, lengths, ended); rows
+        i*n .. i*n+n-1 belong to prompt i. Attention masks and positions skip the padding."""
         input_ids, attention, width, common = self._padded(prompts)
         out = self._sequences(input_ids, attention, common, n, sample)  # (P*n, W + T)
-        completion = out[:, width:]  # (N, T)
-        lengths, ended = self._ends(completion)
-        mask = torch.arange(completion.shape[1]) < lengths[:, None]  # (N, T)
-        return out, torch.cat([attention.repeat_interleave(n, dim=0), mask.long()], dim=1), width, lengths, ended
+        return out, width, *self._ends(out[:, width:])
 
     @torch.no_grad()
     def complete(
@@ -220,7 +217,7 @@ class HFGenerator:
 
     def texts(self, prompts: list[list[int]], sample: bool) -> tuple[list[str], list[bool]]:
         """One completion per prompt, greedy or sampled: (texts, whether each ended with EOS)."""
-        out, _, width, lengths, ended = self.generate(prompts, 1, sample)
+        out, width, lengths, ended = self.generate(prompts, 1, sample)
         texts = [
             self.tokenizer.decode(out[i, width : width + int(n)], skip_special_tokens=True)
             for i, n in enumerate(lengths)

@@ -46,6 +46,25 @@ def completion_logits(
     return torch.cat([first, rest], dim=1)
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one batch (P, W), padded on the left so each ends where generation starts, and its mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
+    return ids, torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+
+def padded(prompts: list[list[int]], completions: list[np.ndarray], pad_id: int):
+    """What completion_logits takes: the prompts left-padded (P, W) and their completions right-padded (N, T),
+    each with its mask (rows i*K .. i*K+K-1 of the completions are prompt i's)."""
+    head, head_mask = left_padded(prompts, pad_id)
+    tail = torch.full((len(completions), max(c.size for c in completions)), pad_id, dtype=torch.long)
+    tail_mask = torch.zeros_like(tail)
+    for row, ids in enumerate(completions):
+        tail[row, : ids.size] = torch.from_numpy(ids.astype(np.int64))
+        tail_mask[row, : ids.size] = 1
+    return head, head_mask, tail, tail_mask
+
+
 @torch.no_grad()
 def completions_token_logprobs(
     model, prompts: list[list[int]], completions: list[np.ndarray], pad_id: int, temperature: float
@@ -56,14 +75,6 @@ def completions_token_logprobs(
     i*K .. i*K+K-1 are prompt i's). Returns one (T_j,) float32 array per completion.
     """
     device = next(model.parameters()).device
-    width, length = max(len(p) for p in prompts), max(c.size for c in completions)
-    head = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])  # (P, W), left-padded
-    head_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    tail = torch.full((len(completions), length), pad_id, dtype=torch.long)  # (N, T), right-padded
-    tail_mask = torch.zeros_like(tail)
-    for row, ids in enumerate(completions):
-        tail[row, : ids.size] = torch.from_numpy(ids.astype(np.int64))
-        tail_mask[row, : ids.size] = 1
-    head, head_mask, tail, tail_mask = (x.to(device) for x in (head, head_mask, tail, tail_mask))
+    head, head_mask, tail, tail_mask = (x.to(device) for x in padded(prompts, completions, pad_id))
     logp = token_logprobs(completion_logits(model, head, head_mask, tail, tail_mask), tail, temperature).cpu()
     return [logp[row, : ids.size].numpy().astype(np.float32) for row, ids in enumerate(completions)]

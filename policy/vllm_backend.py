@@ -71,17 +71,19 @@ class VLLMGenerator(HFGenerator):
         """HFGenerator.complete on the engine (and so sample() too): its sampled tokens' processed log-probs
         (after temperature; untempered when greedy, where vLLM divides by no temperature) are the
         behaviour log-probs."""
-        from vllm import SamplingParams
-
         copies = n if temperature == 0 else 1  # greedy, vLLM takes n = 1 only: each copy of a prompt gets one
-        params = SamplingParams(
-            n=n // copies, temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
-            stop_token_ids=[self.eos_id], logprobs=top_logprobs, detokenize=False,
-        )  # fmt: skip
+        params = self._params(temperature, max_new_tokens, n=n // copies, logprobs=top_logprobs)
         rows = [{"prompt_token_ids": p} for p in prompts for _ in range(copies)]
         outputs = self.llm.generate(rows, params, use_tqdm=False)
         completions = [self._engine_completion(c, top_logprobs) for out in outputs for c in out.outputs]
         return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _params(self, temperature: float, max_tokens: int, n: int = 1, logprobs: int | None = None):
+        """The tempered policy as HFGenerator samples it (top-p 1, no top-k), up to EOS, token ids only."""
+        from vllm import SamplingParams
+
+        return SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_tokens,
+                              stop_token_ids=[self.eos_id], logprobs=logprobs, detokenize=False)  # fmt: skip
 
     def _engine_completion(self, sampled, top_logprobs: int) -> Completion:
         """One of the engine's completions: token ids through EOS (the engine keeps the stop token), per step
@@ -108,12 +110,7 @@ class VLLMGenerator(HFGenerator):
     def _sequences(
         self, input_ids: torch.Tensor, attention: torch.Tensor, common: int, n: int, sample: bool
     ) -> torch.Tensor:
-        from vllm import SamplingParams
-
-        params = SamplingParams(
-            temperature=self.temperature if sample else 0.0, top_p=1.0, top_k=-1, max_tokens=self.max_new_tokens,
-            stop_token_ids=[self.eos_id], detokenize=False,
-        )  # fmt: skip
+        params = self._params(self.temperature if sample else 0.0, self.max_new_tokens)
         input_ids, attention = input_ids.repeat_interleave(n, dim=0), attention.repeat_interleave(n, dim=0)
         # vLLM's prefix cache shares each prompt's keys and values among its n samples
         prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention, strict=True)]

@@ -186,7 +186,7 @@ def build_searcher(cfg: TbaConfig, index: int) -> Searcher:
     generator = build_generator(cfg, cfg.searcher.seed + index)
     subscriber = weight_subscriber(cfg, f"searcher-{index}")
     topics = JobTopics(cfg)
-    producer = TrajectoryProducer(cfg, topics.store)
+    producer = TrajectoryProducer(cfg, topic=topics.raw)
     task = build_task(cfg.task)
     feed = PromptFeed(topics.prompts, f"searcher-{index}")  # first: it says so when the job has no prompts topic
     seed_prompts(topics.prompts, task.train)  # the job's first searcher writes the training split; later ones find it

@@ -13,6 +13,7 @@ from consumers.filter import FilterConsumer
 from ops import kafka_clients
 from ops.broker import job_broker
 from ops.config import TbaConfig, with_overrides
+from ops.errors import DecodeError
 from ops.topics import JobTopics, create_topics
 from ops.trajectory_producer import TrajectoryProducer
 from producers.synthetic import BAD_KINDS, synthetic_group
@@ -41,7 +42,7 @@ def run_demo(cfg: TbaConfig) -> dict:
 
     t0 = time.monotonic()
     expected_bad: dict[str, int] = {}
-    with TrajectoryProducer(cfg, store) as producer:
+    with TrajectoryProducer(cfg, topic=topics.raw) as producer:
         for i in range(d.groups):
             group = synthetic_group(
                 rng, i % max(1, d.groups // 4), d.samples, d.completion_tokens, policy_version=i * 4 // d.groups
@@ -106,7 +107,7 @@ def run_demo(cfg: TbaConfig) -> dict:
 def _dlq_reasons(topics: JobTopics) -> dict[str, str]:
     """One example reason per scorer, read back from the dead-letter topic."""
     out: dict[str, str] = {}
-    for rec in topics.dlq.read():
-        letter = topics.dlq.codec.decode(rec.value)
-        out.setdefault(letter.scorer, letter.reason)
+    for _, letter in topics.dlq.decoded(topics.dlq.read()):
+        if not isinstance(letter, DecodeError):
+            out.setdefault(letter.scorer, letter.reason)
     return out

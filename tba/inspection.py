@@ -8,7 +8,7 @@ from ops import kafka_clients
 from ops.config import TbaConfig
 from ops.errors import DecodeError
 from ops.names import filter_group
-from ops.topics import JobTopics, Topic, describe_topics
+from ops.topics import JobTopics, describe_topics
 
 
 def filter_lag(cfg: TbaConfig) -> dict[str, int]:
@@ -18,7 +18,7 @@ def filter_lag(cfg: TbaConfig) -> dict[str, int]:
     consumer = raw.consumer()
     try:
         parts = raw.partitions_in(consumer)
-        ends = raw.end_offsets(consumer)
+        ends = consumer.end_offsets(parts)
         committed = admin.list_group_offsets({group: parts}).get(group, {})
         return {
             str(tp.partition): ends[tp] - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
@@ -29,34 +29,26 @@ def filter_lag(cfg: TbaConfig) -> dict[str, int]:
         admin.close()
 
 
-def decoded(topic: Topic, last: int | None = None):
-    """(record, value) of the topic's records (its last `last` of each partition); value a DecodeError for bytes
-    its codec cannot read (anyone may write a topic: counted, not fatal)."""
-    for rec in topic.read(last):
-        try:
-            yield rec, topic.codec.decode(rec.value)
-        except DecodeError as exc:
-            yield rec, exc
-
-
 def inspect_job(cfg: TbaConfig, scan: int = 10_000) -> dict:
     """Topics and end offsets, filter lag, curated groups and mean reward per policy version (the last
     `scan` records of each partition), dead letters by scorer with an example reason, announced versions."""
     topics = JobTopics(cfg)
     groups, rewards = Counter(), defaultdict(list)
-    for _, group in decoded(topics.curated, scan):
+    for _, group in topics.curated.decoded(topics.curated.read(scan)):
         if not isinstance(group, DecodeError):
             groups[group.policy_version] += 1
             rewards[group.policy_version].extend(s.reward for s in group.samples)
     letters, examples = Counter(), {}
-    for rec, letter in decoded(topics.dlq, scan):
+    for rec, letter in topics.dlq.decoded(topics.dlq.read(scan)):
         if isinstance(letter, DecodeError):  # someone else's bytes in the dlq
             scorer, reason = "undecodable letter", f"{rec.partition}:{rec.offset}: {letter}"
         else:
             scorer, reason = letter.scorer, letter.reason
         letters[scorer] += 1
         examples.setdefault(scorer, reason)
-    announced = [v for _, v in decoded(topics.policy_versions) if not isinstance(v, DecodeError)]
+    announced = [
+        v for _, v in topics.policy_versions.decoded(topics.policy_versions.read()) if not isinstance(v, DecodeError)
+    ]
     return {
         "topics": describe_topics(cfg),
         "filter_lag": filter_lag(cfg),

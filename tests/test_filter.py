@@ -141,6 +141,9 @@ def test_dead_letters_are_redriven_once_and_rescored(cfg, store, rng, monkeypatc
         long_ids = [producer.send(g) and g.group_id for g in (synthetic_group(rng, i, tokens=64) for i in range(4))]
     run_filters(strict, store)
     assert not read_topic(cfg, topic_names(cfg).curated)  # every group was too long for the strict filter
+    stranger = kafka_clients.producer(cfg)  # anyone may write the dlq: bytes that are no letter are passed over
+    stranger.send(topic_names(cfg).dlq, value=b"not a dead letter").get(timeout=30)
+    stranger.close()
     monkeypatch.setenv("TBA__KAFKA__BOOTSTRAP", cfg.kafka.bootstrap)
     monkeypatch.setenv("TBA__KAFKA__NAMESPACE", cfg.kafka.namespace)
     runner = CliRunner()

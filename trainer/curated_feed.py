@@ -32,7 +32,7 @@ class CuratedFeed:
 
     def __init__(self, cfg: TbaConfig, buffer: ReplayBuffer):
         self.buffer = buffer
-        topic = buffer.topic  # the curated Topic (ReplayBuffer.on_topic)
+        topic = buffer.topic  # the curated Topic its reader reads back from (curated_buffer)
         self.consumer = topic.consumer()
         with one_line_refusals(cfg, READ):
             self.partitions = topic.partitions_in(self.consumer)

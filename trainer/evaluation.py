@@ -57,10 +57,10 @@ class Evaluator:
         gen = self._gen(model)
         prompts = [gen.prompt_ids(p.messages) for p in self.problems]
         greedy, sampled = (self._score(*self._texts(gen, prompts, mode)) for mode in (False, True))
-        solved = np.array([r >= 1.0 for r in greedy if r is not None], dtype=float)
-        rewards = np.array([r for r in sampled if r is not None], dtype=float)
+        scored = np.array([r for r in greedy if r is not None], dtype=float)
+        solved, rewards = (scored >= 1.0).astype(float), np.array([r for r in sampled if r is not None], dtype=float)
         return {"greedy_accuracy": mean(solved), "greedy_accuracy_se": standard_error(solved),
-                "greedy_reward": mean([r for r in greedy if r is not None]),
+                "greedy_reward": mean(scored),
                 "sampled_reward": mean(rewards), "sampled_reward_se": standard_error(rewards),
                 "eval_problems": len(self.problems),
                 "greedy_solved": "".join("-" if r is None else "01"[r >= 1.0] for r in greedy)}  # fmt: skip

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ops.config import TbaConfig
 from ops.errors import TbaError
 from ops.metrics import STALENESS_BOUND
-from policy.logprobs import completion_logits, token_logprobs
+from policy.logprobs import completion_logits, padded, token_logprobs
 from trainer import checkpoint
 from trainer.baselines import grpo_loss, penalised_rewards, rloo_loss
 from trainer.replay_buffer import ReplayBuffer, SampledPrompt
@@ -52,18 +52,13 @@ def collate(prompts: list[SampledPrompt], pad_id: int):
     Returns prompts and their mask (n_prompts, W), completion ids and mask (n_prompts * K, T), and the
     reference log-probs and rewards as (n_prompts, K).
     """
-    width = max(p.prompt_token_ids.size for p in prompts)
-    length = max(s.token_ids.size for p in prompts for s in p.samples)
-    heads = [p.prompt_token_ids.tolist() for p in prompts]
-    head = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in heads])
-    head_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in heads])
     samples = [s for p in prompts for s in p.samples]
-    tail = torch.tensor([s.token_ids.tolist() + [pad_id] * (length - s.token_ids.size) for s in samples])
-    tail_mask = torch.tensor([[1.0] * s.token_ids.size + [0.0] * (length - s.token_ids.size) for s in samples])
+    heads = [p.prompt_token_ids.tolist() for p in prompts]
+    head, head_mask, tail, tail_mask = padded(heads, [s.token_ids for s in samples], pad_id)
     k = len(prompts[0].samples)
     ref = torch.tensor([float(s.ref_logprobs.sum()) for s in samples]).view(len(prompts), k)  # (P, K)
     rewards = torch.tensor([float(s.reward) for s in samples]).view(len(prompts), k)  # (P, K)
-    return head, head_mask, tail, tail_mask, ref, rewards
+    return head, head_mask, tail, tail_mask.float(), ref, rewards
 
 
 class Trainer:

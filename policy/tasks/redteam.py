@@ -28,14 +28,14 @@ class RedTeamTask:
     @torch.no_grad()
     def responses(self, attacks: list[str]) -> list[str]:
         """The target's greedy answer to each attack, asked as a user turn: one left-padded batch."""
+        from policy.logprobs import left_padded
         from policy.models import chat_prompt_ids
 
         tok = self.target_tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         prompts = [chat_prompt_ids(tok, [{"role": "user", "content": attack}]) for attack in attacks]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids, mask = left_padded(prompts, pad)
+        width = ids.shape[1]
         out = self.target.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
                                    max_new_tokens=self.cfg.target_max_new_tokens)  # fmt: skip
         return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
