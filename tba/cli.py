@@ -291,6 +291,27 @@ def inspect_(obj: Context, scan: int, as_json: bool) -> None:
     print_tables(report)
 
 
+@cli.command()
+@click.argument("topic")
+@click.option("--from", "start", default=None, help="First offset (of each partition) or time (ISO 8601).")
+@click.option(
+    "--last",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Without --from: this many of each partition.",
+)
+@click.option("--follow", "-f", is_flag=True, help="Then print what arrives, until Ctrl-C.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a record, its value whole.")
+@click.pass_obj
+def tail(obj: Context, topic: str, start: str | None, last: int, follow: bool, as_json: bool) -> None:
+    """A topic's records decoded: raw, curated, dlq, policy-versions or prompts (or a full topic name)."""
+    from tba.tail import lines
+
+    for line in lines(obj.job(), topic, _bound(start, "from"), last, follow, as_json, stop_on_signals()):
+        click.echo(line)
+
+
 @cli.command("run")
 @click.argument("config", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--keep-broker", is_flag=True, help="Leave a local broker it starts running (run.keep_broker).")
