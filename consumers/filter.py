@@ -19,7 +19,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from kafka import OffsetAndMetadata, TopicPartition
-from kafka.errors import AuthorizationError, GroupAuthorizationFailedError, KafkaError, ProducerFencedError
+from kafka.errors import (
+    AuthorizationError,
+    CommitFailedError,
+    GroupAuthorizationFailedError,
+    KafkaError,
+    ProducerFencedError,
+)
 
 from consumers.scorers import build_scorers
 from ops import kafka_clients
@@ -234,6 +240,12 @@ class FilterConsumer:
                 self.producer.abort_transaction()
             except KafkaError as failed:  # fenced, or stuck bumping its epoch: see _fenced
                 self._fenced(failed, time.monotonic() - opened, batch)
+                return
+            if isinstance(exc, CommitFailedError):  # the group no longer knows this member (expelled while Kafka
+                # was away): re-reading with the same stale membership fails the same way, batch after batch, until
+                # a heartbeat notices; join again now, then read on from the committed offsets
+                self.consumer.unsubscribe()
+                self.consumer.subscribe([self.topics.raw.name])
                 return
             self._rewind(list(batch))
 
