@@ -122,7 +122,7 @@ class BufferConfig(Section):
     spill_gb: float = Field(50.0, ge=0, le=64)
     spill_dir: str | None = None  # in this directory, default the system's temp dir; spill_gb 0: none
     # most prompts trained per group received (since the trainer started; a step waits past it); 0: no bound
-    max_replay_ratio: float = Field(1.0, ge=0)
+    max_replay_ratio: float = Field(2.0, ge=0)
     samples_per_prompt: int = Field(8, ge=1)  # K
     prefetch: bool = True  # the next batch drawn as a step starts, read back while it trains (README)
 
