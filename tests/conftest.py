@@ -58,7 +58,8 @@ def trainer_on_tiny_model(cfg: TbaConfig, tmp_path) -> TbaConfig:
         cfg,
         task={"name": "toy", "train_size": 4, "eval_size": 2},
         searcher={"model": saved_tiny_llama(tmp_path / "model")},
-        buffer={"samples_per_prompt": 4},
+        # the few groups a test writes are trained on as often as it needs (the replay bound: test_trainer.py)
+        buffer={"samples_per_prompt": 4, "max_replay_ratio": 0},
         trainer={"prompts_per_step": 2, "min_buffer_prompts": 2, "max_steps": 100_000, "eval_every": 100_000,
                  "eval_prompts": 2, "eval_max_new_tokens": 4, "run_dir": str(tmp_path / "run")},
         weights={"port": 0},
