@@ -44,17 +44,20 @@ def records(topic: Topic, start: dict, last: int, follow: bool, stop: threading.
             raise TbaError(f"{topic.name} does not exist: were the job's topics created (`tba topics create`)?")
         consumer.assign(parts)
         begin, end = consumer.beginning_offsets(parts), consumer.end_offsets(parts)
-        if "from_offset" in start:
-            first = {tp: min(max(begin[tp], start["from_offset"]), end[tp]) for tp in parts}
-        elif "from_time_ms" in start:
-            found = consumer.offsets_for_times(dict.fromkeys(parts, start["from_time_ms"]))
-            first = {tp: found[tp].offset if found.get(tp) else end[tp] for tp in parts}
+        if start:
+            if "from_offset" in start:
+                first = {tp: min(max(begin[tp], start["from_offset"]), end[tp]) for tp in parts}
+            else:
+                found = consumer.offsets_for_times(dict.fromkeys(parts, start["from_time_ms"]))
+                first = {tp: found[tp].offset if found.get(tp) else end[tp] for tp in parts}
+            for batch in topic.read_range(consumer, first, end):
+                yield from topic.decoded(r for part in batch.values() for r in part)
+                if stop.is_set():
+                    return
         else:
-            first = last_records_start(topic, consumer, begin, end, last)
-        for batch in topic.read_range(consumer, first, end):
-            yield from topic.decoded(r for part in batch.values() for r in part)
-            if stop.is_set():
-                return
+            yield from topic.decoded(last_records(topic, consumer, begin, end, last))
+        for tp in parts:  # follow from where the records shown end, whatever the reads above fetched meanwhile
+            consumer.seek(tp, end[tp])
         while follow and not stop.is_set():
             batch = consumer.poll(timeout_ms=500)
             yield from topic.decoded(r for part in batch.values() for r in part)
@@ -62,21 +65,21 @@ def records(topic: Topic, start: dict, last: int, follow: bool, stop: threading.
         consumer.close()
 
 
-def last_records_start(topic: Topic, consumer, begin: dict, end: dict, last: int) -> dict:
-    """Where each partition's last `last` records begin: a transactional topic's commit markers (and aborted
-    records) take offsets too, so the window widens until it holds that many or reaches the beginning."""
-    first = {}
+def last_records(topic: Topic, consumer, begin: dict, end: dict, last: int) -> list:
+    """Each partition's last `last` records: a transactional topic's commit markers (and aborted records) take
+    offsets too, so the window read widens until it holds that many or reaches the beginning."""
+    found = []
     for tp in end:
         window = last
         while True:
             start = max(begin[tp], end[tp] - window)
-            offsets = [r.offset for batch in topic.read_range(consumer, {tp: start}, {tp: end[tp]})
-                       for part in batch.values() for r in part]  # fmt: skip
-            if len(offsets) >= last or start == begin[tp]:
-                first[tp] = offsets[-last] if len(offsets) >= last else start
+            held = [r for batch in topic.read_range(consumer, {tp: start}, {tp: end[tp]})
+                    for part in batch.values() for r in part]  # fmt: skip
+            if len(held) >= last or start == begin[tp]:
+                found += held[-last:]
                 break
             window *= 4
-    return first
+    return found
 
 
 def as_json(rec, value, raw: Topic) -> str:
