@@ -81,13 +81,40 @@ def free_port() -> int:
     raise OSError(f"no free port between 10000 and {low}")
 
 
-def _alive(pid: int) -> bool:
+def check_port_free(host: str, port: int, what: str, port_setting: str, error: type[Exception]) -> None:
+    """Fail at once when another program listens on the port: a Java server would only fail after its long start."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            move = f": free it, or move the {what} with {port_setting}" if port_setting else ""
+            raise error(f"port {port} on {host} is taken by another program ({exc.strerror}){move}") from exc
+
+
+def first_error(log_file: Path, start: int, marker: str) -> str:
+    """The first line holding marker that a start wrote to log_file (from byte start), with the exception line under
+    it: the cause, where the last lines are the consequences. Its last lines when there is none."""
+    if not log_file.exists():
+        return ""
+    with open(log_file, "rb") as f:
+        f.seek(start)
+        lines = f.read().decode(errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if marker in line:
+            cause = lines[i + 1] if i + 1 < len(lines) and lines[i + 1][:1] != line[:1] else ""
+            return "\n".join(filter(None, (line, cause)))
+    return "\n".join(lines[-20:])
+
+
+def process_alive(pid: int, marker: bytes = b"kafka.Kafka") -> bool:
+    """Whether pid runs, and is still the Java program whose command line holds marker (not a reused pid)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
     state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-    return b"kafka.Kafka" in cmdline and state != "Z"
+    return marker in cmdline and state != "Z"
 
 
 @dataclass(frozen=True)
@@ -145,7 +172,7 @@ class LocalBroker:
         if not self._state.exists():
             return None
         state = json.loads(self._state.read_text())
-        if not _alive(state["pid"]):
+        if not process_alive(state["pid"]):
             return None
         return BrokerStatus(state["node_id"], state["pid"], state["port"], state["controller_port"], self.data_dir)
 
@@ -235,7 +262,7 @@ class LocalBroker:
                 cwd=self.data_dir,
             )
         deadline = time.monotonic() + 10
-        while not _alive(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        while not process_alive(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)  # until exec has replaced the forked Python (status() checks the cmdline)
         state = {"pid": proc.pid, "port": self.port, "controller_port": controller_port, "node_id": self.node_id}
         tmp = self._state.with_suffix(".tmp")  # whole or absent: status() in another thread reads it meanwhile
@@ -248,45 +275,22 @@ class LocalBroker:
         running = self.status()
         if running:
             return running
-        self.check_port_free()
+        check_port_free(self.host, self.port, "broker", self.port_setting, BrokerError)
         if not (self.data_dir / "server.properties").exists():
             self.configure({self.node_id: free_port()}, _cluster_id())
         self.launch()
         wait_ready([self], timeout_s, stop)
         return self.status()
 
-    def check_port_free(self) -> None:
-        """Fail at once when another program listens on the port: Kafka would only die after a long wait."""
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Kafka binds: a TIME_WAIT is no obstacle
-            try:
-                s.bind((self.host, self.port))
-            except OSError as exc:
-                move = f": free it, or move the broker with {self.port_setting}" if self.port_setting else ""
-                raise BrokerError(
-                    f"port {self.port} on {self.host} is taken by another program ({exc.strerror}){move}"
-                ) from exc
-
     def first_error(self) -> str:
-        """The first ERROR line this start wrote to broker.log (with the exception line under it): the cause,
-        where the last lines are the consequences. Its last lines when there is no ERROR."""
-        if not self.log_file.exists():
-            return ""
-        with open(self.log_file, "rb") as f:
-            f.seek(self._log_start)
-            lines = f.read().decode(errors="replace").splitlines()
-        for i, line in enumerate(lines):
-            if "] ERROR " in line:
-                cause = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("[") else ""
-                return "\n".join(filter(None, (line, cause)))
-        return "\n".join(lines[-20:])
+        return first_error(self.log_file, self._log_start, "] ERROR ")
 
     def stop(self, timeout_s: float = 30) -> bool:
         """SIGTERM (controlled shutdown), SIGKILL after timeout_s. True if a node was stopped."""
         pid = self.terminate()
         if pid is None:
             return False
-        _wait_gone(pid, timeout_s)
+        wait_gone(pid, timeout_s)
         return True
 
     def terminate(self) -> int | None:
@@ -305,20 +309,21 @@ class LocalBroker:
             _reap(running.pid)
 
 
-def _wait_gone(pid: int, timeout_s: float) -> None:
+def wait_gone(pid: int, timeout_s: float, marker: bytes = b"kafka.Kafka") -> None:
+    """Wait up to timeout_s for a SIGTERMed process to exit, then SIGKILL it."""
     deadline = time.monotonic() + timeout_s
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid, marker) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(pid):
+    if process_alive(pid, marker):
         os.kill(pid, signal.SIGKILL)
-    _reap(pid)
+    _reap(pid, marker)
 
 
-def _reap(pid: int) -> None:
+def _reap(pid: int, marker: bytes = b"kafka.Kafka") -> None:
     try:
         os.waitpid(pid, 0)
-    except ChildProcessError:
-        while _alive(pid):
+    except ChildProcessError:  # started by another process: wait until it is gone
+        while process_alive(pid, marker):
             time.sleep(0.05)
 
 

@@ -47,13 +47,15 @@ class KafkaConfig(Section):
     # role -> its SASL user: `tba topics create` (as an admin) grants each named role only what it needs
     # (ops/acls.py); each role's process then connects as its own user (kafka.sasl_username)
     principals: dict[Literal["searcher", "generator", "gateway", "filter", "trainer"], str] = {}
+    # a registry speaking Confluent's REST API: readers then also take Confluent's framing (0x00, schema id, body),
+    schema_registry_url: str | None = Field(None, pattern=r"^https?://")
+    wire_format: Literal["single_object", "confluent"] = "single_object"  # and writers may write it (<topic>-value)
 
 
 class TopicsConfig(Section):
     """Partitions, retention and compression of the namespaced topics."""
 
-    # of raw, curated and prompts: at most this many filters, and searchers, get a share of the work
-    partitions: int = Field(4, ge=1)
+    partitions: int = Field(4, ge=1)  # of raw, curated and prompts: at most this many filters, searchers share work
     replication_factor: int = Field(1, ge=1)
     min_insync_replicas: int = Field(1, ge=1)
     compression: Literal["zstd", "lz4", "none"] = "zstd"
@@ -72,6 +74,15 @@ class BrokerConfig(Section):
     heap: str = Field("1g", pattern=r"^\d+[mg]$")
 
 
+class RegistryConfig(Section):
+    """The local schema registry `tba registry start` runs (`tba run` too, when kafka.schema_registry_url names it)."""
+
+    port: int = Field(8081, ge=1, le=65535)
+    data_dir: Path = Path(".tba/registry")
+    heap: str = Field("512m", pattern=r"^\d+[mg]$")
+    java: str | None = None  # a Java 21 or newer; None: JAVA_HOME's, the PATH's or one under /usr/lib/jvm
+
+
 ScorerName = Literal[  # the registry's names (consumers/scorers.py checks it as it loads): ops may not import it
     "structure", "finite_rewards", "lengths", "degenerate", "length_limits", "dedupe", "safety", "informative"
 ]
@@ -80,41 +91,28 @@ ScorerName = Literal[  # the registry's names (consumers/scorers.py checks it as
 class FilterConfig(Section):
     """The filter group: ordered scorers and their thresholds."""
 
-    scorers: list[ScorerName] = [
-        "structure",
-        "finite_rewards",
-        "lengths",
-        "degenerate",
-        "length_limits",
-        "dedupe",
-        "safety",
-        "informative",
-    ]
+    scorers: list[ScorerName] = list(get_args(ScorerName))  # all, in this order
     group: str = "filter"
     max_poll_records: int = Field(500, ge=1)
     min_samples: int = Field(1, ge=1)
     max_samples: int = Field(256, ge=1)
     max_prompt_tokens: int = Field(4096, ge=1)
     max_completion_tokens: int = Field(4096, ge=1)
-    # A completion whose distinct n-gram share falls below this is degenerate repetition.
     repetition_ngram: int = Field(4, ge=1)
-    min_distinct_ngram_ratio: float = Field(0.1, ge=0, le=1)
+    min_distinct_ngram_ratio: float = Field(0.1, ge=0, le=1)  # a completion's distinct n-grams below: repetition
     repetition_min_tokens: int = Field(32, ge=1)
     dedupe_window: int = Field(100_000, ge=1)
     blocklist: list[str] = []
     block_patterns: list[str] = []
-    # "module:function" taking a list of completion texts, returning unsafe probabilities.
-    safety_classifier: str | None = None
+    safety_classifier: str | None = None  # "module:function": a list of completion texts -> unsafe probabilities
     safety_threshold: float = Field(0.5, ge=0, le=1)
-    # informative: groups whose rewards span less than this are rejected (no learning signal); 0: keep all
-    min_reward_range: float = Field(1e-6, ge=0)
+    min_reward_range: float = Field(1e-6, ge=0)  # informative: rewards spanning less carry no signal; 0: keep all
 
 
 class BufferConfig(Section):
     """The trainer's replay buffer and its TBA sampling."""
 
-    # m in the paper (0.95 with many searchers); one CPU searcher makes few groups per version
-    on_policy_prob: float = Field(0.5, ge=0, le=1)
+    on_policy_prob: float = Field(0.5, ge=0, le=1)  # m (paper: 0.95, many searchers; one on a CPU: few groups)
     reward_inv_temp: float = Field(0.0, ge=0)  # 0 = uniform within a prompt
     per_prompt_cap: int = Field(100, ge=1)  # newest samples kept per prompt
     cache_groups: int = Field(10_000, ge=0)  # decoded groups kept in memory
@@ -298,6 +296,7 @@ class TbaConfig(Section):
     kafka: KafkaConfig = KafkaConfig()
     topics: TopicsConfig = TopicsConfig()
     broker: BrokerConfig = BrokerConfig()
+    registry: RegistryConfig = RegistryConfig()
     filter: FilterConfig = FilterConfig()
     buffer: BufferConfig = BufferConfig()
     weights: WeightsConfig = WeightsConfig()
@@ -309,9 +308,11 @@ class TbaConfig(Section):
     gateway: GatewayConfig = GatewayConfig()
 
     @model_validator(mode="after")
-    def _something_generates(self) -> TbaConfig:
+    def _consistent(self) -> TbaConfig:
         if self.searcher.searchers == 0 and not self.gateway.enabled and self.trainer.mode == "async":
             raise field_error("searcher.searchers", "0 with gateway.enabled false: nothing would generate groups")
+        if self.kafka.wire_format == "confluent" and not self.kafka.schema_registry_url:
+            raise field_error("kafka.schema_registry_url", "required with kafka.wire_format confluent")
         return self
 
 

@@ -3,7 +3,7 @@ DecodeError belong to the contract (schemas/errors.py), re-exported here."""
 
 from schemas.errors import DecodeError, TbaError
 
-__all__ = ["AccessDenied", "BrokerError", "ConfigError", "DecodeError", "DeliveryError", "TbaError"]
+__all__ = ["AccessDenied", "BrokerError", "ConfigError", "DecodeError", "DeliveryError", "RegistryError", "TbaError"]
 
 
 class ConfigError(TbaError):
@@ -20,3 +20,7 @@ class DeliveryError(TbaError):
 
 class AccessDenied(TbaError):
     """The broker's authorizer refused this principal an operation (ops/acls.py says who may)."""
+
+
+class RegistryError(TbaError):
+    """The schema registry could not be resolved, started or reached, or refused a writer's schema."""

@@ -3,10 +3,14 @@ isolation level), the schema store on the schemas topic, and `tba topics create|
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import cached_property
 from typing import Any
 
+import fastavro
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError, TopicAuthorizationFailedError
@@ -14,12 +18,13 @@ from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError, TopicAuthor
 from ops import kafka_clients
 from ops.acls import READ, WRITE, one_line_refusals
 from ops.config import TbaConfig
-from ops.errors import DecodeError, TbaError
+from ops.errors import DecodeError, RegistryError, TbaError
 from ops.names import topic_names
 from schemas.codec import SchemaStore
 from schemas.records import DeadLetterCodec, PolicyVersionCodec, PromptCodec, TrajectoryCodec
 
 HOUR_MS = 3_600_000
+REGISTRY_DOWN_S = 5.0  # a registry found unreachable fails lookups at once for this long, then is asked again
 SHOWN_CONFIG = ("cleanup.policy", "retention.ms", "retention.bytes", "compression.type", "max.message.bytes",
                 "min.insync.replicas")  # fmt: skip
 # What a topic's readers see: the filter writes curated and dlq in transactions, a searcher seeds the prompts in
@@ -48,14 +53,22 @@ def read_topic(cfg: TbaConfig, topic: str, isolation: str = COMMITTED, last: int
     """Every record of a topic (or its last `last` offsets of each partition) up to its end as of now."""
     consumer = kafka_clients.consumer(cfg, isolation_level=isolation)
     try:
-        parts = topic_partitions(cfg, consumer, topic)
-        consumer.assign(parts)
-        end = consumer.end_offsets(parts)
-        begin = consumer.beginning_offsets(parts)
-        start = {tp: begin[tp] if last is None else max(begin[tp], end[tp] - last) for tp in parts}
-        return [r for batch in read_range(consumer, start, end) for records in batch.values() for r in records]
+        return read_to_end(cfg, consumer, topic, last=last)[0]
     finally:
         consumer.close()
+
+
+def read_to_end(cfg: TbaConfig, consumer: KafkaConsumer, topic: str, since: dict[TopicPartition, int] | None = None,
+                last: int | None = None) -> tuple[list, dict[TopicPartition, int]]:  # fmt: skip
+    """A topic's records from `since` (default: each partition's beginning, or its last `last` offsets) up to its
+    end as of now, and that end, through a consumer of the caller's."""
+    parts = topic_partitions(cfg, consumer, topic)
+    consumer.assign(parts)
+    end, begin = consumer.end_offsets(parts), consumer.beginning_offsets(parts)
+    if since is None:
+        since = {tp: end[tp] - last for tp in parts} if last is not None else {}
+    start = {tp: max(begin[tp], since.get(tp, 0)) for tp in parts}
+    return [r for batch in read_range(consumer, start, end) for records in batch.values() for r in records], end
 
 
 def topic_partitions(cfg: TbaConfig, consumer, topic: str) -> list[TopicPartition]:
@@ -109,7 +122,10 @@ class Topic:
     def codec(self):
         if self._codec_for is None:
             raise TypeError(f"{self.name} holds no Avro values")
-        return self._codec_for(self._store)
+        codec = self._codec_for(self._store)
+        if self.cfg.kafka.wire_format == "confluent":
+            codec.avro.write_confluent(f"{self.name}-value")  # Confluent's subject naming (TopicNameStrategy)
+        return codec
 
     def new_topic(self) -> NewTopic:
         """What creating it asks for."""
@@ -174,12 +190,74 @@ def schemas_topic(cfg: TbaConfig) -> Topic:
 
 class KafkaSchemaStore(SchemaStore):
     """Writer schemas shared through the namespace's compacted schemas topic (key: fingerprint as 16 hex digits,
-    value: canonical form)."""
+    value: canonical form); and, with kafka.schema_registry_url, those of Confluent's framing by their registry id."""
 
     def __init__(self, cfg: TbaConfig):
         super().__init__()
         self.cfg = cfg
         self.topic = schemas_topic(cfg)
+        self._by_id: dict[int, Any] = {}
+        self._registry_down_until = 0.0  # after a lookup that found it unreachable: fail fast for a moment
+        self._reader: KafkaConsumer | None = None  # of the schemas topic, made on the first fetch
+        self._fetched_to: dict[TopicPartition, int] = {}
+        self._fetch_lock = threading.Lock()
+
+    @cached_property
+    def registry(self):
+        """The schema registry's client (Confluent's own: its auth, TLS and caching; imported here, as it takes
+        a second and most jobs never ask)."""
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        # retried here (ask_registry), for a stated time: its own retries would wait on their own schedule
+        return SchemaRegistryClient({"url": self.cfg.kafka.schema_registry_url, "timeout": 10, "max.retries": 0})
+
+    def ask_registry(self, call: Callable[[], Any], what: str, error: type[TbaError]) -> Any:
+        """call() against the registry, tried again for kafka.client_timeout_s while it is unreachable or failing
+        (a restart, a network hiccup); error naming what was asked when it refuses, or never answers."""
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        url = self.cfg.kafka.schema_registry_url
+        deadline, wait = time.monotonic() + self.cfg.kafka.client_timeout_s, 0.2
+        while True:
+            try:
+                return call()
+            except SchemaRegistryError as exc:
+                if exc.http_status_code < 500:  # it answered: no
+                    raise error(f"the schema registry at {url} refused {what}: {exc.error_message}") from exc
+                failure = exc
+            except Exception as exc:  # noqa: BLE001  (its HTTP library's errors: connection refused, timeouts)
+                failure = exc
+            now = time.monotonic()
+            if now >= deadline or now < self._registry_down_until:
+                self._registry_down_until = now + REGISTRY_DOWN_S
+                raise error(f"the schema registry at {url} did not answer {what} ({type(failure).__name__}: "
+                            f"{failure}); tried for {self.cfg.kafka.client_timeout_s:.0f}s") from failure  # fmt: skip
+            time.sleep(min(wait, deadline - now))
+            wait = min(2 * wait, 2.0)
+
+    def by_id(self, schema_id: int):
+        if not self.cfg.kafka.schema_registry_url:
+            return super().by_id(schema_id)
+        if schema_id not in self._by_id:
+            schema = self.ask_registry(
+                lambda: self.registry.get_schema(schema_id), f"schema id {schema_id}", DecodeError
+            )
+            if schema.schema_type not in (None, "AVRO"):
+                raise DecodeError(f"schema id {schema_id} is a {schema.schema_type} schema, not Avro")
+            try:
+                self._by_id[schema_id] = fastavro.parse_schema(json.loads(schema.schema_str))
+            except (ValueError, fastavro.schema.SchemaParseException) as exc:
+                raise DecodeError(f"schema id {schema_id} of the schema registry is no Avro schema: {exc}") from exc
+        return self._by_id[schema_id]
+
+    def registered_id(self, subject: str, schema: dict) -> int:
+        if not self.cfg.kafka.schema_registry_url:
+            return super().registered_id(subject, schema)
+        from confluent_kafka.schema_registry import Schema
+
+        text = json.dumps(schema)
+        return self.ask_registry(lambda: self.registry.register_schema(subject, Schema(text, "AVRO")),
+                                 f"{schema.get('name')} under the subject {subject}", RegistryError)  # fmt: skip
 
     def publish(self, fp: bytes, canonical: str) -> None:
         producer = kafka_clients.producer(self.cfg, compression_type=None, linger_ms=0)
@@ -196,8 +274,12 @@ class KafkaSchemaStore(SchemaStore):
             producer.close()
 
     def fetch(self) -> list[tuple[bytes, str]]:
-        with one_line_refusals(self.cfg, READ):
-            records = self.topic.read()
+        """The registrations written since the last fetch, by one consumer kept for it: each unknown fingerprint
+        fetches, and a stranger's stream of them re-read the whole topic per record (a filter's main cost)."""
+        with self._fetch_lock, one_line_refusals(self.cfg, READ):
+            if self._reader is None:
+                self._reader = self.topic.consumer()
+            records, self._fetched_to = read_to_end(self.cfg, self._reader, self.topic.name, self._fetched_to)
         shared = []
         for r in records:  # anyone may write this topic: a key that is no fingerprint is not a registration
             try:

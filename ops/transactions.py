@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, TopicPartition
 from kafka.admin import AbortTransactionSpec, TransactionState
-from kafka.errors import TransactionalIdNotFoundError
+from kafka.errors import KafkaError, TransactionalIdNotFoundError
 
 from ops import kafka_clients
 from ops.config import TbaConfig
@@ -49,6 +49,7 @@ class OpenTransaction:
     producer_id: int
     producer_epoch: int
     start_offset: int
+    coordinator_epoch: int  # of the last marker this producer had on the partition: a marker below it is fenced
 
     def __str__(self) -> str:
         tp = self.partition
@@ -80,7 +81,7 @@ def job_partitions(cfg: TbaConfig, admin: KafkaAdminClient) -> list[TopicPartiti
 def open_transactions(admin: KafkaAdminClient, partitions: list[TopicPartition]) -> set[OpenTransaction]:
     """Every transaction the partitions' leaders hold open."""
     return {
-        OpenTransaction(tp, p.producer_id, p.producer_epoch, p.current_transaction_start_offset)
+        OpenTransaction(tp, p.producer_id, p.producer_epoch, p.current_transaction_start_offset, p.coordinator_epoch)
         for tp, state in admin.describe_producers(partitions).items()
         for p in state.active_producers
         if p.current_transaction_start_offset >= 0
@@ -169,7 +170,7 @@ def committed_by_coordinator(cfg: TbaConfig, txn: OpenTransaction, transactional
 def end_transaction(admin: KafkaAdminClient, txn: OpenTransaction, commit: bool) -> None:
     """Write the transaction's marker on its partition: abort as kafka-python's admin does (WriteTxnMarkers to
     the partition's leader), or the same request with the commit result."""
-    spec = AbortTransactionSpec(txn.partition, txn.producer_id, txn.producer_epoch)
+    spec = AbortTransactionSpec(txn.partition, txn.producer_id, txn.producer_epoch, txn.coordinator_epoch)
     if not commit:
         admin.abort_transaction(spec)
         return
@@ -216,6 +217,7 @@ class HangingTransactions:
         self.grace_s = grace_s
         self.first_seen: dict[OpenTransaction, float] = {}
         self.healed: list[str] = []
+        self.failures: dict[str, str] = {}  # a hanging transaction -> why the last try to end it failed
 
     def find(self, admin: KafkaAdminClient) -> list[OpenTransaction]:
         """One look (a few admin requests): the open transactions past their grace that no coordinator has."""
@@ -231,9 +233,17 @@ class HangingTransactions:
             hanging = self.find(admin)
             ids = transactional_ids(admin, hanging)
             entries = transaction_log(self.cfg) if hanging else []  # one read of the log for all of them
-            for txn in hanging:
-                commit = committed_by_coordinator(self.cfg, txn, ids.get(txn.producer_id), entries)
-                end_transaction(admin, txn, commit)
+            ended = []
+            for txn in hanging:  # each on its own: one that cannot be ended now must not hold up the others
+                try:
+                    commit = committed_by_coordinator(self.cfg, txn, ids.get(txn.producer_id), entries)
+                    end_transaction(admin, txn, commit)
+                except (KafkaError, OSError) as exc:
+                    self.failures[str(txn)] = repr(exc)
+                    log.warning("could not end the hanging transaction on %s (tried again next look): %r", txn, exc)
+                    continue
+                ended.append(txn)
+                self.failures.pop(str(txn), None)
                 log.warning(
                     "%s a hanging transaction on %s: open there for over %.0fs and unknown to its coordinator, "
                     "which had decided to %s it; readers go on past it",
@@ -241,6 +251,6 @@ class HangingTransactions:
                 )  # fmt: skip
                 self.healed.append(str(txn))
                 self.first_seen.pop(txn)
-            return hanging
+            return ended
         finally:
             admin.close()

@@ -11,6 +11,7 @@ import click
 from ops.broker import configured_broker
 from ops.config import TbaConfig, load_config, with_overrides
 from ops.errors import TbaError
+from ops.registry import configured_registry
 from tba.elastic import prompts, scale
 from tba.gateway import gateway
 from tba.logs import configure_logging
@@ -51,34 +52,42 @@ def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     ctx.obj = Context(config_path, verbose)
 
 
-@cli.group()
-def kafka() -> None:
-    """The local Apache Kafka broker (KRaft)."""
+def local_server_group(name: str, about: str, configured, describe) -> click.Group:
+    """`tba NAME start|stop|status` for a server run as a local process: configured(cfg) makes it (with start, stop
+    and status), describe(status) says where it answers."""
+
+    @cli.group(name, help=about)
+    def group() -> None:
+        pass
+
+    @group.command("start", help="Resolve it from Maven Central (once), start it and wait until it answers.")
+    @click.pass_obj
+    def start(obj: Context) -> None:
+        click.echo(f"{name} running: {describe(configured(obj.cfg).start())}")
+
+    @group.command("stop")
+    @click.pass_obj
+    def stop(obj: Context) -> None:
+        click.echo(f"{name} stopped" if configured(obj.cfg).stop() else f"{name} was not running")
+
+    @group.command("status", help="Exits 1 when it is not running.")
+    @click.pass_obj
+    def status(obj: Context) -> None:
+        server = configured(obj.cfg)
+        running = server.status()
+        if running is None:
+            click.echo(f"{name} not running (data dir {Path(server.data_dir).resolve()})")
+            sys.exit(1)
+        click.echo(f"{name} running: {describe(running)}")
+
+    return group
 
 
-@kafka.command("start")
-@click.pass_obj
-def kafka_start(obj: Context) -> None:
-    """Resolve the jars (once), format storage (once), start the broker and wait until it answers."""
-    status = configured_broker(obj.cfg).start()
-    click.echo(f"kafka running: bootstrap {status.bootstrap}, pid {status.pid}, data dir {status.data_dir}")
-
-
-@kafka.command("stop")
-@click.pass_obj
-def kafka_stop(obj: Context) -> None:
-    stopped = configured_broker(obj.cfg).stop()
-    click.echo("kafka stopped" if stopped else "kafka was not running")
-
-
-@kafka.command("status")
-@click.pass_obj
-def kafka_status(obj: Context) -> None:
-    status = configured_broker(obj.cfg).status()
-    if status is None:
-        click.echo(f"kafka not running (data dir {Path(obj.cfg.broker.data_dir).resolve()})")
-        sys.exit(1)
-    click.echo(f"kafka running: bootstrap {status.bootstrap}, pid {status.pid}, data dir {status.data_dir}")
+local_server_group("kafka", "The local Apache Kafka broker (KRaft).", configured_broker,
+                   lambda s: f"bootstrap {s.bootstrap}, pid {s.pid}, data dir {s.data_dir}")  # fmt: skip
+REGISTRY_ABOUT = "The local schema registry: Confluent's REST API (Apicurio Registry), its schemas kept in Kafka."
+local_server_group("registry", REGISTRY_ABOUT, configured_registry,
+                   lambda s: f"{s.url}, pid {s.pid}, data dir {s.data_dir}")  # fmt: skip
 
 
 @cli.group()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import threading
 
@@ -21,14 +22,20 @@ class Stop(threading.Event):
 
 def stop_on_signals() -> Stop:
     stop = Stop()
+    # The handler only queues the signal (SimpleQueue.put is safe in a handler); a thread sets the events.
+    # Event.set takes a lock: a signal arriving inside another handler's set waited on it forever.
+    heard: queue.SimpleQueue = queue.SimpleQueue()
 
-    def on_signal(*_) -> None:
-        if stop.is_set():
-            stop.hurry.set()
-        stop.set()
+    def relay() -> None:
+        while True:
+            heard.get()
+            if stop.is_set():
+                stop.hurry.set()
+            stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    threading.Thread(target=relay, name="signals", daemon=True).start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: heard.put(None))
     return stop
 
 

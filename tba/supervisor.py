@@ -1,21 +1,21 @@
 """`tba run`: the whole job on one machine, supervised.
 
-Starts the local broker (when kafka.bootstrap points at it) and the topics, then runs every role as
-its own process: the trainer (which hosts the weight-sync service), searcher.searchers searchers
-(`tba scale searchers N` changes how many while it runs: tba/elastic.py), run.filters filters and,
-with gateway.enabled, the OpenAI-compatible gateway (`tba gateway`). A
-process that dies is restarted after a back-off that doubles per crash; one that crashes more than
-run.max_restarts times stops the job. Ctrl-C, SIGTERM or the end of the wall
-budget stop the trainer first (it checkpoints), then the others. Running again with the same
-trainer.run_dir resumes: the trainer restores its checkpoint, filters continue from their committed
-offsets and searchers from the newest policy version.
+Starts the local broker (when kafka.bootstrap points at it) and the topics, then runs every role as its own
+process: the trainer (which hosts the weight-sync service), searcher.searchers searchers (`tba scale searchers N`
+changes how many while it runs: tba/elastic.py), run.filters filters and, with gateway.enabled, the
+OpenAI-compatible gateway (`tba gateway`). A process that dies is restarted after a back-off that doubles per
+crash; one that crashes more than run.max_restarts times stops the job. Ctrl-C, SIGTERM or the end of the wall
+budget stop the trainer first (it checkpoints), then the others. Running again with the same trainer.run_dir
+resumes: the trainer restores its checkpoint, filters continue from their committed offsets and searchers from
+the newest policy version.
 
 Everything a process says goes to run_dir/logs/<name>.log; the state of each process is written to
-run_dir/job.json every tick, for the live view and for anyone watching from outside. One job at a
-time holds a run dir (run_dir/.lock). A second Ctrl-C kills the processes instead of waiting for them.
-A broker the job started itself is stopped with it, unless run.keep_broker (`tba run --keep-broker`).
-Every HEAL_EVERY_S it looks for filter transactions left hanging by a broker's restart and ends them
-as their coordinator decided (ops/transactions.py), which a person had to do by hand before.
+run_dir/job.json every tick, for the live view and for anyone watching from outside. One job at a time holds a
+run dir (run_dir/.lock). A second Ctrl-C kills the processes instead of waiting for them. A broker the job
+started itself is stopped with it, unless run.keep_broker (`tba run --keep-broker`); so is the local schema
+registry, started after the broker when kafka.schema_registry_url names it (ops/registry.py). Every HEAL_EVERY_S
+it looks for filter transactions left hanging by a broker's restart and ends them as their coordinator decided
+(ops/transactions.py), which a person had to do by hand before.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ops.broker import job_broker
 from ops.config import ENV_PREFIX, TbaConfig, with_overrides
 from ops.errors import BrokerError, TbaError
 from ops.job import locked_run_dir, write_config
+from ops.registry import job_registry
 from ops.transactions import HangingTransactions
 from tba.elastic import Scaler
 from tba.live_view import scrape
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 BROKER_RETRY_S = 5.0  # between tries at restarting a local broker that did not start
 HEAL_EVERY_S = 15.0  # a look is a few admin requests; a hanging transaction is ended after its 60 s grace
+LOOK_STUCK_S = 120.0  # a look is a few requests, each bounded by the client timeout: far longer is a hang
 
 
 @dataclass
@@ -80,17 +82,10 @@ class RoleProcess:
             status = self.done
         else:
             status = f"restarting in {max(0.0, self.next_start - now):.0f}s" if self.exit_codes else "starting"
-        return {
-            "name": self.name,
-            "role": self.role,
-            "pid": self.proc.pid if self.running else None,
-            "status": status,
-            "restarts": self.restarts,
-            "uptime_s": now - self.started_at if self.running else 0.0,
-            "exit_codes": self.exit_codes[-5:],
-            "stall_restarts": self.stalls,
-            "metrics_port": self.metrics_port,
-        }
+        return {"name": self.name, "role": self.role, "pid": self.proc.pid if self.running else None, "status": status,
+                "restarts": self.restarts, "uptime_s": now - self.started_at if self.running else 0.0,
+                "exit_codes": self.exit_codes[-5:], "stall_restarts": self.stalls,
+                "metrics_port": self.metrics_port}  # fmt: skip
 
 
 def _die_with_parent() -> None:
@@ -149,6 +144,8 @@ class Supervisor:
         self.stage = "preparing"  # preparing | running | stopping | stopped
         self.broker = None  # the local broker, when this job runs it
         self.started_broker = False  # it was not running before: the job stops it as it ends
+        self.registry = None  # the local schema registry, when kafka.schema_registry_url names it
+        self.started_registry = False
         self.broker_restarts = 0
         self.transactions = HangingTransactions(cfg)
         self.healing: threading.Thread | None = None
@@ -177,6 +174,11 @@ class Supervisor:
                 return False
             log.info("broker at %s (pid %d, data in %s)", self.broker.bootstrap, status.pid, self.broker.data_dir)
         create_topics(self.cfg)
+        self.registry = job_registry(self.cfg)
+        if self.registry is not None and not stop.is_set():
+            self.started_registry = self.registry.status() is None
+            with progress(f"starting the local schema registry on {self.registry.url} (resolved once)"):
+                self.registry.start()
         if not self.cfg.searcher.model or not self.cfg.trainer.model:
             from policy.default_model import default_model_dir
 
@@ -253,17 +255,26 @@ class Supervisor:
     def _heal_transactions(self, now: float) -> None:
         """Every HEAL_EVERY_S, on a thread of its own (a look waits on Kafka, the tick must not): end
         hanging transactions, which would otherwise hold the filter group and every curated reader."""
-        if now < self.next_heal or (self.healing is not None and self.healing.is_alive()):
+        looking, failures = self.healing is not None and self.healing.is_alive(), self.transactions.failures
+        if looking and now - (self.next_heal - HEAL_EVERY_S) > LOOK_STUCK_S and "stuck" not in failures:
+            failures["stuck"] = f"a look for hanging transactions has not returned in {LOOK_STUCK_S:.0f}s"
+            log.warning("%s: none is ended until it does", failures["stuck"])
+        if looking or now < self.next_heal:
             return
         self.next_heal = now + HEAL_EVERY_S
         self.healing = threading.Thread(target=self._heal_once, name="heal-transactions", daemon=True)
         self.healing.start()
 
     def _heal_once(self) -> None:
+        failures = self.transactions.failures
+        failures.pop("stuck", None)
         try:
             self.transactions.heal()
-        except (KafkaError, TbaError, OSError) as exc:  # Kafka restarting or away: the next look tries again
-            log.debug("could not look for hanging transactions: %r", exc)
+            failures.pop("look", None)
+        except Exception as exc:  # Kafka restarting or away: the next look tries again; anything else is a bug
+            failures["look"] = repr(exc)
+            expected = isinstance(exc, (KafkaError, TbaError, OSError))
+            log.log(logging.DEBUG if expected else logging.ERROR, "could not look for hanging transactions: %r", exc)
         if self.cfg.run.stall_s:
             self._restart_stalled()
 
@@ -314,17 +325,18 @@ class Supervisor:
                 proc.wait()
             p.exit_codes.append(proc.returncode)
 
-    def release_broker(self) -> None:
-        """Stop the local broker if this job started it, unless run.keep_broker; one that was running stays."""
-        if self.broker is None or not self.started_broker:
-            return
-        if self.cfg.run.keep_broker:
-            log.info(
-                "the broker at %s keeps running (run.keep_broker); `tba kafka stop` stops it", self.broker.bootstrap
-            )
-            return
-        log.info("stopping the broker this job started at %s (--keep-broker keeps it)", self.broker.bootstrap)
-        self.broker.stop()
+    def release_servers(self) -> None:
+        """Stop the local registry and broker if this job started them, unless run.keep_broker; running ones stay."""
+        for server, started, name in ((self.registry, self.started_registry, "registry"),
+                                      (self.broker, self.started_broker, "kafka")):  # fmt: skip
+            if server is None or not started:
+                continue
+            if self.cfg.run.keep_broker:
+                log.info("the local %s this job started keeps running (run.keep_broker); `tba %s stop` stops it",
+                         name, name)  # fmt: skip
+                continue
+            log.info("stopping the local %s this job started (--keep-broker keeps it)", name)
+            server.stop()
 
     def state(self) -> dict:
         return {
@@ -370,7 +382,7 @@ def run_job(cfg: TbaConfig, stop: Stop, view=None, progress=None) -> dict:
             supervisor.stop(stop.hurry)
             if prepared:
                 _snapshot_topics(supervisor.cfg, supervisor.run_dir / "inspect.json")
-            supervisor.release_broker()
+            supervisor.release_servers()
     if supervisor.failed:
         raise TbaError(f"the job stopped: {supervisor.failed}")
     return supervisor.state()

@@ -33,6 +33,17 @@ def broker(tmp_path_factory):
     node.stop()
 
 
+@pytest.fixture(scope="session")
+def registry(broker, tmp_path_factory):
+    """The schema registry (Apicurio Registry, Confluent's REST API), its schemas in the suite's broker."""
+    from ops.registry import LocalRegistry
+
+    node = LocalRegistry(tmp_path_factory.mktemp("registry"), broker.bootstrap, port=free_port())
+    node.start()
+    yield node
+    node.stop()
+
+
 def make_config(bootstrap: str, **sections) -> TbaConfig:
     sections.setdefault("topics", {"partitions": 3})
     # tests train full weights of tiny models unless they ask for LoRA (the CPU job's default)

@@ -223,10 +223,17 @@ def run_faults(cfg: TbaConfig, kills: int, interval_s: float, seed: int = 0, loa
     return {"kills": dict(killed), "runs": sum(killed.values()), "max_stall_seconds": max(stalls, default=0.0),
             "filter_lag_at_end": sum(lag), "open_transactions_at_end": open_transactions(cfg),
             "hanging_transactions_healed": len(supervisor.transactions.healed),
-            "hanging_transactions_left": hanging_transactions_left(cfg),
+            "hanging_transactions_left": [f"{t}: {_seen(supervisor, t)}" for t in hanging_transactions_left(cfg)],
             "load_sent": load.sent, "load_failed": load.failed, "load_still_sending": load.thread.is_alive(),
             "raw_written_after_drain": end_offsets(cfg, [raw])[raw] - drained,
             **check(cfg, load.acked, expected_resumes, searcher_kills)}  # fmt: skip
+
+
+def _seen(supervisor: Supervisor, txn: str) -> str:
+    """What the supervisor knew of a transaction left hanging: when it first saw it, why it could not end it."""
+    seen = {str(t): time.monotonic() - at for t, at in supervisor.transactions.first_seen.items()}
+    when = f"the supervisor first saw it {seen[txn]:.0f}s before" if txn in seen else "the supervisor never saw it"
+    return f"{when}; its failures: {supervisor.transactions.failures}"
 
 
 # Kafka (single node, kill -9 during a transaction's commit) can come back before it knows its own

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ops.broker import BrokerStatus, LocalBroker, _cluster_id, _wait_gone, free_port, wait_ready
+from ops.broker import BrokerStatus, LocalBroker, _cluster_id, free_port, wait_gone, wait_ready
 
 
 class LocalCluster:
@@ -34,4 +34,4 @@ class LocalCluster:
         # all at once: stopped one by one, the last nodes wait out their timeout for a lost quorum
         pids = [pid for pid in (n.terminate() for n in self.nodes) if pid is not None]
         for pid in pids:
-            _wait_gone(pid, timeout_s)
+            wait_gone(pid, timeout_s)

@@ -83,7 +83,8 @@ def test_bad_bytes_raise_decode_error_with_a_reason(cfg, rng):
     cases = {
         "invalid UTF-8": marked_bytes.replace(b"QQQQ", b"\xff\xfe\xfd\xfc"),
         "too short": b"\xc3",
-        "not Avro single-object": b"hello world, plain text",
+        "neither Avro single-object encoding nor Confluent's framing": b"hello world, plain text",
+        r"Confluent-framed record \(schema id 7\) and no schema registry": b"\x00\x00\x00\x00\x07" + good[10:],
         "unknown writer schema": MAGIC + b"\x01" * 8 + good[10:],
         "corrupt Avro body": good[: len(good) // 2],
         "trailing bytes": good + b"\x00\x00",

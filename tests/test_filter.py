@@ -77,7 +77,7 @@ def test_round_trip_with_malformed_records_interleaved(cfg, store, rng):
     for letter in letters:
         if letter.scorer == "decode":
             assert letter.key in (b"junk", b"foreign")
-            expected = "not Avro single-object" if letter.key == b"junk" else "cannot be read as tba.TrajectoryGroup"
+            expected = "neither Avro single" if letter.key == b"junk" else "cannot be read as tba.TrajectoryGroup"
             assert expected in letter.reason
         else:
             original = codec.decode(letter.value)  # the original bytes, untouched

@@ -17,6 +17,7 @@ from ops.transactions import OFFSETS_TOPIC, HangingTransactions, job_partitions,
 from tba.supervisor import Supervisor
 
 VERIFICATION = "transaction.partition.verification.enable"
+HANGING = "hanging"  # the transactional id (in the namespace) of the producer that leaves transactions open
 
 
 @contextlib.contextmanager
@@ -36,7 +37,7 @@ def transaction_unknown_on(cfg, tp: TopicPartition) -> KafkaProducer:
     """A transactional producer, in a transaction, whose writes to tp never tell the coordinator about the
     partition: the partition holds the transaction open and the coordinator will never end it there. That is
     the state a broker that skipped a transaction's markers leaves (README, Reliability), made without a kill."""
-    producer = kafka_clients.producer(cfg, transactional_id=f"{cfg.kafka.namespace}.hanging")
+    producer = kafka_clients.producer(cfg, transactional_id=f"{cfg.kafka.namespace}.{HANGING}")
     producer.init_transactions()
     producer.begin_transaction()
     manager = producer._transaction_manager
@@ -60,8 +61,8 @@ def leave_hanging(cfg, tp: TopicPartition) -> None:
     producer.close(timeout=0)
 
 
-def committed_write(cfg, tp: TopicPartition, value: bytes) -> None:
-    producer = kafka_clients.producer(cfg, transactional_id=f"{cfg.kafka.namespace}.writer")
+def committed_write(cfg, tp: TopicPartition, value: bytes, writer: str = "writer") -> None:
+    producer = kafka_clients.producer(cfg, transactional_id=f"{cfg.kafka.namespace}.{writer}")
     producer.init_transactions()
     producer.begin_transaction()
     producer.send(tp.topic, value, partition=tp.partition)
@@ -148,3 +149,20 @@ def test_a_hanging_transaction_its_coordinator_committed_is_committed(cfg, caplo
     assert f"committed a hanging transaction on {curated}-1 from offset 0" in caplog.text
     assert sorted(r.value for r in read_topic(cfg, curated)) == [b"marked", b"skipped marker"]
     assert healer.heal() == []
+
+
+def test_a_hanging_transaction_of_a_producer_that_committed_there_before_is_ended(cfg):
+    """The filter's case after a broker's kill -9: its producer's earlier markers on the partition carry the
+    coordinator's epoch, and the partition refuses a marker that does not (TransactionCoordinatorFencedError)."""
+    curated = topic_names(cfg).curated
+    tp = TopicPartition(curated, 0)
+    committed_write(cfg, tp, b"committed", writer=HANGING)  # the same transactional id, as a restarted filter's
+    with partitions_unverified(cfg):
+        leave_hanging(cfg, tp)
+    assert [r.value for r in read_topic(cfg, curated)] == [b"committed"]
+
+    healer = HangingTransactions(cfg, grace_s=0)
+    ended = healer.heal()
+    assert [(t.partition, t.start_offset) for t in ended] == [(tp, 2)] and healer.failures == {}
+    assert end_offsets(cfg, [curated]) == end_offsets(cfg, [curated], "read_uncommitted")  # readers go on
+    assert [r.value for r in read_topic(cfg, curated)] == [b"committed"]  # it was aborted

@@ -1,5 +1,6 @@
 """Every role stops within its stop timeout whatever Kafka does: here, Kafka not answering at all."""
 
+import contextlib
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from tests.fault_injection import job_config
 from tests.tiny_models import saved_tiny_llama, tiny_llama
 from trainer.weight_sync import publish_remote
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # job processes and a broker of their own
 
 
@@ -118,3 +120,28 @@ def test_every_role_stops_on_sigterm_within_its_stop_timeout_when_the_broker_is_
     print(stopped)
     # none killed for outstaying its timeout: each came out of its Kafka waits and exited on its own
     assert all(code != -signal.SIGKILL for _, code in stopped.values()), stopped
+
+
+def test_a_burst_of_signals_stops_a_process_and_never_hangs_it():
+    """Signals arriving while a handler is inside another's Event.set once left a trainer waiting forever on the
+    Event's own lock (seen when a supervisor died: its death signal came on top of its SIGTERM)."""
+    code = ("from tba.signals import stop_on_signals; stop = stop_on_signals(); print('up', flush=True); "
+            "stop.wait(); print('stopped', flush=True); stop.hurry.wait(); print('hurried', flush=True)")  # fmt: skip
+    for _ in range(20):
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        hung = threading.Timer(20, child.kill)  # a hung child is killed, and its output ends short
+        hung.start()
+        try:
+            assert child.stdout.readline().strip() == "up"
+            for _ in range(2000):
+                os.kill(child.pid, signal.SIGTERM)
+            # Unix folds a burst of one signal into as few as one delivery, so the burst must stop the process
+            # but may not hurry it; a signal sent once it has stopped is a second delivery and must.
+            assert child.stdout.readline().strip() == "stopped"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+            assert child.stdout.readline().strip() == "hurried"
+            assert child.wait() in (0, -signal.SIGTERM)  # late signals may land as the interpreter exits
+        finally:
+            hung.cancel()
+            child.kill()

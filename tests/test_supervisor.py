@@ -60,7 +60,7 @@ def test_a_broker_running_before_the_job_stays_and_keep_broker_keeps_one_it_star
                            broker={"port": broker.port, "data_dir": str(broker.data_dir)})  # fmt: skip
     supervisor = Supervisor(found)
     assert supervisor.prepare() and not supervisor.started_broker
-    supervisor.release_broker()
+    supervisor.release_servers()
     assert broker.status() is not None
 
     supervisor = Supervisor(local_job(tmp_path / "b", keep_broker=True))
@@ -69,7 +69,7 @@ def test_a_broker_running_before_the_job_stays_and_keep_broker_keeps_one_it_star
         # a new broker's group coordinator is still loading its offsets: said in words, not as an exception
         lag = JobView(supervisor.cfg)._read_kafka()["filter_lag"]
         assert lag == "waiting for the filter group's coordinator"
-        supervisor.release_broker()
+        supervisor.release_servers()
         assert supervisor.broker.status() is not None
     finally:
         supervisor.broker.stop()

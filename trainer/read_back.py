@@ -14,6 +14,7 @@ import threading
 import time
 
 from kafka import TopicPartition
+from kafka.errors import KafkaError
 
 from ops.config import TbaConfig
 from ops.errors import TbaError
@@ -21,6 +22,9 @@ from ops.topics import Topic
 from trainer.spill_file import SpillFile
 
 READ_BACK_BYTES = 64 * 1024  # per partition and request: a few record batches (measured faster than 16 or 256 KiB)
+# a poll that brings nothing this long asks where each partition begins: retention may have emptied it,
+# and an emptied partition never answers a fetch (a draw waited the whole client timeout for it)
+RETENTION_LOOK_S = 1.0
 
 
 class GroupReader:
@@ -68,11 +72,15 @@ class GroupReader:
         partitions = {p: TopicPartition(self.topic.name, p) for p in owed}
         self._seek(owed, partitions)
         deadline = time.monotonic() + self.cfg.kafka.client_timeout_s
+        look = time.monotonic() + RETENTION_LOOK_S
         while owed:
-            batch = consumer.poll(timeout_ms=max(0.0, deadline - time.monotonic()) * 1000, max_records=1)
-            if not batch and time.monotonic() >= deadline:  # nothing came: retention, or no answer (raises)
-                gone += self._expired(owed, partitions)
-                deadline = time.monotonic() + self.cfg.kafka.client_timeout_s
+            batch = consumer.poll(timeout_ms=max(0.0, min(look, deadline) - time.monotonic()) * 1000, max_records=1)
+            if not batch and time.monotonic() >= look:  # nothing came: retention, or no answer yet
+                expired = self._expired(owed, partitions, time.monotonic() >= deadline)
+                gone += expired
+                look = time.monotonic() + RETENTION_LOOK_S
+                if expired:
+                    deadline = time.monotonic() + self.cfg.kafka.client_timeout_s
             for tp, records in batch.items():
                 offsets, rec = owed[tp.partition], records[0]
                 if offsets[0] == rec.offset:
@@ -88,13 +96,20 @@ class GroupReader:
                     consumer.seek(tp, offsets[0])
         return found, gone
 
-    def _expired(self, owed: dict[int, list[int]], partitions) -> list[tuple[int, int]]:
+    def _expired(self, owed: dict[int, list[int]], partitions, timed_out: bool) -> list[tuple[int, int]]:
         """Nothing came back: what is owed before its partition's beginning is gone (retention); if nothing
-        is, Kafka did not answer, which is an error. The rest are sought again."""
-        start = self._consumer.beginning_offsets([partitions[p] for p in owed])
+        is by the client timeout, Kafka did not answer, which is an error. The rest are sought again."""
+        try:
+            start = self._consumer.beginning_offsets([partitions[p] for p in owed])
+        except KafkaError:
+            if timed_out:
+                raise
+            return []  # Kafka away for a moment: the client timeout decides
         expired = [(p, o) for p, offsets in owed.items() for o in offsets if o < start[partitions[p]]]
         if not expired:
-            raise TbaError(f"{self.topic} offsets { ({p: o for p, o in owed.items()}) } could not be read back")
+            if timed_out:
+                raise TbaError(f"{self.topic} offsets {owed} could not be read back")
+            return []
         for p in list(owed):
             owed[p] = [o for o in owed[p] if o >= start[partitions[p]]]
             if not owed[p]:
