@@ -21,13 +21,17 @@ from trainer.job import run_trainer
 
 def test_mean_reward_rises_through_the_full_path(cfg, store, tmp_path):
     saved_tiny_llama(tmp_path / "model")
+    # a replay bound of 1 trains each group received about once, so the 60 steps learn from ~120 fresh groups
+    # however fast the machine runs the searcher beside the trainer. Under the default 2, which its head start kept it
+    # from reaching, the trainer outran the searcher, trained its newest pair up to 9 times over, took the 60 steps on
+    # 50-80 groups and gained +0.15 to +0.25 (a CI failure); with 1, +0.23 to +0.29 in 11 runs
     cfg = with_overrides(
         cfg,
         task={"name": "toy", "train_size": 16, "eval_size": 4},
         searcher={"model": str(tmp_path / "model"), "samples_per_prompt": 6, "prompts_per_batch": 2,
                   "max_new_tokens": 6, "temperature": 1.0},
         filter={"scorers": ["structure", "finite_rewards", "lengths", "length_limits"], "max_poll_records": 20},
-        buffer={"samples_per_prompt": 6, "on_policy_prob": 0.95},
+        buffer={"samples_per_prompt": 6, "on_policy_prob": 0.95, "max_replay_ratio": 1},
         trainer={"prompts_per_step": 2, "micro_batch_prompts": 1, "lr": 1e-2, "warmup_steps": 1, "beta_start": 0.05,
                  "beta_end": 0.05, "temperature": 1.0, "sync_every": 1, "min_buffer_prompts": 2, "max_steps": 60,
                  "eval_every": 1000, "checkpoint_every": 1000, "run_dir": str(tmp_path / "run"), "eval_prompts": 4,
@@ -61,6 +65,7 @@ def test_mean_reward_rises_through_the_full_path(cfg, store, tmp_path):
     course = {v: (len(rewards[v]) // 6, round(float(np.mean(rewards[v])), 2)) for v in versions}
     steps = [(r["step"], round(r["mean_reward"], 2), r["staleness"], round(r["loss"], 1))
              for r in metric_rows(tmp_path / "run") if r["kind"] == "train"]  # fmt: skip
+    assert all(r["replay_ratio"] <= 1 for r in metric_rows(tmp_path / "run") if r["kind"] == "train")
     assert late > early + 0.15, (
         f"{early=:.3f} {late=:.3f}; version: (groups, mean reward) {course}; "
         f"(step, batch reward, staleness, loss) {steps}"
