@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -329,7 +330,8 @@ def run_(obj: Context, config: str | None, keep_broker: bool) -> None:
     """The whole job on one machine: broker, topics, trainer + weight sync, searchers, filters, supervised.
 
     Ctrl-C / SIGTERM (or run.budget_s) stops it in order, the trainer checkpointing first; run it again
-    with the same trainer.run_dir to resume. CONFIG defaults to --config, else the embedded defaults.
+    with the same trainer.run_dir to resume. Stopped by its budget or max_steps, it then evaluates the policy
+    it stopped with (`tba report`'s last point). CONFIG defaults to --config, else the embedded defaults.
     """
     from tba.live_view import shown
     from tba.supervisor import run_job
@@ -340,6 +342,13 @@ def run_(obj: Context, config: str | None, keep_broker: bool) -> None:
     with shown(cfg, obj.verbose) as (refresh, progress):
         state = run_job(cfg, stop, refresh, progress)
     click.echo(f"job stopped after {state['elapsed_s']:.0f}s; logs and metrics in {cfg.trainer.run_dir}")
+    if not stop.is_set():  # its budget or max_steps ended it: the report's last point is the policy it stopped with
+        from trainer.job import evaluate_at_stop
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C or SIGTERM now skip the evaluation
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        click.echo(f"evaluating the policy it stopped with on {cfg.trainer.eval_prompts} held-out problems")
+        evaluate_at_stop(cfg)
 
 
 @cli.command()

@@ -103,7 +103,8 @@ def _headline(first: dict, last: dict) -> list[str]:
     """First and last held-out evaluation with their standard errors, and whether the gain stands out of the
     noise (two standard errors, problem by problem) or not."""
     pm = lambda row, key: f"{row[key]:.3f} ± {row.get(key + '_se', float('nan')):.3f}"  # noqa: E731
-    steps = f"(step {first['step']} -> {last['step']}, {last.get('eval_problems', '?')} problems)"
+    stopped = ", the policy the job stopped with" if last.get("at_stop") else ""
+    steps = f"(step {first['step']} -> {last['step']}{stopped}, {last.get('eval_problems', '?')} problems)"
     if "greedy_solved" in first and "greedy_solved" in last:
         gain, se = paired_gain(first, last)
         verdict = "beyond" if abs(gain) > 2 * se else "within"

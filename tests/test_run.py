@@ -116,21 +116,28 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
     rows = metric_rows(run_dir)
     last_step = max(r["step"] for r in rows)
     assert last_step >= 3 and (run_dir / "inspect.json").exists()
+    assert not any(r.get("at_stop") for r in rows)  # stopped by a signal: no evaluation after it
 
-    # run again: the job resumes from the checkpoint and ends by itself at max_steps
-    config.write_text(yaml.safe_dump(with_overrides(cfg, trainer={"max_steps": last_step + 2}).model_dump(mode="json")))
+    # run again: the job resumes from the checkpoint and ends by itself at max_steps, a step the trainer does not
+    # evaluate at (eval_every), so `tba run` evaluates the policy it stopped with
+    again_cfg = with_overrides(cfg, trainer={"max_steps": last_step + 2, "eval_every": 1000})
+    config.write_text(yaml.safe_dump(again_cfg.model_dump(mode="json")))
     again = subprocess.run([*tba, "run", str(config)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     rows = metric_rows(run_dir)
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps[-2:] == [last_step + 1, last_step + 2]
+    stopped_with = [r for r in rows if r["kind"] == "eval"][-1]
+    assert stopped_with["at_stop"] and stopped_with["step"] == last_step + 2 and rows[-1] is stopped_with
+    assert stopped_with["eval_problems"] == 4 and 0 <= stopped_with["greedy_accuracy"] <= 1
     assert process(job_state(run_dir), "trainer")["status"] == "finished"
     assert {p["status"] for p in job_state(run_dir)["processes"] if p["role"] != "trainer"} == {"stopped"}
 
     report = subprocess.run([*tba, "report", str(run_dir)], capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
     summary = (run_dir / "report" / "report.md").read_text()
-    assert f"steps: {last_step + 2}" in summary and "held-out greedy accuracy (step 0 -> " in summary
+    assert f"steps: {last_step + 2}" in summary
+    assert f"greedy accuracy (step 0 -> {last_step + 2}, the policy the job stopped with, 4 problems)" in summary
     assert "the noise (two standard errors)" in summary and "held-out sampled reward: " in summary
     assert "prompts trained per group received" in summary  # the replay ratio, bounded by buffer.max_replay_ratio:
     assert all(r["replay_ratio"] <= cfg.buffer.max_replay_ratio for r in rows if r["kind"] == "train")

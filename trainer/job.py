@@ -23,6 +23,54 @@ from trainer.train import Trainer
 log = logging.getLogger(__name__)
 
 
+def trained_model(cfg: TbaConfig):
+    """(model, tokenizer, pad id) of the policy the trainer trains: the base model, with adapters under LoRA."""
+    from policy.models import apply_lora, load_model
+
+    t = cfg.trainer
+    model, tokenizer = load_model(t.model or cfg.searcher.model, t.gguf_file or cfg.searcher.gguf_file, t.dtype,
+                                  field="trainer.model" if t.model else "searcher.model")  # fmt: skip
+    if torch.cuda.is_available():  # one GPU per process (torchrun sets LOCAL_RANK)
+        model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    if t.lora_r:
+        model = apply_lora(model, t)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model, tokenizer, pad
+
+
+def checkpoint_policy(cfg: TbaConfig) -> tuple[Trainer, object]:
+    """(trainer, tokenizer) resumed from run_dir's latest checkpoint: the policy a job stopped with."""
+    model, tokenizer, pad = trained_model(cfg)
+    trainer = Trainer(cfg, model, None, pad)
+    if not trainer.resume():
+        raise TbaError(f"no checkpoint in {cfg.trainer.run_dir} to evaluate")
+    return trainer, tokenizer
+
+
+def evaluate_at_stop(cfg: TbaConfig) -> dict | None:
+    """Evaluate the checkpoint a job stopped with on the held-out problems, and append it to run_dir/metrics.jsonl
+    as its last evaluation (what `tba report` compares with the first); None when the trainer's last evaluation
+    was already of that step. Without it a job stopped by its budget reports the last eval_every step."""
+    from ops.metrics import MetricsLog, metric_rows
+    from policy.tasks import build_task
+
+    rows = metric_rows(Path(cfg.trainer.run_dir))
+    evals = [r for r in rows if r["kind"] == "eval"]
+    if not rows or (evals and evals[-1]["step"] == rows[-1]["step"]):  # the trainer saves as it stops
+        return None
+    trainer, tokenizer = checkpoint_policy(cfg)
+    log.info("evaluating the checkpoint of step %d on %d held-out problems", trainer.step, cfg.trainer.eval_prompts)
+    result = Evaluator(cfg, build_task(cfg.task), tokenizer)(trainer.model)
+    last, now = rows[-1], time.time()
+    row = {"kind": "eval", "mode": cfg.trainer.mode, "loss_name": cfg.trainer.loss, "step": trainer.step,
+           "policy_version": trainer.policy_version, "time": now, "wall_s": last["wall_s"] + now - last["time"],
+           "at_stop": True, **result}  # fmt: skip
+    metrics = MetricsLog(Path(cfg.trainer.run_dir), cfg.trainer.metrics_max_mb, cfg.trainer.metrics_backups)
+    metrics.write(row)
+    metrics.close()
+    return row
+
+
 def run_trainer(
     cfg: TbaConfig,
     stop: threading.Event | None = None,
@@ -44,7 +92,6 @@ def run_trainer(
     """
     from ops.job import model_id
     from ops.topics import JobTopics
-    from policy.models import apply_lora, load_model
     from policy.tasks import build_task
     from trainer.admission import Admission, DeadLetters
     from trainer.curated_feed import CuratedFeed, curated_buffer
@@ -60,13 +107,7 @@ def run_trainer(
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     main = not dist.is_initialized() or dist.get_rank() == 0
     torch.manual_seed(t.seed)  # the same initial weights in every process
-    model, tokenizer = load_model(t.model or cfg.searcher.model, t.gguf_file or cfg.searcher.gguf_file, t.dtype,
-                                  field="trainer.model" if t.model else "searcher.model")  # fmt: skip
-    if torch.cuda.is_available():  # one GPU per process (torchrun sets LOCAL_RANK)
-        model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-    if t.lora_r:
-        model = apply_lora(model, t)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, tokenizer, pad = trained_model(cfg)
     task = build_task(cfg.task)
     if t.mode == "sync":
         trainer = Trainer(cfg, model, None, pad)
