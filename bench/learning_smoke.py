@@ -32,6 +32,7 @@ from ops.metrics import metric_rows, paired_gain  # noqa: E402
 from ops.topics import JobTopics  # noqa: E402
 from tba.signals import Stop  # noqa: E402
 from tba.supervisor import run_job  # noqa: E402
+from trainer.job import evaluate_at_stop  # noqa: E402
 
 
 def job_config(tmp: Path, budget_s: float, path: str | None = None, **sections) -> TbaConfig:
@@ -53,29 +54,6 @@ def overrides() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIX)}
 
 
-def final_policy(cfg: TbaConfig):
-    """(model, tokenizer) of the run's latest checkpoint (what the trainer saved as it stopped)."""
-    from policy.models import apply_lora, load_model
-    from trainer.train import Trainer
-
-    model, tokenizer = load_model(cfg.trainer.model or cfg.searcher.model)
-    if cfg.trainer.lora_r:
-        model = apply_lora(model, cfg.trainer)
-    trainer = Trainer(cfg, model, None, tokenizer.pad_token_id)
-    if not trainer.resume():
-        raise RuntimeError(f"no checkpoint in {cfg.trainer.run_dir}")
-    return trainer.model, tokenizer
-
-
-def final_evaluation(cfg: TbaConfig) -> dict:
-    """Held-out evaluation of the run's latest checkpoint."""
-    from policy.tasks import build_task
-    from trainer.evaluation import Evaluator
-
-    model, tokenizer = final_policy(cfg)
-    return Evaluator(cfg, build_task(cfg.task), tokenizer)(model)
-
-
 def run_tba(cfg: TbaConfig) -> dict:
     """`tba run` for cfg.run.budget_s; the trainer's metrics rows, the final evaluation, what was generated."""
     from policy.models import load_model
@@ -84,8 +62,8 @@ def run_tba(cfg: TbaConfig) -> dict:
     started = time.monotonic()
     run_job(with_overrides(cfg, run={"keep_broker": True}), Stop())  # its topics are read below
     wall = time.monotonic() - started
-    end_eval = final_evaluation(cfg)
     rows = metric_rows(Path(cfg.trainer.run_dir))
+    end_eval = evaluate_at_stop(cfg) or [r for r in rows if r["kind"] == "eval"][-1]  # as `tba run` evaluates
     raw = JobTopics(cfg).raw
     groups = [raw.codec.decode(r.value) for r in raw.read()]
     job_broker(cfg).stop()

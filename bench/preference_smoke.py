@@ -24,9 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.learning_smoke import final_policy, job_config, overrides, run_tba  # noqa: E402
+from bench.learning_smoke import job_config, overrides, run_tba  # noqa: E402
 from bench.results import write_results  # noqa: E402
 from ops.config import TbaConfig, with_overrides  # noqa: E402
+from trainer.job import checkpoint_policy  # noqa: E402
 
 
 def held_out_groups(cfg: TbaConfig, model, tokenizer, task, samples: int, seed: int = 0) -> list[list]:
@@ -64,7 +65,8 @@ def smoke(config: str, budget_s: float, samples: int, measure, eval_prompts: int
         model, tokenizer = load_model(cfg.searcher.model)
         start = measure(cfg, model, tokenizer, task)
         run = run_tba(cfg)
-        end = measure(cfg, *final_policy(cfg), task)
+        trainer, tokenizer = checkpoint_policy(cfg)
+        end = measure(cfg, trainer.model, tokenizer, task)
     train = [r for r in run["rows"] if r["kind"] == "train"]
     return {
         "model": "SmolLM2-135M-Instruct",
