@@ -75,6 +75,7 @@ class Scaler:
                 continue
             if not p.running:
                 p.exit_codes.append(p.proc.returncode)
+                p.proc = None  # noted once: a stop's terminate would note an exited process it finds
                 del self.removing[p.name]
             elif time.monotonic() > self.removing[p.name]:
                 log.warning("%s did not stop within %.0fs of its removal; killing it", p.name, REMOVE_TIMEOUT_S)

@@ -98,10 +98,8 @@ def _die_with_parent() -> None:
 
 def role_processes(cfg: TbaConfig) -> list[RoleProcess]:
     """The trainer, the searchers, the filters and (gateway.enabled) the gateway, with metrics ports and a fair
-    share of the cores.
-
-    In sync mode the trainer generates its own on-policy batches (and writes them to raw as the job's
-    history): there are no searchers.
+    share of the cores. In sync mode the trainer generates its own on-policy batches (and writes them to raw as
+    the job's history): there are no searchers.
     """
     searchers = cfg.searcher.searchers if cfg.trainer.mode == "async" else 0
     filters = cfg.run.filters
@@ -306,11 +304,13 @@ class Supervisor:
         self.write_state()
 
     def terminate(self, processes: list[RoleProcess], timeout_s: float, hurry: threading.Event | None = None) -> None:
-        """SIGTERM these processes, wait up to timeout_s (or until hurry is set), then SIGKILL.
-        They are not restarted."""
+        """SIGTERM these processes, wait up to timeout_s (or until hurry is set), then SIGKILL; none restarts."""
         hurry = hurry or threading.Event()
         for p in processes:  # one waiting out a restart back-off must not start after this either
             p.done = p.done or "stopped"
+            if p.proc is not None and not p.running:  # it exited since the last tick: noted as a tick would
+                p.exit_codes.append(p.proc.returncode)
+                p.proc = None
         running = [(p, p.proc) for p in processes if p.running]
         for _, proc in running:
             proc.send_signal(signal.SIGTERM)
@@ -324,6 +324,7 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
             p.exit_codes.append(proc.returncode)
+            p.proc = None
 
     def release_servers(self) -> None:
         """Stop the local registry and broker if this job started them, unless run.keep_broker; running ones stay."""

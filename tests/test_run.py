@@ -162,6 +162,16 @@ def test_a_stopped_process_is_not_restarted_even_while_it_waits_out_a_back_off(c
     assert searcher.proc is None and process(supervisor.state(), searcher.name)["status"] == "stopped"
 
 
+def test_a_stop_notes_the_exit_of_a_process_that_ended_since_the_last_tick(cfg, tmp_path):
+    supervisor = Supervisor(with_overrides(cfg, trainer={"run_dir": str(tmp_path)}))
+    searcher = next(p for p in supervisor.processes if p.role == "searcher")
+    searcher.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])  # Kafka gone: it gave up
+    searcher.proc.wait()
+    supervisor.terminate(supervisor.processes, 1)  # no tick between its exit and the stop
+    supervisor.terminate(supervisor.processes, 1)  # and a second stop notes nothing twice
+    assert searcher.exit_codes == [3] and process(supervisor.state(), searcher.name)["status"] == "stopped"
+
+
 def test_metric_rows_leave_out_a_last_line_cut_short_by_a_kill(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "eval", "step": 1}\n{"kind": "tr')
     assert [r["kind"] for r in metric_rows(tmp_path)] == ["train", "eval"]
