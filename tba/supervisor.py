@@ -47,7 +47,6 @@ from tba.signals import Stop
 from tba.stalls import StallWatch, filter_member_lag
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
 BROKER_RETRY_S = 5.0  # between tries at restarting a local broker that did not start
 HEAL_EVERY_S = 15.0  # a look is a few admin requests; a hanging transaction is ended after its 60 s grace
 LOOK_STUCK_S = 120.0  # a look is a few requests, each bounded by the client timeout: far longer is a hang
@@ -203,9 +202,10 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env.update(OMP_NUM_THREADS=str(p.threads), PYTHONUNBUFFERED="1")
         with open(self.logs / f"{p.name}.log", "ab") as out:
-            # own session: a Ctrl-C in the terminal reaches the supervisor alone, which stops in order
-            p.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+            # own session: a Ctrl-C in the terminal reaches the supervisor alone, which stops in order; in this
+            # process's working directory, where the config's relative paths (the default run_dir) are meant
+            p.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=_die_with_parent)  # fmt: skip
         p.started_at = time.monotonic()
         self.stalls.started(p.name, p.started_at)
         log.info("started %s (pid %d)", p.name, p.proc.pid)

@@ -119,10 +119,11 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
     assert not any(r.get("at_stop") for r in rows)  # stopped by a signal: no evaluation after it
 
     # run again: the job resumes from the checkpoint and ends by itself at max_steps, a step the trainer does not
-    # evaluate at (eval_every), so `tba run` evaluates the policy it stopped with
-    again_cfg = with_overrides(cfg, trainer={"max_steps": last_step + 2, "eval_every": 1000})
+    # evaluate at (eval_every), so `tba run` evaluates the policy it stopped with. It runs from the job's own
+    # directory with run_dir relative to it, as the default .tba/run is: every role must find the same run dir
+    again_cfg = with_overrides(cfg, trainer={"max_steps": last_step + 2, "eval_every": 1000, "run_dir": "run"})
     config.write_text(yaml.safe_dump(again_cfg.model_dump(mode="json")))
-    again = subprocess.run([*tba, "run", str(config)], capture_output=True, text=True, timeout=300)
+    again = subprocess.run([*tba, "run", str(config)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     rows = metric_rows(run_dir)
     steps = [r["step"] for r in rows if r["kind"] == "train"]
