@@ -24,6 +24,7 @@ from rich.text import Text
 from ops.metrics import MetricsTail
 
 KAFKA_EVERY_S = 5.0  # end offsets and group offsets cost a few round trips: not every second
+RATE_WINDOW_S = 60.0  # rates over the last minute: a trainer step every ~8 s, read over one second, showed mostly 0
 
 
 def scrape(port: int, timeout_s: float = 0.5) -> dict[str, float]:
@@ -46,7 +47,7 @@ class JobView:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.previous: dict[str, tuple[float, dict[str, float]]] = {}  # name -> (time, scrape)
+        self.history: dict[str, deque[tuple[float, dict[str, float]]]] = defaultdict(deque)  # name -> (time, scrape)
         self.rates: dict[str, dict[str, float]] = {}
         self.metrics: MetricsTail | None = None  # the trainer's metrics.jsonl, read as it grows
         self.evals: deque[dict] = deque(maxlen=5)  # the newest evaluations
@@ -63,11 +64,8 @@ class JobView:
         scraped = {}
         for p in supervisor.processes:
             if p.metrics_port and p.running:
-                scraped[p.name] = current = scrape(p.metrics_port)
-                then, before = self.previous.get(p.name, (now, current))
-                if now > then:
-                    self.rates[p.name] = {k: (v - before.get(k, 0.0)) / (now - then) for k, v in current.items()}
-                self.previous[p.name] = (now, current)
+                scraped[p.name] = scrape(p.metrics_port)
+                self.note(p.name, now, scraped[p.name])
         reading = self._reading is not None and self._reading.is_alive()
         if not reading and now - self.kafka_at >= KAFKA_EVERY_S:
             self.kafka_at = now
@@ -76,6 +74,21 @@ class JobView:
         elif reading and now - self.kafka_at >= KAFKA_EVERY_S:  # longer than a read takes when Kafka answers
             self.kafka = {"error": f"waiting for Kafka at {self.cfg.kafka.bootstrap} to answer"}
         self.renderable = self.render(supervisor.state(), scraped)
+
+    def note(self, name: str, now: float, current: dict[str, float]) -> None:
+        """A process's scrape at now; its rates are then over its scrapes of the last RATE_WINDOW_S. A restart
+        (a counter lower than before: it counts from 0 again) starts the window again."""
+        if not current:  # nothing answered: no sample, rather than a drop to 0 and a jump back
+            return
+        samples = self.history[name]
+        if samples and any(v < samples[-1][1].get(k, 0.0) for k, v in current.items() if k.endswith("_total")):
+            samples.clear()
+        samples.append((now, current))
+        while now - samples[0][0] > RATE_WINDOW_S:
+            samples.popleft()
+        then, before = samples[0]
+        span = now - then
+        self.rates[name] = {k: (v - before.get(k, 0.0)) / span for k, v in current.items()} if span > 0 else {}
 
     def _read_kafka_into_view(self) -> None:
         self.kafka = self._read_kafka()
@@ -150,7 +163,7 @@ class JobView:
         if p["role"] == "filter":
             return f"{rate.get('tba_filter_consumed_total', 0):.1f} records/s"
         if p["role"] == "gateway":  # requests per second, and the groups now awaiting rewards and expired so far
-            now = self.previous.get(p["name"], (0.0, {}))[1]
+            now = self.history[p["name"]][-1][1] if self.history[p["name"]] else {}
             return (f"{rate.get('tba_gateway_requests_total', 0):.1f} req/s, "
                     f"{now.get('tba_gateway_open_groups', 0):.0f} open, "
                     f"{now.get('tba_gateway_expired_groups_total', 0):.0f} expired groups")  # fmt: skip

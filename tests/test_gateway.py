@@ -377,7 +377,7 @@ def test_tba_gateway_serves_until_sigterm_then_dead_letters_what_awaits_rewards(
         scraped = scrape(metrics_port)
         assert scraped["tba_gateway_open_groups"] == 1 and scraped["tba_gateway_batches_total"] == 1
         view = JobView(cfg)
-        view.previous["gateway"] = (0.0, scraped)
+        view.note("gateway", 0.0, scraped)
         assert "1 open, 0 expired groups" in view._throughput({"name": "gateway", "role": "gateway"})
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

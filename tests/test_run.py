@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from ops.broker import free_port
-from ops.config import with_overrides
+from ops.config import load_config, with_overrides
 from ops.metrics import metric_rows
-from tba.live_view import scrape
+from tba.live_view import JobView, scrape
 from tba.stalls import StallWatch, filter_member_lag
 from tba.supervisor import Supervisor
 from tests.tiny_models import saved_tiny_llama
@@ -177,6 +177,23 @@ def test_metric_rows_leave_out_a_last_line_cut_short_by_a_kill(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "eval", "step": 1}\n{"kind": "tr')
     assert [r["kind"] for r in metric_rows(tmp_path)] == ["train", "eval"]
     assert metric_rows(tmp_path / "absent") == []
+
+
+def test_the_live_view_shows_throughput_over_the_last_minute_and_a_restart_as_no_drop_below_zero():
+    view = JobView(load_config(environ={}))
+    trainer = {"name": "trainer", "role": "trainer"}
+    shown = []
+    for second in range(120):  # a step every 8 s, the view called every second (as the supervisor calls it)
+        view.note("trainer", float(second), {"tba_trainer_steps_total": float(second // 8)})
+        shown.append(view._throughput(trainer))
+    # over a minute 7 or 8 steps; over the last second, as it was, "0.0 steps/min" 7 times in 8
+    assert set(shown[60:]) == {"7.0 steps/min", "8.0 steps/min"}
+    view.note("trainer", 120.0, {})  # not answering for a moment: no sample
+    assert view._throughput(trainer) == shown[-1]
+    view.note("trainer", 121.0, {"tba_trainer_steps_total": 0.0})  # restarted: counting from 0 again
+    assert view._throughput(trainer) == "0.0 steps/min"
+    view.note("trainer", 129.0, {"tba_trainer_steps_total": 1.0})
+    assert view._throughput(trainer) == "7.5 steps/min"
 
 
 def test_the_live_view_reads_a_port_that_is_not_prometheus_as_no_metrics():
