@@ -242,3 +242,38 @@ def test_a_step_waits_for_new_groups_once_the_history_was_trained_max_replay_rat
     t.feed = None  # a replay without --live: its range is all there will be, trained as often as it is told
     assert not t.held_by_replay_bound() and t.ready
     t.close()
+
+
+def test_a_stop_during_an_evaluation_gives_it_up_and_the_trainer_checkpoints_at_once(tcfg, tmp_path, monkeypatch):
+    """256 held-out problems take ~2 minutes on 2 cores, longer than the trainer's stop timeout: a stop that waited
+    for them ended in a kill, without the checkpoint of the last steps."""
+    import threading
+
+    from ops.metrics import metric_rows
+    from policy.generation import HFGenerator
+    from trainer import evaluation
+    from trainer.job import run_trainer
+
+    saved_tiny_llama(tmp_path / "model")
+    cfg = with_overrides(
+        tcfg,
+        searcher={"model": str(tmp_path / "model")},
+        task={"name": "toy", "train_size": 4, "eval_size": 8},
+        trainer={"prompts_per_step": 2, "max_steps": 3, "min_buffer_prompts": 2, "eval_every": 1, "eval_prompts": 8,
+                 "eval_max_new_tokens": 4},
+    )  # fmt: skip
+    monkeypatch.setattr(evaluation, "CHUNK", 2)  # an evaluation: 4 chunks greedy, then 4 sampled
+    stop, chunks, texts = threading.Event(), [], HFGenerator.texts
+
+    def stop_in_the_second_evaluation(self, prompts, sample):
+        chunks.append(len(prompts))
+        if len(chunks) == 9:  # the first chunk of the evaluation after step 1: as a SIGTERM would, mid-way
+            stop.set()
+        return texts(self, prompts, sample)
+
+    monkeypatch.setattr(HFGenerator, "texts", stop_in_the_second_evaluation)
+    trainer = run_trainer(cfg, stop)
+    assert chunks == [2] * 9  # the chunk in hand finished, no other started
+    rows = metric_rows(tmp_path / "run")
+    assert [(r["kind"], r["step"]) for r in rows] == [("eval", 0), ("train", 1)]  # no evaluation of step 1 recorded
+    assert trainer.step == 1 and latest_checkpoint(tmp_path / "run").name == "step-000001"  # saved as it stopped

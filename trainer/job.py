@@ -194,10 +194,15 @@ def _loop(
         metrics.write(row)
         log.info("%s", row)
 
+    def record_eval() -> None:
+        evaluated = evaluate(trainer.model, stop)  # None: given up for a stop, which the checkpoint must not wait for
+        if evaluated is not None:
+            record("eval", **evaluated)
+
     try:
         with metrics_served(metrics_port if main else None, lambda: trainer_metrics(trainer)):
             if trainer.step == 0 and main:
-                record("eval", **evaluate(trainer.model))
+                record_eval()
             elif main:  # resumed from a checkpoint: say where, so a restart can be checked against it
                 record("resume", buffer_groups=len(trainer.buffer) if trainer.buffer is not None else 0)
             while trainer.step < t.max_steps:
@@ -214,7 +219,7 @@ def _loop(
                        trainer_wait_fraction=trainer.waited_s / (time.monotonic() - started),
                        unreadable_groups=unreadable)  # fmt: skip
                 if trainer.step % t.eval_every == 0 and main:
-                    record("eval", **evaluate(trainer.model))
+                    record_eval()
                 if trainer.step % t.checkpoint_every == 0 and main:
                     trainer.save()
     finally:
