@@ -48,6 +48,7 @@ class JobView:
     def __init__(self, cfg):
         self.cfg = cfg
         self.history: dict[str, deque[tuple[float, dict[str, float]]]] = defaultdict(deque)  # name -> (time, scrape)
+        self.started: dict[str, float] = {}  # name -> when the process scraped was started
         self.rates: dict[str, dict[str, float]] = {}
         self.metrics: MetricsTail | None = None  # the trainer's metrics.jsonl, read as it grows
         self.evals: deque[dict] = deque(maxlen=5)  # the newest evaluations
@@ -65,7 +66,7 @@ class JobView:
         for p in supervisor.processes:
             if p.metrics_port and p.running:
                 scraped[p.name] = scrape(p.metrics_port)
-                self.note(p.name, now, scraped[p.name])
+                self.note(p.name, now, scraped[p.name], p.started_at)
         reading = self._reading is not None and self._reading.is_alive()
         if not reading and now - self.kafka_at >= KAFKA_EVERY_S:
             self.kafka_at = now
@@ -75,14 +76,16 @@ class JobView:
             self.kafka = {"error": f"waiting for Kafka at {self.cfg.kafka.bootstrap} to answer"}
         self.renderable = self.render(supervisor.state(), scraped)
 
-    def note(self, name: str, now: float, current: dict[str, float]) -> None:
+    def note(self, name: str, now: float, current: dict[str, float], started_at: float = 0.0) -> None:
         """A process's scrape at now; its rates are then over its scrapes of the last RATE_WINDOW_S. A restart
-        (a counter lower than before: it counts from 0 again) starts the window again."""
+        (started_at changed, or a counter lower than before: it counts from 0 again) starts the window again."""
         if not current:  # nothing answered: no sample, rather than a drop to 0 and a jump back
             return
         samples = self.history[name]
-        if samples and any(v < samples[-1][1].get(k, 0.0) for k, v in current.items() if k.endswith("_total")):
+        restarted = self.started.get(name, started_at) != started_at
+        if restarted or samples and any(v < samples[-1][1].get(k, 0.0) for k, v in current.items() if "_total" in k):
             samples.clear()
+        self.started[name] = started_at
         samples.append((now, current))
         while now - samples[0][0] > RATE_WINDOW_S:
             samples.popleft()

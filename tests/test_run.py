@@ -194,6 +194,11 @@ def test_the_live_view_shows_throughput_over_the_last_minute_and_a_restart_as_no
     assert view._throughput(trainer) == "0.0 steps/min"
     view.note("trainer", 129.0, {"tba_trainer_steps_total": 1.0})
     assert view._throughput(trainer) == "7.5 steps/min"
+    # a filter restarted behind a backlog passes its old count before the first scrape: its start time tells
+    view.note("filter", 0.0, {"tba_filter_consumed_total": 100.0}, started_at=0.0)
+    view.note("filter", 10.0, {"tba_filter_consumed_total": 500.0}, started_at=5.0)
+    view.note("filter", 11.0, {"tba_filter_consumed_total": 520.0}, started_at=5.0)
+    assert view._throughput({"name": "filter", "role": "filter"}) == "20.0 records/s"
 
 
 def test_the_live_view_reads_a_port_that_is_not_prometheus_as_no_metrics():
