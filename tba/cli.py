@@ -16,6 +16,7 @@ from ops.registry import configured_registry
 from tba.elastic import prompts, scale
 from tba.gateway import gateway
 from tba.logs import configure_logging
+from tba.profiling import profiled
 from tba.signals import exit_unfinished_after, stop_on_signals
 
 
@@ -377,7 +378,7 @@ cli.add_command(gateway)  # tba/gateway.py: `tba gateway`
 
 def main() -> None:
     try:
-        cli(standalone_mode=True)
+        profiled(lambda: cli(standalone_mode=True))  # tba/profiling.py: only when TBA_PROFILE_DIR is set
     except TbaError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -15,6 +15,7 @@ from ops.broker import free_port
 from ops.config import load_config, with_overrides
 from ops.metrics import metric_rows
 from tba.live_view import JobView, scrape
+from tba.profiling import PROFILE_DIR_ENV, time_split
 from tba.stalls import StallWatch, filter_member_lag
 from tba.supervisor import Supervisor
 from tests.tiny_models import saved_tiny_llama
@@ -69,7 +70,9 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     tba = [sys.executable, "-m", "tba.cli"]
-    job = subprocess.Popen([*tba, "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    profiles = tmp_path / "profiles"  # every role profiled, as bench/time_split.py profiles the default job
+    job = subprocess.Popen([*tba, "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, PROFILE_DIR_ENV: str(profiles)})  # fmt: skip
     try:
         # every role serves its metrics; the trainer trains on what the searcher made and the filter passed
         wait_until(lambda: scrape(metrics_port).get("tba_trainer_steps_total", 0) >= 3, 240, "three trainer steps")
@@ -117,7 +120,18 @@ def test_tba_run_supervises_restarts_stops_in_order_resumes_and_reports(cfg, tmp
     last_step = max(r["step"] for r in rows)
     assert last_step >= 3 and (run_dir / "inspect.json").exists()
     assert not any(r.get("at_stop") for r in rows)  # stopped by a signal: no evaluation after it
-
+    # each role stopped in order left its profile (the killed ones did not): where its time went, phase by phase
+    assert {path.name for path in profiles.glob("*.pstats")} >= {f"tba-{pid}.pstats" for pid in pids}
+    splits = {s["role"]: s for s in (time_split(profiles / f"tba-{pid}.pstats") for pid in pids)}
+    trained = splits["trainer"]["phases"]
+    assert trained["step"]["calls"] == last_step and trained["backward"]["calls"] >= last_step
+    assert trained["optimizer"]["calls"] == last_step and trained["log_softmax"]["calls"] >= last_step
+    assert 0 < trained["forward"]["seconds"] < trained["step"]["seconds"] < splits["trainer"]["seconds"]
+    assert trained["evaluation"]["calls"] == 1 + last_step // 5  # at step 0 and every eval_every
+    searched = splits["searcher"]["phases"]
+    generated = searched["generation"]["calls"]  # a batch of 2 prompts: one generation, then each group scored
+    assert 1 <= generated <= searched["reward"]["calls"] == searched["kafka_send"]["calls"] <= 2 * generated
+    assert 0 < searched["generation"]["seconds"] < searched["batch"]["seconds"]
     # run again: the job resumes from the checkpoint and ends by itself at max_steps, a step the trainer does not
     # evaluate at (eval_every), so `tba run` evaluates the policy it stopped with. It runs from the job's own
     # directory with run_dir relative to it, as the default .tba/run is: every role must find the same run dir
