@@ -30,7 +30,7 @@ from tba.signals import Stop  # noqa: E402
 from tba.supervisor import run_job  # noqa: E402
 
 
-def role_summary(split: dict, units: int, unit: str) -> dict:
+def role_summary(split: dict, units: int, unit: str, plural: str) -> dict:
     """One role's split as read: per phase its seconds, calls, seconds per unit (a batch, a step) and share."""
     phases = {
         name: {
@@ -41,7 +41,7 @@ def role_summary(split: dict, units: int, unit: str) -> dict:
         }
         for name, p in split["phases"].items()
     }
-    return {"profiled_s": round(split["seconds"], 1), f"{unit}s": units, "phases": phases}
+    return {"profiled_s": round(split["seconds"], 1), plural: units, "phases": phases}
 
 
 def main() -> None:
@@ -81,8 +81,8 @@ def main() -> None:
             "mean_staleness": float(np.mean([r["staleness"] for r in train])) if train else None,
             "trainer_wait_fraction": train[-1]["trainer_wait_fraction"] if train else None,
             # a batch that generated (Searcher.step also returns at once while it holds no prompts)
-            "searcher": role_summary(searcher, searcher["phases"]["generation"]["calls"], "batch"),
-            "trainer": role_summary(trainer, trainer["phases"]["step"]["calls"], "step"),
+            "searcher": role_summary(searcher, searcher["phases"]["generation"]["calls"], "batch", "batches"),
+            "trainer": role_summary(trainer, trainer["phases"]["step"]["calls"], "step", "steps"),
         },
     )
 
