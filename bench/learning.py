@@ -1,6 +1,7 @@
 """Head-to-head learning benchmark: held-out accuracy against wall time on this machine, for
 (a) tba-stream TBA asynchronous (`tba run`: searcher, filter and trainer as separate processes),
 (b) tba-stream's synchronous on-policy baseline (generate, then train; GRPO advantages; no Kafka),
+(b') the same synchronous loop with TBA's objective (sync_tb): objective and asynchrony apart,
 (c) TRL's GRPOTrainer set as close to (b) as it allows.
 Same model (SmolLM2-135M-Instruct), task, prompts, reward, evaluation, learning rate, batch (B prompts
 x K samples), temperature, completion length and wall budget; every evaluation counts in the budget.
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +50,13 @@ def tba_async(tmp: Path, budget_s: float, seed: int, **sections) -> tuple[list[d
     return points + [_point(run["wall_s"], run["end_eval"])], extra
 
 
-def tba_sync(tmp: Path, budget_s: float, seed: int, **sections) -> tuple[list[dict], dict]:
+def tba_sync(tmp: Path, budget_s: float, seed: int, loss: str = "grpo", **sections) -> tuple[list[dict], dict]:
     from policy.models import load_model
     from policy.tasks import build_task
     from trainer.evaluation import Evaluator
     from trainer.job import run_trainer
 
-    trainer = {**sections.pop("trainer", {}), "mode": "sync", "loss": "grpo"}
+    trainer = {**sections.pop("trainer", {}), "mode": "sync", "loss": loss}
     cfg = _seeded(job_config(tmp, budget_s, trainer=trainer, **sections), seed)
     torch.set_num_threads(os.cpu_count() or 1)
     stop = threading.Event()
@@ -122,7 +124,8 @@ def trl_grpo(tmp: Path, budget_s: float, seed: int, **sections) -> tuple[list[di
     return points + [_point(time.time() - started, evaluate(model))], {}
 
 
-SYSTEMS = {"tba": tba_async, "sync": tba_sync, "trl": trl_grpo}
+# sync_tb: the synchronous loop with TBA's objective, so that objective and asynchrony can be told apart
+SYSTEMS = {"tba": tba_async, "sync": tba_sync, "sync_tb": partial(tba_sync, loss="tb"), "trl": trl_grpo}
 
 
 def _point(t: float, evaluation: dict) -> dict:
@@ -174,7 +177,7 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (name, rs), color in zip(runs.items(), ("C0", "C1", "C2"), strict=False):
+    for (name, rs), color in zip(runs.items(), ("C0", "C1", "C3", "C2"), strict=False):
         for i, r in enumerate(rs):
             ts = [p["t_s"] / 60 for p in r["points"]]
             ax.plot(ts, [p["greedy_accuracy"] for p in r["points"]], "o-", color=color, alpha=0.8,
