@@ -6,7 +6,7 @@
 Same model (SmolLM2-135M-Instruct), task, prompts, reward, evaluation, learning rate, batch (B prompts
 x K samples), temperature, completion length and wall budget; every evaluation counts in the budget.
 
-    python bench/learning.py [--budget-s 900] [--seeds 0 1 2] [--systems tba sync trl]
+    python bench/learning.py [--budget-s 900] [--seeds 0 1 2] [--systems tba sync trl] [--keep]
         ->  bench/results/learning.json, bench/results/learning.png
 
 TBA__SECTION__FIELD variables set change every system's configuration alike, and are recorded.
@@ -15,6 +15,7 @@ TBA__SECTION__FIELD variables set change every system's configuration alike, and
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.learning_smoke import job_config, overrides, run_tba  # noqa: E402
-from bench.results import write_results  # noqa: E402
+from bench.results import measured_commit, write_results  # noqa: E402
 from ops.config import TbaConfig, with_overrides  # noqa: E402
 from ops.metrics import metric_rows  # noqa: E402
 
@@ -189,6 +190,16 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def kept_runs(path: Path, systems: list[str], seeds: list[int]) -> dict[str, list[dict]]:
+    """The runs in the results at path that this invocation does not repeat, each stamped with what it ran."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    ran = {"commit": old["commit"], "overrides": old.get("overrides", {})}
+    return {name: [{**ran, **r} for r in rs if name not in systems or r["seed"] not in seeds]
+            for name, rs in old["runs"].items()}  # fmt: skip
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{os.cpu_count()} cores, {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
@@ -205,16 +216,20 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=40, help="steps between evaluations")
     parser.add_argument("--config", default=None, help="a config file (e.g. configs/math.yaml); default: embedded")
     parser.add_argument("--out", default=str(ROOT / "bench/results/learning.json"))
+    parser.add_argument("--keep", action="store_true", help="keep out's runs of other systems and seeds (a seed added "
+                        "to a system, or a system re-run on new code): each run records the commit it ran")  # fmt: skip
     args = parser.parse_args()
 
-    runs: dict[str, list[dict]] = {name: [] for name in args.systems}
+    kept = kept_runs(Path(args.out), args.systems, args.seeds) if args.keep else {}
+    runs = {name: [] for name in args.systems} | kept
     evaluation = {"path": args.config, "task": {"eval_size": args.eval_problems},
                   "trainer": {"eval_prompts": args.eval_problems, "eval_every": args.eval_every}}  # fmt: skip
     for seed in args.seeds:
         for name in args.systems:
             with tempfile.TemporaryDirectory() as tmp:
                 points, extra = SYSTEMS[name](Path(tmp), args.budget_s, seed, **evaluation)
-            runs[name].append({"seed": seed, "points": points, "extra": extra})
+            ran = {"commit": measured_commit(), "overrides": overrides()}
+            runs[name].append({"seed": seed, **ran, "points": points, "extra": extra})
             print(f"{name} seed {seed}: " + ", ".join(f"{p['t_s']:.0f}s {p['greedy_accuracy']:.3f}" for p in points))
     plot(runs, Path(args.out).with_suffix(".png"))
     write_results(
@@ -222,7 +237,7 @@ def main() -> None:
         {
             "model": "SmolLM2-135M-Instruct",
             "budget_s": args.budget_s,
-            "seeds": args.seeds,
+            "seeds": sorted({r["seed"] for rs in runs.values() for r in rs}),
             "overrides": overrides(),
             "config": args.config or "embedded defaults",
             "machine": machine(),
