@@ -227,9 +227,9 @@ class TrainerConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     temperature: float = Field(0.7, gt=0)  # the sampling temperature: log-probs are taken at it
-    # KL coefficient (the target is pi_ref * exp(r / beta)), annealed linearly ... With LoRA on a CPU 0.05: at
-    # 0.2 the pull back to the reference held the 12-minute gain to half GRPO's; the paper's 0.012 (configs/
-    # math.yaml) wrecked a fully fine-tuned SmolLM2 here (held-out 0.43 -> 0.12 in 62 steps; README)
+    # KL coefficient (the target is pi_ref * exp(r / beta)), annealed linearly ... On a CPU 0.05: at 0.2 the
+    # pull back to the reference held the 12-minute gain to half GRPO's; the paper's 0.012 (configs/math.yaml),
+    # on groups replayed up to 15 versions stale, wrecked SmolLM2 here (held-out 0.43 -> 0.12 in 62 steps)
     beta_start: float = Field(0.05, gt=0)
     beta_end: float = Field(0.05, gt=0)
     beta_anneal_steps: int = Field(100, ge=0)  # ... over this many steps
