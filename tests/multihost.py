@@ -61,7 +61,7 @@ def job_yaml(tmp: Path, hosts: Hosts, model: str, cert: Path, key: Path) -> Path
         "task": {"name": "toy", "train_size": 32, "eval_size": 2},
         "searcher": {"model": model, "searchers": 2, "samples_per_prompt": 4, "prompts_per_batch": 2,
                      "max_new_tokens": 6, "weights_target": f"{trainer}:{WEIGHTS_PORT}"},
-        "buffer": {"samples_per_prompt": 4},
+        "buffer": {"samples_per_prompt": 4, "max_replay_ratio": 0},  # each role's recovery timed on its own
         "trainer": {"prompts_per_step": 2, "lora_r": 0, "lr": 1e-3, "warmup_steps": 1, "sync_every": 1,
                     "min_buffer_prompts": 2, "max_steps": 1_000_000, "eval_every": 1_000_000,
                     "checkpoint_every": 1_000_000, "eval_prompts": 2, "eval_max_new_tokens": 4,
