@@ -224,11 +224,11 @@ def main() -> None:
     runs = {name: [] for name in args.systems} | kept
     evaluation = {"path": args.config, "task": {"eval_size": args.eval_problems},
                   "trainer": {"eval_prompts": args.eval_problems, "eval_every": args.eval_every}}  # fmt: skip
+    ran = {"commit": measured_commit(), "overrides": overrides()}  # what every run of this invocation ran
     for seed in args.seeds:
         for name in args.systems:
             with tempfile.TemporaryDirectory() as tmp:
                 points, extra = SYSTEMS[name](Path(tmp), args.budget_s, seed, **evaluation)
-            ran = {"commit": measured_commit(), "overrides": overrides()}
             runs[name].append({"seed": seed, **ran, "points": points, "extra": extra})
             print(f"{name} seed {seed}: " + ", ".join(f"{p['t_s']:.0f}s {p['greedy_accuracy']:.3f}" for p in points))
     plot(runs, Path(args.out).with_suffix(".png"))
@@ -238,7 +238,7 @@ def main() -> None:
             "model": "SmolLM2-135M-Instruct",
             "budget_s": args.budget_s,
             "seeds": sorted({r["seed"] for rs in runs.values() for r in rs}),
-            "overrides": overrides(),
+            "overrides": ran["overrides"],
             "config": args.config or "embedded defaults",
             "machine": machine(),
             **summarise(runs, args.target_gain),
