@@ -138,6 +138,11 @@ def time_to(points: list[dict], target: float) -> float | None:
     return next((p["t_s"] for p in points if p["greedy_accuracy"] >= target), None)
 
 
+def mean_of(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
 def summarise(runs: dict[str, list[dict]], target_gain: float) -> dict:
     start = float(np.mean([r["points"][0]["greedy_accuracy"] for rs in runs.values() for r in rs]))
     target = start + target_gain
@@ -150,7 +155,7 @@ def summarise(runs: dict[str, list[dict]], target_gain: float) -> dict:
             "final_accuracy_spread": [float(min(finals)), float(max(finals))],
             "time_to_target_s": reach,
             "time_to_target_s_mean": float(np.mean(reach)) if all(x is not None for x in reach) else None,
-            **{k: rs[0]["extra"][k] for k in rs[0]["extra"]},
+            **{k: mean_of([r["extra"].get(k) for r in rs]) for k in rs[0]["extra"]},  # over seeds
         }
 
     def speedup(other: str) -> float | None:
